@@ -1,0 +1,14 @@
+"""Pure tensor functions of RL post-training, each registered by name (imports only torch).
+
+- advantages: rewards of a group -> per-token advantages
+- losses: log-probs, advantages, masks -> scalar loss and metrics; aggregation modes; KL estimators
+- selection: which samples train (DAPO dynamic sampling) and reward shaping (DAPO overlong)
+"""
+from forkrl.algos.registry import ADVANTAGES, LOSSES, SELECTORS, register_advantage, register_loss, register_selector
+from forkrl.algos import advantages, losses, selection  # noqa: F401  (registers the methods)
+from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
+
+__all__ = [
+    "ADVANTAGES", "LOSSES", "SELECTORS", "AGG_MODES", "KL_ESTIMATORS",
+    "register_advantage", "register_loss", "register_selector", "agg_loss", "kl_penalty",
+]

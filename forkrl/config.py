@@ -1,0 +1,239 @@
+"""Typed run configuration: YAML recipes, dotted `key=value` overrides, errors that name the field.
+
+    cfg = load_config("configs/grpo.yaml", ["train.lr=2e-5", "rollout.samples_per_prompt=4"])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted field name and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "smollm2-135m"          # smollm2-135m | tiny-random | HF folder/hub id | file.gguf
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: dict[str, Any] | None = None  # peft.LoraConfig kwargs, e.g. {r: 16, lora_alpha: 32}
+
+
+class RewardConfig(Section):
+    name: str = "correct"               # built-in: correct | format; else a label for `function`
+    function: str | None = None         # "module:function" with TRL's signature
+    weight: float = 1.0
+
+
+class TaskConfig(Section):
+    source: Literal["reasoning_gym", "file"] = "reasoning_gym"
+    dataset: str | None = "chain_sum"   # reasoning-gym dataset name
+    dataset_config: dict[str, Any] = Field(default_factory=dict)
+    train_size: int = Field(1000, gt=0)
+    eval_size: int = Field(100, gt=0)
+    train_path: str | None = None       # file source: .jsonl / .parquet
+    eval_path: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str | None = "answer"
+    system_prompt: str | None = None
+    prompt_template: str = "{prompt}"
+    extractor: Literal["answer_tag", "boxed", "last_number", "raw", "auto"] = "auto"
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig()])
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "file" and not self.train_path:
+            raise ValueError("task.train_path is required when task.source is 'file'")
+        if self.source == "reasoning_gym" and not self.dataset:
+            raise ValueError("task.dataset is required when task.source is 'reasoning_gym'")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("task.prompt_template must contain '{prompt}'")
+        return self
+
+
+class RolloutConfig(Section):
+    engine: Literal["torch"] = "torch"
+    prompts_per_step: int = Field(8, gt=0)
+    samples_per_prompt: int = Field(8, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, gt=0)
+    stop: list[str] = Field(default_factory=list)
+    max_batch_size: int = Field(64, gt=0)
+
+
+class DynamicSamplingConfig(Section):
+    """DAPO dynamic sampling (algorithms.md §1.2): refill until every group has reward variance."""
+    enabled: bool = False
+    metric: Literal["correct", "reward"] = "correct"
+    max_gen_batches: int = Field(10, ge=0)  # 0 = unlimited
+
+
+class OverlongConfig(Section):
+    """DAPO soft overlong punishment (algorithms.md §1.2): L_max = rollout.max_new_tokens."""
+    enabled: bool = False
+    buffer: int = Field(32, gt=0)
+    factor: float = 1.0
+
+
+class AlgoConfig(Section):
+    advantage: str = "grpo"
+    advantage_params: dict[str, Any] = Field(default_factory=dict)
+    loss: str = "ppo_clip"
+    loss_params: dict[str, Any] = Field(default_factory=dict)
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    agg_const: float | None = None      # Dr. GRPO's C; default rollout.max_new_tokens
+    kl_coef: float = Field(0.0, ge=0)   # 0: no reference model is loaded
+    kl_estimator: Literal["k1", "abs", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+"] = "low_var_kl"
+    entropy_coef: float = 0.0
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+
+    @field_validator("advantage")
+    @classmethod
+    def _known_advantage(cls, v):
+        from forkrl.algos import ADVANTAGES
+        if v not in ADVANTAGES:
+            raise ValueError(f"unknown advantage estimator {v!r}; allowed: {sorted(ADVANTAGES)}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v):
+        from forkrl.algos import LOSSES
+        if v not in LOSSES:
+            raise ValueError(f"unknown policy loss {v!r}; allowed: {sorted(LOSSES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _params_match_signatures(self):
+        import inspect
+
+        from forkrl.algos import ADVANTAGES, LOSSES
+        for kind, fn, params, reserved in (
+                ("advantage_params", ADVANTAGES[self.advantage], self.advantage_params, set()),
+                ("loss_params", LOSSES[self.loss], self.loss_params, {"entropy", "agg", "norm"})):
+            allowed = [p.name for p in inspect.signature(fn).parameters.values()
+                       if p.kind == p.KEYWORD_ONLY and p.name not in reserved]
+            for key in params:
+                if key not in allowed:
+                    raise ValueError(f"algo.{kind}.{key} is not a parameter of {fn.registered_name!r}; "
+                                     f"allowed: {allowed}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(20, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = 1.0
+    epochs: int = Field(1, gt=0)                 # PPO epochs per rollout batch
+    mini_batches: int = Field(1, gt=0)           # optimizer steps per epoch
+    micro_batch_size: int = Field(8, gt=0)       # sequences per forward/backward
+    old_logprobs: Literal["sampling", "recompute"] = "recompute"
+    logprob_chunk: int = Field(1024, gt=0)       # tokens per chunk of the vocabulary projection
+    bf16_autocast: bool = False
+    checkpoint_every: int = Field(0, ge=0)       # 0: only at the end and on Ctrl-C
+    max_nonfinite: int = Field(3, gt=0)          # stop after this many non-finite losses in a row
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0)                  # 0: only before and after training
+    at_start: bool = True
+    size: int | None = None                      # None: all held-out prompts
+    max_new_tokens: int | None = None            # None: rollout.max_new_tokens
+    pass_k: list[int] = Field(default_factory=lambda: [1])
+    samples: int = Field(0, ge=0)                # samples per prompt for pass@k; 0 = greedy only
+    temperature: float = Field(1.0, gt=0)
+
+
+class LogConfig(Section):
+    tensorboard: bool = True                     # when tensorboard is installed
+    wandb_project: str | None = None
+    progress: bool = True
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs/run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    paper: str | None = None                     # the method's paper, for recipes
+
+
+def _section_fields(loc: tuple) -> list[str] | None:
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}) or []) or None
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        name = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _section_fields(loc)
+            lines.append(f"unknown config key {name!r}" + (f"; allowed here: {', '.join(allowed)}" if allowed else ""))
+        elif e["type"] == "literal_error":
+            lines.append(f"{name}: got {e.get('input')!r}; {e['msg'].replace('Input should be', 'allowed:')}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {msg}" + (f" (got {e.get('input')!r})" if e["type"] != "value_error" else ""))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.setdefault(k, {}), dict):
+            raise ConfigError(f"cannot set {dotted!r}: {k!r} is not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data = dict(data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-5)")
+        key, raw = item.split("=", 1)
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(data, overrides)

@@ -1,0 +1,5 @@
+"""Metrics: held-out evaluation (accuracy, pass@k) and sinks (jsonl, TensorBoard, wandb)."""
+from forkrl.metrics.evaluate import evaluate, pass_at_k
+from forkrl.metrics.sinks import JsonlSink, make_sinks
+
+__all__ = ["evaluate", "pass_at_k", "JsonlSink", "make_sinks"]

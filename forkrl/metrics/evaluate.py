@@ -1,0 +1,43 @@
+"""Held-out evaluation: greedy accuracy and the unbiased pass@k estimator."""
+from __future__ import annotations
+
+from math import comb
+
+from forkrl.rollout.types import GenerationRequest, SamplingParams
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al., 2021, arXiv 2107.03374, eq. 1): 1 - C(n-c, k) / C(n, k),
+    from n samples of which c are correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: list[str] | None = None,
+             pass_k: list[int] = (1,), n_samples: int = 0, temperature: float = 1.0, seed: int = 0) -> dict:
+    """Greedy accuracy on `samples` (default: the task's held-out set) and, when n_samples > 0,
+    pass@k for each k from n_samples completions per prompt at `temperature`."""
+    samples = list(task.eval if samples is None else samples)
+    if not samples:
+        raise ValueError(f"task {task.name} has no held-out samples to evaluate on")
+    prompts = [task.prompt_ids(s, engine.tokenizer) for s in samples]
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop or []))
+    outs = engine.generate([GenerationRequest(p, greedy) for p in prompts], seed=seed)
+    texts = [o[0].text for o in outs]
+    correct = task.correct(samples, texts)
+    result = {"eval/accuracy": sum(correct) / len(samples), "eval/n_prompts": len(samples),
+              "eval/response_length": sum(len(o[0].token_ids) for o in outs) / len(outs)}
+    if n_samples > 0:
+        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, n=n_samples, stop=list(stop or []))
+        outs = engine.generate([GenerationRequest(p, params) for p in prompts], seed=seed + 1)
+        flat_samples = [s for s, o in zip(samples, outs) for _ in o]
+        flat_correct = task.correct(flat_samples, [c.text for o in outs for c in o])
+        per_prompt = [sum(flat_correct[i * n_samples:(i + 1) * n_samples]) for i in range(len(samples))]
+        for k in pass_k:
+            result[f"eval/pass@{k}"] = sum(pass_at_k(n_samples, int(c), k) for c in per_prompt) / len(samples)
+        result["eval/sampled_accuracy"] = sum(flat_correct) / len(flat_correct)
+    result["examples"] = [{"prompt": s.prompt, "answer": s.answer, "completion": t} for s, t in zip(samples[:3], texts[:3])]
+    return result

@@ -1,0 +1,75 @@
+"""Where per-step metrics go: a jsonl file always, TensorBoard when installed, wandb when configured."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _clean(metrics: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+class JsonlSink:
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None and path.exists():
+            # a resumed run continues the file from its checkpoint, dropping steps it will redo
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= keep_until_step))
+        elif keep_until_step is None and path.exists():
+            path.unlink()
+        self.f = path.open("a")
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.f.write(json.dumps({"step": step, **_clean(metrics)}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class TensorBoardSink:
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(logdir))
+
+    def write(self, step: int, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, project: str, name: str, config: dict, resume: bool):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("log.wandb_project is set but wandb is not installed: pip install 'forkrl[wandb]'") from e
+        self.run = wandb.init(project=project, name=name, config=config, resume="allow" if resume else None)
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_sinks(out_dir: Path, cfg, resume_step: int | None) -> list:
+    sinks: list = [JsonlSink(out_dir / "metrics.jsonl", resume_step)]
+    if cfg.log.tensorboard:
+        try:
+            sinks.append(TensorBoardSink(out_dir / "tensorboard"))
+        except ImportError:
+            log.info("tensorboard not installed; metrics go to metrics.jsonl only")
+    if cfg.log.wandb_project:
+        sinks.append(WandbSink(cfg.log.wandb_project, cfg.name, cfg.model_dump(), resume_step is not None))
+    return sinks

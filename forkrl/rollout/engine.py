@@ -1,0 +1,174 @@
+"""TorchEngine: batched sampling with a KV cache that reports, per new token, its id, its log-prob
+and the entropy of the full next-token distribution.
+
+`generate(requests)` expands each request into `n` sequences, runs them in batches of at most
+`max_batch_size` (prompts left-padded, one prefill, then one decode step per token), and drops
+finished rows from the batch and the KV cache as they finish, so a long tail only costs the rows
+still running. Sampling and entropy come from one log-softmax per step.
+
+Same seed and same batch composition give the same samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from forkrl.rollout.types import Completion, GenerationRequest, SamplingParams
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0   # prompt tokens run through the model
+    decode_tokens: int = 0    # tokens sampled
+    seconds: float = 0.0
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row from [B, V] logits.
+
+    Returns (token ids, their log-probs, entropies), log-probs and entropies under the full
+    distribution softmax(logits / T); rows with T = 0 take the argmax and report T = 1 values.
+    """
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    logp = torch.log_softmax(logits.float() / t, dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(-1)
+    if bool((top_p < 1).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p.unsqueeze(-1)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        draw_probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    else:
+        draw_probs = probs
+    tokens = torch.multinomial(draw_probs, 1, generator=generator).squeeze(-1)
+    if bool(greedy.any()):
+        tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
+class TorchEngine:
+    """Generation with a Hugging Face causal LM in this process (CPU or one GPU)."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        eos = model.generation_config.eos_token_id if hasattr(model, "generation_config") else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos_ids)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.stats = EngineStats()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, requests: list[GenerationRequest], seed: int | None = None) -> list[list[Completion]]:
+        """Sample `params.n` completions for each request; returns them per request, in order."""
+        import time
+
+        start = time.perf_counter()
+        rows = [(i, req.prompt_ids, req.params) for i, req in enumerate(requests) for _ in range(req.params.n)]
+        if seed is None:
+            seed = next((r.params.seed for r in requests if r.params.seed is not None), None)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        out: list[list[Completion]] = [[] for _ in requests]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b in range(0, len(rows), self.max_batch_size):
+                batch = rows[b:b + self.max_batch_size]
+                for (i, _, _), comp in zip(batch, self._run_batch(batch, generator)):
+                    out[i].append(comp)
+        finally:
+            self.model.train(was_training)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    @torch.inference_mode()
+    def _run_batch(self, rows, generator) -> list[Completion]:
+        device = self.device
+        params: list[SamplingParams] = [p for _, _, p in rows]
+        prompts = [list(p) for _, p, _ in rows]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every request needs at least one prompt token")
+        B, P = len(rows), max(len(p) for p in prompts)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):] = torch.tensor(p)
+            mask[r, P - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        max_tokens = [p.max_tokens for p in params]
+        stops = [p.stop for p in params]
+        stop_window = [max((len(s) for s in st), default=0) + 2 for st in stops]
+        eos = torch.tensor(self.eos_ids, device=device)
+
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.stats.prefill_tokens += int(mask.sum())
+        next_pos = positions[:, -1] + 1
+
+        gen_ids: list[list[int]] = [[] for _ in rows]
+        gen_logp: list[list[float]] = [[] for _ in rows]
+        gen_ent: list[list[float]] = [[] for _ in rows]
+        finish: list[str | None] = [None] * B
+        alive = list(range(B))  # original row index of each live batch row
+        while alive:
+            tok, logp, ent = sample_next(logits, temperature, top_p, generator)
+            self.stats.decode_tokens += len(alive)
+            is_eos = torch.isin(tok, eos).tolist()
+            tok_l, logp_l, ent_l = tok.tolist(), logp.tolist(), ent.tolist()
+            keep = []
+            for j, r in enumerate(alive):
+                gen_ids[r].append(tok_l[j])
+                gen_logp[r].append(logp_l[j])
+                gen_ent[r].append(ent_l[j])
+                if is_eos[j]:
+                    finish[r] = "eos"
+                elif stops[r] and self._hit_stop(gen_ids[r], stops[r], stop_window[r]):
+                    finish[r] = "stop"
+                elif len(gen_ids[r]) >= max_tokens[r]:
+                    finish[r] = "length"
+                else:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                mask, next_pos, tok = mask[idx], next_pos[idx], tok[idx]
+                temperature, top_p = temperature[idx], top_p[idx]
+                alive = [alive[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            logits = self.model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
+                                past_key_values=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+
+        completions = []
+        for r in range(B):
+            body = gen_ids[r][:-1] if finish[r] == "eos" else gen_ids[r]
+            text = self.tokenizer.decode(body, skip_special_tokens=False)
+            completions.append(Completion(gen_ids[r], gen_logp[r], gen_ent[r], finish[r] or "length", text))
+        return completions
+
+    def _hit_stop(self, ids: list[int], stops: list[str], window: int) -> bool:
+        """Whether the text of the last few generated tokens contains a stop string.
+
+        Checked after every token, so a match is always one the newest token completed; a token
+        decodes to at least one character, so the last len(stop)+2 tokens hold the whole match.
+        """
+        tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=False)
+        return any(s in tail for s in stops)

@@ -1,0 +1,5 @@
+"""Training: the RL loop (`Trainer`), the learner and exact-resume checkpoints."""
+from forkrl.train.learner import Learner, NonFiniteLoss, pack, response_logprobs
+from forkrl.train.trainer import Trainer
+
+__all__ = ["Trainer", "Learner", "NonFiniteLoss", "pack", "response_logprobs"]

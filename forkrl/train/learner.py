@@ -1,0 +1,234 @@
+"""The learner: trajectories -> padded tensors -> log-probs/entropies in bounded memory -> PPO updates.
+
+Memory: the vocabulary projection runs on chunks of `chunk` response tokens under activation
+checkpointing, so neither the forward nor the backward ever holds a [batch, time, vocab] tensor;
+only response tokens the policy generated are projected (prompt and observation tokens are not).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from forkrl.algos import ADVANTAGES, LOSSES, agg_loss, kl_penalty
+from forkrl.algos.losses import AggNorm
+from forkrl.rollout.types import Trajectory
+
+
+@dataclass
+class PackedBatch:
+    """Right-padded [B, T] inputs and [B, L] response-aligned tensors (L = longest response)."""
+    input_ids: Tensor        # prompt + response tokens
+    attention_mask: Tensor
+    resp_start: Tensor       # [B] index of the first response token in input_ids
+    resp_ids: Tensor         # [B, L]
+    loss_mask: Tensor        # [B, L] 1 on tokens the policy generated
+    sampling_logp: Tensor    # [B, L]
+    rewards: Tensor          # [B]
+    group_ids: Tensor        # [B]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: Tensor) -> "PackedBatch":
+        """Rows `idx`, trimmed to their longest sequence and their last generated token."""
+        am, lm = self.attention_mask[idx], self.loss_mask[idx]
+        t = int(am.sum(-1).max())
+        L = max(int(((lm > 0) * torch.arange(1, lm.shape[1] + 1)).max()), 1)
+        return PackedBatch(self.input_ids[idx, :t], am[:, :t], self.resp_start[idx], self.resp_ids[idx, :L],
+                           lm[:, :L], self.sampling_logp[idx, :L], self.rewards[idx], self.group_ids[idx])
+
+
+def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
+    """The one place a list of trajectories becomes tensors."""
+    B = len(trajectories)
+    T = max(len(t.prompt_ids) + len(t.tokens) for t in trajectories)
+    L = max(max(len(t.tokens) for t in trajectories), 1)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    resp_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((B, L), dtype=torch.float32)
+    logp = torch.zeros((B, L), dtype=torch.float32)
+    groups: dict[str, int] = {}
+    for b, t in enumerate(trajectories):
+        seq = t.prompt_ids + t.tokens
+        input_ids[b, :len(seq)] = torch.tensor(seq)
+        attention[b, :len(seq)] = 1
+        n = len(t.tokens)
+        if n:
+            resp_ids[b, :n] = torch.tensor(t.tokens)
+            loss_mask[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
+            logp[b, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
+        groups.setdefault(t.group, len(groups))
+    return PackedBatch(
+        input_ids, attention, torch.tensor([len(t.prompt_ids) for t in trajectories]), resp_ids, loss_mask, logp,
+        torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
+        torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long))
+
+
+def _decoder_and_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor, Tensor]:
+    logits = head(h).float() * inv_temp
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = 1024,
+                      autocast: bool = False) -> tuple[Tensor, Tensor]:
+    """Log-prob of each response token and entropy of its full next-token distribution, [B, L] each,
+    under softmax(logits / temperature); zero where loss_mask is 0."""
+    decoder, head = _decoder_and_head(model)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=positions).last_hidden_state
+    B, L = batch.resp_ids.shape
+    # the hidden state at position p predicts the token at p + 1
+    src = (batch.resp_start.unsqueeze(-1) - 1 + torch.arange(L)).clamp(max=hidden.shape[1] - 1)
+    valid = batch.loss_mask > 0
+    h = hidden[torch.arange(B).unsqueeze(-1).expand(B, L)[valid], src[valid]]
+    targets = batch.resp_ids[valid]
+    inv_temp = 1.0 / temperature if temperature > 0 else 1.0
+    lp_parts, ent_parts = [], []
+    for s in range(0, h.shape[0], chunk):
+        hc, tc = h[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_project, head, hc, tc, inv_temp, use_reentrant=False)
+        else:
+            lp, ent = _project(head, hc, tc, inv_temp)
+        lp_parts.append(lp)
+        ent_parts.append(ent)
+    logp = torch.zeros((B, L), dtype=torch.float32)
+    entropy = torch.zeros((B, L), dtype=torch.float32)
+    if lp_parts:
+        logp = logp.index_put((valid.nonzero(as_tuple=True)), torch.cat(lp_parts))
+        entropy = entropy.index_put((valid.nonzero(as_tuple=True)), torch.cat(ent_parts))
+    return logp, entropy
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Learner:
+    """Turns scored trajectories into optimizer steps (PPO epochs x mini-batches x micro-batches)."""
+
+    def __init__(self, model, optimizer, scheduler, cfg, *, ref_model=None, pad_id: int = 0,
+                 temperature: float = 1.0, max_new_tokens: int = 128, seed: int = 0):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.cfg = cfg  # RunConfig
+        self.ref_model = ref_model
+        self.pad_id = pad_id
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.advantage_fn = ADVANTAGES.get(cfg.algo.advantage)
+        self.loss_fn = LOSSES.get(cfg.algo.loss)
+        self.loss_takes_agg = "agg" in inspect.signature(self.loss_fn).parameters
+
+    def _logprobs(self, model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+        t = self.cfg.train
+        return response_logprobs(model, batch, temperature=self.temperature, chunk=t.logprob_chunk,
+                                 autocast=t.bf16_autocast)
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, model, batch: PackedBatch) -> Tensor:
+        mb = self.cfg.train.micro_batch_size
+        full = torch.zeros_like(batch.sampling_logp)
+        for s in range(0, len(batch), mb):
+            idx = torch.arange(s, min(s + mb, len(batch)))
+            sub = batch.select(idx)
+            lp, _ = self._logprobs(model, sub)
+            full[idx, :lp.shape[1]] = lp
+        return full
+
+    def update(self, trajectories: list[Trajectory], step: int) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        batch = pack(trajectories, self.pad_id)
+        adv, adv_metrics = self.advantage_fn(batch.rewards, batch.group_ids, batch.loss_mask, **cfg.algo.advantage_params)
+        updates_per_batch = t.epochs * t.mini_batches
+        if t.old_logprobs == "sampling":
+            old_logp = batch.sampling_logp
+        elif updates_per_batch > 1:
+            old_logp = self._no_grad_logprobs(self.model, batch)
+        else:
+            old_logp = None  # one update: the policy before it is the policy in its own forward
+        ref_logp = self._no_grad_logprobs(self.ref_model, batch) if cfg.algo.kl_coef > 0 else None
+
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+
+        def add(name, value, w=1.0):
+            sums[name] = sums.get(name, 0.0) + float(value) * w
+            weights[name] = weights.get(name, 0.0) + w
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        n_skipped = 0
+        grad_norms = []
+        for _epoch in range(t.epochs):
+            order = torch.randperm(len(batch), generator=gen) if updates_per_batch > 1 else torch.arange(len(batch))
+            for mini in torch.tensor_split(order, t.mini_batches):
+                if len(mini) == 0:
+                    continue
+                norm = AggNorm(tokens=float(batch.loss_mask[mini].sum().clamp(min=1)), seqs=float(len(mini)),
+                               const=float(cfg.algo.agg_const or self.max_new_tokens))
+                finite = True
+                for micro in torch.split(mini, t.micro_batch_size):
+                    sub = batch.select(micro)
+                    L = sub.resp_ids.shape[1]
+                    logp, entropy = self._logprobs(self.model, sub)
+                    mask = sub.loss_mask
+                    old = logp.detach() if old_logp is None else old_logp[micro, :L]
+                    kwargs = dict(entropy=entropy, norm=norm)
+                    if self.loss_takes_agg:
+                        kwargs["agg"] = cfg.algo.agg
+                    loss, m = self.loss_fn(logp, old, adv[micro, :L], mask, **kwargs, **cfg.algo.loss_params)
+                    ntok = float(mask.sum())
+                    for k, v in m.items():
+                        add(k, v, ntok)
+                    if ref_logp is not None:
+                        kl = kl_penalty(logp, ref_logp[micro, :L], cfg.algo.kl_estimator)
+                        kl_loss = agg_loss(kl, mask, cfg.algo.agg, norm)
+                        loss = loss + cfg.algo.kl_coef * kl_loss
+                        add("kl", float((kl.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
+                    ent_mean = agg_loss(entropy, mask, cfg.algo.agg, norm)
+                    if cfg.algo.entropy_coef:
+                        loss = loss - cfg.algo.entropy_coef * ent_mean
+                    add("policy/entropy", float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
+                    add("loss", float(loss.detach()), 1.0)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    loss.backward()
+                if finite:
+                    params = [p for p in self.model.parameters() if p.requires_grad]
+                    gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf"))
+                    if not torch.isfinite(gn):
+                        finite = False
+                    else:
+                        grad_norms.append(float(gn))
+                if finite:
+                    self.optimizer.step()
+                else:
+                    n_skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        metrics = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        metrics.update(adv_metrics)
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/tokens"] = float(batch.loss_mask.sum())
+        metrics["train/nonfinite_updates"] = float(n_skipped)
+        return metrics

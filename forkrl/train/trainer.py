@@ -1,0 +1,294 @@
+"""The RL loop: prompts -> rollouts -> rewards -> (dynamic sampling) -> learner -> metrics/eval/checkpoints.
+
+One `Trainer.step()` is one pass of DESIGN.md's data flow. Everything random is derived from
+(seed, step), and the checkpoint carries the rest, so a resumed run repeats the metrics of a run
+that never stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forkrl.algos import SELECTORS
+from forkrl.algos.selection import overlong_penalty
+from forkrl.config import RunConfig
+from forkrl.metrics import evaluate, make_sinks
+from forkrl.models import load_policy
+from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
+from forkrl.tasks import Sample, Task, build_task
+from forkrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from forkrl.train.learner import Learner, NonFiniteLoss
+
+log = logging.getLogger("forkrl")
+
+
+def peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # ru_maxrss is KiB on Linux
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, model=None, tokenizer=None, task: Task | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        if model is None:
+            model, tokenizer = load_policy(cfg.model.name, dtype=cfg.model.dtype, lora=cfg.model.lora, seed=cfg.seed)
+        self.model, self.tokenizer = model, tokenizer
+        self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
+        self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+        self.ref_model = None
+        if cfg.algo.kl_coef > 0:
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        t = cfg.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        warm = t.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.learner = Learner(model, self.optimizer, self.scheduler, cfg, ref_model=self.ref_model,
+                               pad_id=self.engine.pad_id, temperature=cfg.rollout.temperature or 1.0,
+                               max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+        self.step_idx = 0          # completed RL steps
+        self.data_pos = 0          # training prompts consumed
+        self.nonfinite_streak = 0
+        self.history: list[dict] = []
+        self._stop_requested = False
+
+    # -- data ----------------------------------------------------------------------------------
+    def next_prompts(self, k: int) -> list[Sample]:
+        """The next k training samples: a fresh seeded shuffle every epoch, position in `data_pos`."""
+        n = len(self.task.train)
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.data_pos, n)
+            order = list(range(n))
+            random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
+            out.append(self.task.train[order[i]])
+            self.data_pos += 1
+        return out
+
+    # -- rollout and scoring -------------------------------------------------------------------
+    def rollout(self, samples: list[Sample], seed: int, tag: str) -> list[Trajectory]:
+        r = self.cfg.rollout
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
+                                n=r.samples_per_prompt, stop=list(r.stop))
+        prompt_ids = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
+        outs = self.engine.generate([GenerationRequest(p, params) for p in prompt_ids], seed=seed)
+        trajs = [Trajectory.from_completion(p, c, group=f"{tag}/{j}:{s.id}", version=self.step_idx, sample=s)
+                 for j, (s, p, o) in enumerate(zip(samples, prompt_ids, outs)) for c in o]
+        self.score(trajs)
+        return trajs
+
+    def score(self, trajs: list[Trajectory]) -> None:
+        per_fn, total, correct = self.task.score([t.sample for t in trajs], [t.text for t in trajs],
+                                                [[x for x, m in zip(t.tokens, t.loss_mask) if m] for t in trajs])
+        ov = self.cfg.algo.overlong
+        if ov.enabled:
+            lengths = torch.tensor([t.num_generated for t in trajs])
+            pen = overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, ov.buffer, ov.factor).tolist()
+            per_fn["overlong"] = pen
+            total = [a + b for a, b in zip(total, pen)]
+        for i, t in enumerate(trajs):
+            t.rewards = {k: v[i] for k, v in per_fn.items()}
+            t.reward = total[i]
+            t.correct = correct[i]
+
+    def collect(self, step: int) -> tuple[list[Trajectory], dict]:
+        """Trajectories for one step; with DAPO dynamic sampling, only groups with reward variance,
+        refilled from further generation batches up to `max_gen_batches`."""
+        r, ds = self.cfg.rollout, self.cfg.algo.dynamic_sampling
+        if not ds.enabled:
+            return self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}"), {}
+        kept: list[Trajectory] = []
+        all_trajs: list[Trajectory] = []
+        n_groups, gen_batches = 0, 0
+        while n_groups < r.prompts_per_step and (ds.max_gen_batches == 0 or gen_batches < ds.max_gen_batches):
+            trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, gen_batches),
+                                 f"s{step}b{gen_batches}")
+            gen_batches += 1
+            all_trajs += trajs
+            groups = {g: i for i, g in enumerate(dict.fromkeys(t.group for t in trajs))}
+            values = torch.tensor([t.correct if ds.metric == "correct" else t.reward for t in trajs])
+            keep = SELECTORS["nonzero_std_groups"](values, torch.tensor([groups[t.group] for t in trajs]))
+            for g in dict.fromkeys(t.group for t, k in zip(trajs, keep.tolist()) if k):
+                if n_groups < r.prompts_per_step:
+                    kept += [t for t in trajs if t.group == g]
+                    n_groups += 1
+        if n_groups < r.prompts_per_step:
+            log.warning("step %d: dynamic sampling kept %d of %d groups after %d generation batches",
+                        step, n_groups, r.prompts_per_step, gen_batches)
+        stats = {"dapo/gen_batches": gen_batches, "dapo/kept_groups": n_groups,
+                 "dapo/all_reward_mean": sum(t.reward for t in all_trajs) / len(all_trajs)}
+        return kept, stats
+
+    def _seed(self, step: int, sub: int) -> int:
+        return (self.cfg.seed * 1_000_003 + step * 1009 + sub) % 2 ** 62
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> dict:
+        step = self.step_idx + 1
+        t0 = time.perf_counter()
+        self.engine.stats.decode_tokens = 0
+        trajs, stats = self.collect(step)
+        t_sample = time.perf_counter() - t0
+        decoded = self.engine.stats.decode_tokens
+        metrics: dict = {**stats}
+        rewards = [t.reward for t in trajs] or [math.nan]
+        lengths = [t.num_generated for t in trajs] or [0]
+        metrics.update({
+            "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
+            "accuracy": float(np.mean([t.correct for t in trajs])) if trajs else math.nan,
+            "response_length/mean": float(np.mean(lengths)), "response_length/max": float(np.max(lengths)),
+            "response/clip_frac": float(np.mean([t.finish == "length" for t in trajs])) if trajs else 0.0,
+            "rollout/entropy": float(np.mean([e for t in trajs for e in t.entropies])) if trajs else math.nan,
+        })
+        for name in (trajs[0].rewards if trajs else {}):
+            metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in trajs]))
+        t1 = time.perf_counter()
+        if trajs:
+            metrics.update(self.learner.update(trajs, step))
+        t_learn = time.perf_counter() - t1
+        skipped = metrics.get("train/nonfinite_updates", 0) > 0
+        if skipped:
+            self.nonfinite_streak += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
+                        self.nonfinite_streak)
+        else:
+            self.nonfinite_streak = 0
+        metrics.update({
+            "time/sampling_s": t_sample, "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
+            "throughput/sampling_tokens_per_s": decoded / max(t_sample, 1e-9),
+            "throughput/training_tokens_per_s": metrics.get("train/tokens", 0.0) / max(t_learn, 1e-9),
+            "memory/peak_rss_gb": peak_rss_gb(),
+        })
+        self.step_idx = step
+        return metrics
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        e, r = self.cfg.eval, self.cfg.rollout
+        samples = self.task.eval[:e.size] if e.size else self.task.eval
+        res = evaluate(self.engine, self.task, samples, max_new_tokens=e.max_new_tokens or r.max_new_tokens,
+                       stop=r.stop, pass_k=e.pass_k, n_samples=e.samples, temperature=e.temperature,
+                       seed=self.cfg.seed + 17)
+        res.pop("examples", None)
+        return res
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"data_pos": self.data_pos, "nonfinite_streak": self.nonfinite_streak}
+        return save_checkpoint(self.out, self.step_idx, self.model, self.optimizer, self.scheduler, state)
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step_idx, self.data_pos = state["step"], state["data_pos"]
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        log.info("resumed from %s (step %d)", path, self.step_idx)
+        return True
+
+    def export(self) -> Path:
+        """The trained policy as a Hugging Face folder (LoRA merged), loadable as model.name."""
+        path = self.out / "final"
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        log.warning("Ctrl-C: finishing this step, then saving a checkpoint (press again to abort now)")
+
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+        resumed = self.resume() if resume else False
+        if resume and not resumed:
+            log.info("no checkpoint in %s; starting from scratch", self.out)
+        sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None)
+        summary: dict = {}
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            if cfg.eval.at_start and self.step_idx == 0:
+                before = self.evaluate()
+                summary["before"] = before
+                for s in sinks:
+                    s.write(0, before)
+                log.info("held-out before training: %s", _fmt(before))
+            bar = _progress(cfg, self.step_idx)
+            while self.step_idx < cfg.train.steps:
+                metrics = self.step()
+                step = self.step_idx
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    metrics.update(self.evaluate())
+                for s in sinks:
+                    s.write(step, metrics)
+                self.history.append(metrics)
+                if bar is not None:
+                    bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in
+                                     ("reward/mean", "accuracy", "policy/entropy", "response_length/mean",
+                                      "time/step_s") if k in metrics}, refresh=False)
+                    bar.update(1)
+                if self.nonfinite_streak >= cfg.train.max_nonfinite:
+                    self.save()
+                    raise NonFiniteLoss(
+                        f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient (last at step "
+                        f"{step}); stopping. Lower train.lr, enable train.grad_clip, or check the rewards.")
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self.save()
+                if self._stop_requested:
+                    path = self.save()
+                    log.warning("stopped at step %d; checkpoint %s (continue with --resume)", step, path)
+                    raise KeyboardInterrupt
+            if bar is not None:
+                bar.close()
+            after = self.evaluate()
+            summary["after"] = after
+            for s in sinks:
+                s.write(self.step_idx, after)
+            self.save()
+            summary["export"] = str(self.export())
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+            for s in sinks:
+                s.close()
+        summary["steps"] = self.step_idx
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def _progress(cfg, start: int):
+    if not cfg.log.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
