@@ -211,13 +211,26 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _parse_value(raw: str) -> Any:
+    """YAML scalars, lists and mappings; text that merely contains ': ' stays text."""
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+        return raw
+    return value
+
+
 def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
     data = dict(data or {})
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-5)")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        set_dotted(data, key.strip(), _parse_value(raw))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

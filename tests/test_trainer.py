@@ -1,0 +1,124 @@
+"""End to end on the tiny random model: learning, exact resume, bad input."""
+import json
+
+import pytest
+import torch
+
+from forkrl.algos import LOSSES
+from forkrl.config import build_config
+from forkrl.train import NonFiniteLoss, Trainer
+
+TIMING = ("time/", "throughput/", "memory/")
+
+
+def _prompts(tmp_path, n=40):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say something about the number {i}.", "answer": str(i)}) + "\n"
+                            for i in range(n)))
+    return str(path)
+
+
+def _cfg(tmp_path, out="run", **sections):
+    data = {
+        "output_dir": str(tmp_path / out), "seed": 0,
+        "model": {"name": "tiny-random"},
+        "task": {"source": "file", "train_path": _prompts(tmp_path), "eval_size": 4,
+                 "rewards": [{"function": "tests.rewards:low_token_ids"}]},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 8},
+        "train": {"steps": 12, "lr": 1e-2, "micro_batch_size": 16},
+        "eval": {"at_start": False},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return build_config(data)
+
+
+def _rows(cfg):
+    rows = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows if "reward/mean" in r]
+
+
+def test_grpo_raises_a_learnable_reward(tmp_path):
+    cfg = _cfg(tmp_path)
+    Trainer(cfg).train()
+    rewards = [r["reward/mean"] for r in _rows(cfg)]
+    assert len(rewards) == 12
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.15, rewards
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
+    straight = _cfg(tmp_path, "straight", train={"steps": 4, "checkpoint_every": 2},
+                    algo={"kl_coef": 0.01}, **{"eval": {"at_start": False, "every": 2}})
+    Trainer(straight).train()
+    stopped = _cfg(tmp_path, "resumed", train={"steps": 2, "checkpoint_every": 2},
+                   algo={"kl_coef": 0.01}, **{"eval": {"at_start": False, "every": 2}})
+    Trainer(stopped).train()
+    resumed = stopped.model_copy(update={"train": stopped.train.model_copy(update={"steps": 4})})
+    Trainer(resumed).train(resume=True)
+    a, b = _rows(straight), _rows(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+
+
+def test_three_nonfinite_losses_in_a_row_stop_with_a_checkpoint(tmp_path, caplog):
+    @LOSSES.register("nan_for_test")
+    def nan_loss(logp, old_logp, adv, mask, *, entropy=None, agg="token-mean", norm=None):
+        return (logp * float("nan")).sum(), {}
+
+    try:
+        cfg = _cfg(tmp_path, algo={"loss": "nan_for_test"}, train={"steps": 10})
+        trainer = Trainer(cfg)
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        with pytest.raises(NonFiniteLoss, match="3 steps in a row"):
+            trainer.train()
+        assert trainer.step_idx == 3
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # no update applied
+        assert "update skipped" in caplog.text
+        assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000003"
+    finally:
+        del LOSSES["nan_for_test"]
+
+
+def test_ctrl_c_finishes_the_step_and_leaves_a_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, train={"steps": 6})
+    trainer = Trainer(cfg)
+    real_step = trainer.step
+
+    def step_then_interrupt():
+        metrics = real_step()
+        if trainer.step_idx == 2:
+            trainer._on_sigint(2, None)  # what SIGINT does
+        return metrics
+
+    trainer.step = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
+    again = Trainer(cfg)
+    again.train(resume=True)
+    assert [r["step"] for r in _rows(cfg)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_dapo_dynamic_sampling_and_overlong_shaping(tmp_path):
+    cfg = _cfg(tmp_path, train={"steps": 2}, task={"rewards": [{"name": "correct"}]},
+               algo={"dynamic_sampling": {"enabled": True, "metric": "reward", "max_gen_batches": 2},
+                     "overlong": {"enabled": True, "buffer": 4}, "loss_params": {"clip_high": 0.28}})
+    Trainer(cfg).train()
+    rows = _rows(cfg)
+    # the tiny model never answers correctly, every completion hits max_new_tokens=8: reward = -1 for all,
+    # so no group has variance and both generation batches are spent
+    assert all(r["dapo/gen_batches"] == 2 and r["dapo/kept_groups"] == 0 for r in rows)
+    assert all(r["reward/overlong"] == -1.0 for r in rows)
+
+
+def test_lora_trains_only_adapters(tmp_path):
+    cfg = _cfg(tmp_path, train={"steps": 1}, model={"lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
+    trainer = Trainer(cfg)
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    assert all(torch.equal(frozen[n], p) for n, p in trainer.model.named_parameters() if n in frozen)
+    assert (tmp_path / "run" / "final" / "config.json").exists()  # merged export
