@@ -49,11 +49,11 @@ def test_grpo_raises_a_learnable_reward(tmp_path):
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
-    straight = _cfg(tmp_path, "straight", train={"steps": 4, "checkpoint_every": 2},
-                    algo={"kl_coef": 0.01}, **{"eval": {"at_start": False, "every": 2}})
+    straight = _cfg(tmp_path, "straight", train={"steps": 4, "checkpoint_every": 2, "mini_batches": 2},
+                    algo={"kl_coef": 0.01})
     Trainer(straight).train()
-    stopped = _cfg(tmp_path, "resumed", train={"steps": 2, "checkpoint_every": 2},
-                   algo={"kl_coef": 0.01}, **{"eval": {"at_start": False, "every": 2}})
+    stopped = _cfg(tmp_path, "resumed", train={"steps": 2, "checkpoint_every": 2, "mini_batches": 2},
+                   algo={"kl_coef": 0.01})
     Trainer(stopped).train()
     resumed = stopped.model_copy(update={"train": stopped.train.model_copy(update={"steps": 4})})
     Trainer(resumed).train(resume=True)

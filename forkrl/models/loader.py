@@ -124,3 +124,10 @@ def load_policy(spec: str = EMBEDDED_MODEL, *, dtype: str = "float32", lora: dic
             raise ImportError("LoRA needs peft: pip install peft") from e
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     return model, tokenizer
+
+
+def cache_kwarg(module) -> str:
+    """The forward() keyword for a KV cache: `cache` in newer transformers, `past_key_values` before."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    import inspect
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"

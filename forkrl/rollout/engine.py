@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from forkrl.models.loader import cache_kwarg
 from forkrl.rollout.types import Completion, GenerationRequest, SamplingParams
 
 
@@ -100,12 +101,16 @@ class TorchEngine:
         prompts = [list(p) for _, p, _ in rows]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every request needs at least one prompt token")
-        B, P = len(rows), max(len(p) for p in prompts)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, P), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, P - len(p):] = torch.tensor(p)
-            mask[r, P - len(p):] = 1
+        B = len(rows)
+        # identical prompts (the n samples of a request) are prefilled once and share their KV rows
+        unique: dict[tuple[int, ...], int] = {}
+        row_prompt = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
+        P = max(len(p) for p in unique)
+        ids = torch.full((len(unique), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), P), dtype=torch.long)
+        for p, u in unique.items():
+            ids[u, P - len(p):] = torch.tensor(p)
+            mask[u, P - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
@@ -116,10 +121,13 @@ class TorchEngine:
         eos = torch.tensor(self.eos_ids, device=device)
 
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        kv = {cache_kwarg(self.model): cache}
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
         self.stats.prefill_tokens += int(mask.sum())
-        next_pos = positions[:, -1] + 1
+        if len(unique) < B:
+            cache.batch_select_indices(row_prompt)
+        logits, mask, next_pos = logits[row_prompt], mask[row_prompt], positions[row_prompt, -1] + 1
 
         gen_ids: list[list[int]] = [[] for _ in rows]
         gen_logp: list[list[float]] = [[] for _ in rows]
@@ -154,7 +162,7 @@ class TorchEngine:
                 alive = [alive[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             logits = self.model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+                                **kv, use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
 
         completions = []

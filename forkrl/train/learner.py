@@ -17,56 +17,68 @@ from torch.utils.checkpoint import checkpoint
 
 from forkrl.algos import ADVANTAGES, LOSSES, agg_loss, kl_penalty
 from forkrl.algos.losses import AggNorm
+from forkrl.models.loader import cache_kwarg
 from forkrl.rollout.types import Trajectory
 
 
 @dataclass
 class PackedBatch:
-    """Right-padded [B, T] inputs and [B, L] response-aligned tensors (L = longest response)."""
-    input_ids: Tensor        # prompt + response tokens
-    attention_mask: Tensor
-    resp_start: Tensor       # [B] index of the first response token in input_ids
-    resp_ids: Tensor         # [B, L]
+    """Trajectories as tensors. Each distinct prompt is stored once (left-padded, [P, Tp]) and
+    responses point at their prompt row (`prompt_index`), so a group of n samples runs its prompt
+    through the model once and shares it, with gradient, across the n responses."""
+    prompt_ids: Tensor       # [P, Tp] left-padded
+    prompt_mask: Tensor      # [P, Tp]
+    prompt_index: Tensor     # [B] row of prompt_ids each response continues
+    resp_ids: Tensor         # [B, L] right-padded
+    resp_mask: Tensor        # [B, L] 1 on every response token (generated or observation)
     loss_mask: Tensor        # [B, L] 1 on tokens the policy generated
     sampling_logp: Tensor    # [B, L]
     rewards: Tensor          # [B]
     group_ids: Tensor        # [B]
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.resp_ids.shape[0]
 
     def select(self, idx: Tensor) -> "PackedBatch":
-        """Rows `idx`, trimmed to their longest sequence and their last generated token."""
-        am, lm = self.attention_mask[idx], self.loss_mask[idx]
-        t = int(am.sum(-1).max())
+        """Rows `idx` with only the prompts they use, trimmed to their longest response."""
+        used, prompt_index = torch.unique(self.prompt_index[idx], return_inverse=True)
+        pm = self.prompt_mask[used]
+        tp = int(pm.sum(-1).max())
+        lm = self.loss_mask[idx]
         L = max(int(((lm > 0) * torch.arange(1, lm.shape[1] + 1)).max()), 1)
-        return PackedBatch(self.input_ids[idx, :t], am[:, :t], self.resp_start[idx], self.resp_ids[idx, :L],
-                           lm[:, :L], self.sampling_logp[idx, :L], self.rewards[idx], self.group_ids[idx])
+        return PackedBatch(self.prompt_ids[used, -tp:], pm[:, -tp:], prompt_index, self.resp_ids[idx, :L],
+                           self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L], self.rewards[idx],
+                           self.group_ids[idx])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
     """The one place a list of trajectories becomes tensors."""
-    B = len(trajectories)
-    T = max(len(t.prompt_ids) + len(t.tokens) for t in trajectories)
-    L = max(max(len(t.tokens) for t in trajectories), 1)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, T), dtype=torch.long)
+    prompts: dict[tuple[int, ...], int] = {}
+    for t in trajectories:
+        prompts.setdefault(tuple(t.prompt_ids), len(prompts))
+    P, Tp = len(prompts), max(len(p) for p in prompts)
+    prompt_ids = torch.full((P, Tp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((P, Tp), dtype=torch.long)
+    for p, row in prompts.items():
+        prompt_ids[row, Tp - len(p):] = torch.tensor(p)
+        prompt_mask[row, Tp - len(p):] = 1
+    B, L = len(trajectories), max(max(len(t.tokens) for t in trajectories), 1)
     resp_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((B, L), dtype=torch.long)
     loss_mask = torch.zeros((B, L), dtype=torch.float32)
     logp = torch.zeros((B, L), dtype=torch.float32)
     groups: dict[str, int] = {}
     for b, t in enumerate(trajectories):
-        seq = t.prompt_ids + t.tokens
-        input_ids[b, :len(seq)] = torch.tensor(seq)
-        attention[b, :len(seq)] = 1
         n = len(t.tokens)
         if n:
             resp_ids[b, :n] = torch.tensor(t.tokens)
+            resp_mask[b, :n] = 1
             loss_mask[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
             logp[b, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
         groups.setdefault(t.group, len(groups))
     return PackedBatch(
-        input_ids, attention, torch.tensor([len(t.prompt_ids) for t in trajectories]), resp_ids, loss_mask, logp,
+        prompt_ids, prompt_mask, torch.tensor([prompts[tuple(t.prompt_ids)] for t in trajectories]),
+        resp_ids, resp_mask, loss_mask, logp,
         torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
         torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long))
 
@@ -87,18 +99,32 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
 def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = 1024,
                       autocast: bool = False) -> tuple[Tensor, Tensor]:
     """Log-prob of each response token and entropy of its full next-token distribution, [B, L] each,
-    under softmax(logits / temperature); zero where loss_mask is 0."""
+    under softmax(logits / temperature); zero where loss_mask is 0.
+
+    Two forwards: the distinct prompts, whose KV cache is then gathered per response (a
+    differentiable index, so prompt activations get the gradient of every response sharing them),
+    and the responses on top of it.
+    """
+    from transformers import DynamicCache
+
     decoder, head = _decoder_and_head(model)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with ctx:
-        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=positions).last_hidden_state
     B, L = batch.resp_ids.shape
-    # the hidden state at position p predicts the token at p + 1
-    src = (batch.resp_start.unsqueeze(-1) - 1 + torch.arange(L)).clamp(max=hidden.shape[1] - 1)
+    with ctx:
+        cache = DynamicCache()
+        kv = {cache_kwarg(decoder): cache}
+        ppos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_out = decoder(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=ppos,
+                             **kv, use_cache=True).last_hidden_state
+        cache.batch_select_indices(batch.prompt_index)
+        mask = torch.cat([batch.prompt_mask[batch.prompt_index], batch.resp_mask], dim=1)
+        rpos = ppos[batch.prompt_index, -1:] + 1 + torch.arange(L)
+        resp_out = decoder(input_ids=batch.resp_ids, attention_mask=mask, position_ids=rpos,
+                           **kv, use_cache=True).last_hidden_state
+    # the state before token j predicts it: the prompt's last state for j = 0, else response state j - 1
+    hidden = torch.cat([prompt_out[batch.prompt_index, -1:], resp_out[:, :-1]], dim=1)
     valid = batch.loss_mask > 0
-    h = hidden[torch.arange(B).unsqueeze(-1).expand(B, L)[valid], src[valid]]
+    h = hidden[valid]
     targets = batch.resp_ids[valid]
     inv_temp = 1.0 / temperature if temperature > 0 else 1.0
     lp_parts, ent_parts = [], []
@@ -113,8 +139,9 @@ def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     logp = torch.zeros((B, L), dtype=torch.float32)
     entropy = torch.zeros((B, L), dtype=torch.float32)
     if lp_parts:
-        logp = logp.index_put((valid.nonzero(as_tuple=True)), torch.cat(lp_parts))
-        entropy = entropy.index_put((valid.nonzero(as_tuple=True)), torch.cat(ent_parts))
+        where = valid.nonzero(as_tuple=True)
+        logp = logp.index_put(where, torch.cat(lp_parts))
+        entropy = entropy.index_put(where, torch.cat(ent_parts))
     return logp, entropy
 
 

@@ -71,6 +71,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.history: list[dict] = []
         self._stop_requested = False
+        self.scoring_seconds = 0.0
 
     # -- data ----------------------------------------------------------------------------------
     def next_prompts(self, k: int) -> list[Sample]:
@@ -92,12 +93,11 @@ class Trainer:
                                 n=r.samples_per_prompt, stop=list(r.stop))
         prompt_ids = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
         outs = self.engine.generate([GenerationRequest(p, params) for p in prompt_ids], seed=seed)
-        trajs = [Trajectory.from_completion(p, c, group=f"{tag}/{j}:{s.id}", version=self.step_idx, sample=s)
-                 for j, (s, p, o) in enumerate(zip(samples, prompt_ids, outs)) for c in o]
-        self.score(trajs)
-        return trajs
+        return [Trajectory.from_completion(p, c, group=f"{tag}/{j}:{s.id}", version=self.step_idx, sample=s)
+                for j, (s, p, o) in enumerate(zip(samples, prompt_ids, outs)) for c in o]
 
     def score(self, trajs: list[Trajectory]) -> None:
+        start = time.perf_counter()
         per_fn, total, correct = self.task.score([t.sample for t in trajs], [t.text for t in trajs],
                                                 [[x for x, m in zip(t.tokens, t.loss_mask) if m] for t in trajs])
         ov = self.cfg.algo.overlong
@@ -110,19 +110,24 @@ class Trainer:
             t.rewards = {k: v[i] for k, v in per_fn.items()}
             t.reward = total[i]
             t.correct = correct[i]
+        self.scoring_seconds += time.perf_counter() - start
 
-    def collect(self, step: int) -> tuple[list[Trajectory], dict]:
-        """Trajectories for one step; with DAPO dynamic sampling, only groups with reward variance,
-        refilled from further generation batches up to `max_gen_batches`."""
+    def collect(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict]:
+        """(trajectories to train on, all generated trajectories, stats) for one step. With DAPO
+        dynamic sampling only groups with reward variance train, refilled from further generation
+        batches up to `max_gen_batches`."""
         r, ds = self.cfg.rollout, self.cfg.algo.dynamic_sampling
         if not ds.enabled:
-            return self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}"), {}
+            trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}")
+            self.score(trajs)
+            return trajs, trajs, {}
         kept: list[Trajectory] = []
         all_trajs: list[Trajectory] = []
         n_groups, gen_batches = 0, 0
         while n_groups < r.prompts_per_step and (ds.max_gen_batches == 0 or gen_batches < ds.max_gen_batches):
             trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, gen_batches),
                                  f"s{step}b{gen_batches}")
+            self.score(trajs)
             gen_batches += 1
             all_trajs += trajs
             groups = {g: i for i, g in enumerate(dict.fromkeys(t.group for t in trajs))}
@@ -135,9 +140,7 @@ class Trainer:
         if n_groups < r.prompts_per_step:
             log.warning("step %d: dynamic sampling kept %d of %d groups after %d generation batches",
                         step, n_groups, r.prompts_per_step, gen_batches)
-        stats = {"dapo/gen_batches": gen_batches, "dapo/kept_groups": n_groups,
-                 "dapo/all_reward_mean": sum(t.reward for t in all_trajs) / len(all_trajs)}
-        return kept, stats
+        return kept, all_trajs, {"dapo/gen_batches": gen_batches, "dapo/kept_groups": n_groups}
 
     def _seed(self, step: int, sub: int) -> int:
         return (self.cfg.seed * 1_000_003 + step * 1009 + sub) % 2 ** 62
@@ -147,24 +150,30 @@ class Trainer:
         step = self.step_idx + 1
         t0 = time.perf_counter()
         self.engine.stats.decode_tokens = 0
-        trajs, stats = self.collect(step)
-        t_sample = time.perf_counter() - t0
+        self.scoring_seconds = 0.0
+        trajs, generated, stats = self.collect(step)
+        t_score = self.scoring_seconds
+        t_sample = time.perf_counter() - t0 - t_score
         decoded = self.engine.stats.decode_tokens
+        # rollout metrics describe everything sampled this step (what the policy does), the
+        # learner's metrics what it trained on
         metrics: dict = {**stats}
-        rewards = [t.reward for t in trajs] or [math.nan]
-        lengths = [t.num_generated for t in trajs] or [0]
+        lengths = [t.num_generated for t in generated]
         metrics.update({
-            "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
-            "accuracy": float(np.mean([t.correct for t in trajs])) if trajs else math.nan,
+            "reward/mean": float(np.mean([t.reward for t in generated])),
+            "reward/std": float(np.std([t.reward for t in generated])),
+            "accuracy": float(np.mean([t.correct for t in generated])),
             "response_length/mean": float(np.mean(lengths)), "response_length/max": float(np.max(lengths)),
-            "response/clip_frac": float(np.mean([t.finish == "length" for t in trajs])) if trajs else 0.0,
-            "rollout/entropy": float(np.mean([e for t in trajs for e in t.entropies])) if trajs else math.nan,
+            "response/clip_frac": float(np.mean([t.finish == "length" for t in generated])),
+            "rollout/entropy": float(np.mean([e for t in generated for e, m in zip(t.entropies, t.loss_mask) if m])),
         })
-        for name in (trajs[0].rewards if trajs else {}):
-            metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in trajs]))
+        for name in generated[0].rewards:
+            metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
         t1 = time.perf_counter()
         if trajs:
             metrics.update(self.learner.update(trajs, step))
+        else:
+            log.warning("step %d: no trajectories to train on; weights unchanged", step)
         t_learn = time.perf_counter() - t1
         skipped = metrics.get("train/nonfinite_updates", 0) > 0
         if skipped:
@@ -174,7 +183,7 @@ class Trainer:
         else:
             self.nonfinite_streak = 0
         metrics.update({
-            "time/sampling_s": t_sample, "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
+            "time/sampling_s": t_sample, "time/scoring_s": t_score, "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
             "throughput/sampling_tokens_per_s": decoded / max(t_sample, 1e-9),
             "throughput/training_tokens_per_s": metrics.get("train/tokens", 0.0) / max(t_learn, 1e-9),
             "memory/peak_rss_gb": peak_rss_gb(),
