@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -128,3 +129,25 @@ def test_shared_prompt_forward_gives_the_per_sequence_gradient(tiny):
     separate = grad_of([batch.select(torch.tensor([i])) for i in range(len(batch))])
     rel = (shared - separate).norm() / separate.norm()
     assert rel < 1e-4, rel
+
+
+def test_sampler_draws_from_the_tempered_distribution_and_respects_top_p():
+    from forkrl.rollout import sample_next
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(40_000, 1)
+    gen = torch.Generator().manual_seed(0)
+    ones = torch.ones(40_000)
+    tokens, logp, ent = sample_next(logits, ones, ones, gen)
+    freq = torch.bincount(tokens, minlength=4).double() / 40_000
+    assert freq.tolist() == pytest.approx([0.5, 0.3, 0.15, 0.05], abs=0.01)
+    assert logp[0] == pytest.approx(torch.log(torch.tensor(0.5)).item(), abs=1e-5)
+    assert ent[0] == pytest.approx(-(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.15 * math.log(0.15)
+                                     + 0.05 * math.log(0.05)), abs=1e-5)
+    # top-p 0.8 keeps {0.5, 0.3}: the mass before 0.15 already reaches 0.8
+    tokens, logp, _ = sample_next(logits, ones, ones * 0.8, gen)
+    freq = torch.bincount(tokens, minlength=4).double() / 40_000
+    assert freq.tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0], abs=0.01)
+    # temperature 2 flattens: p ~ sqrt(p)
+    tokens, _, _ = sample_next(logits, ones * 2, ones, gen)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    freq = torch.bincount(tokens, minlength=4).double() / 40_000
+    assert freq.tolist() == pytest.approx((p / p.sum()).tolist(), abs=0.01)

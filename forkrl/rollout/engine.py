@@ -46,7 +46,12 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         draw_probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     else:
         draw_probs = probs
-    tokens = torch.multinomial(draw_probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: one uniform per row instead of one per vocabulary entry (the CPU random
+    # generator makes torch.multinomial cost ~40 ms per step at batch 32 over 49k tokens).
+    # u in (0, 1] and the first index with cdf >= u never lands on a zero-probability token.
+    cdf = draw_probs.double().cumsum(-1)
+    u = (1.0 - torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64, device=cdf.device)) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     if bool(greedy.any()):
         tokens = torch.where(greedy, logits.argmax(-1), tokens)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
@@ -57,6 +62,8 @@ class TorchEngine:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64):
         self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         eos = model.generation_config.eos_token_id if hasattr(model, "generation_config") else None
@@ -121,9 +128,10 @@ class TorchEngine:
         eos = torch.tensor(self.eos_ids, device=device)
 
         cache = DynamicCache()
-        kv = {cache_kwarg(self.model): cache}
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        kv = {cache_kwarg(self.decoder): cache}
+        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **kv,
+                              use_cache=True).last_hidden_state[:, -1]
+        logits = self._logits(hidden)
         self.stats.prefill_tokens += int(mask.sum())
         if len(unique) < B:
             cache.batch_select_indices(row_prompt)
@@ -161,8 +169,9 @@ class TorchEngine:
                 temperature, top_p = temperature[idx], top_p[idx]
                 alive = [alive[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-            logits = self.model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
-                                **kv, use_cache=True).logits[:, -1]
+            hidden = self.decoder(input_ids=tok.unsqueeze(-1), attention_mask=mask,
+                                  position_ids=next_pos.unsqueeze(-1), **kv, use_cache=True).last_hidden_state[:, -1]
+            logits = self._logits(hidden)
             next_pos = next_pos + 1
 
         completions = []
@@ -171,6 +180,15 @@ class TorchEngine:
             text = self.tokenizer.decode(body, skip_special_tokens=False)
             completions.append(Completion(gen_ids[r], gen_logp[r], gen_ent[r], finish[r] or "length", text))
         return completions
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary projection of [B, D] states. For a plain linear head, W @ h^T runs ~1.7x faster
+        than F.linear(h, W) on CPU for a 49k x 576 weight at batch 32-128 (measured with MKL)."""
+        head = self.head
+        if type(head) is torch.nn.Linear:
+            logits = torch.mm(head.weight, hidden.t()).t()
+            return logits if head.bias is None else logits + head.bias
+        return head(hidden)
 
     def _hit_stop(self, ids: list[int], stops: list[str], window: int) -> bool:
         """Whether the text of the last few generated tokens contains a stop string.
