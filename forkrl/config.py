@@ -137,9 +137,10 @@ class TrainConfig(Section):
     grad_clip: float | None = 1.0
     epochs: int = Field(1, gt=0)                 # PPO epochs per rollout batch
     mini_batches: int = Field(1, gt=0)           # optimizer steps per epoch
-    micro_batch_size: int = Field(8, gt=0)       # sequences per forward/backward
+    micro_batch_size: int = Field(16, gt=0)      # at most this many sequences per forward/backward
+    micro_batch_tokens: int = Field(1024, gt=0)  # and at most ~this many (padded) tokens, bounding activations
     old_logprobs: Literal["sampling", "recompute"] = "recompute"
-    logprob_chunk: int = Field(1024, gt=0)       # tokens per chunk of the vocabulary projection
+    logprob_chunk: int = Field(256, gt=0)        # tokens per chunk of the vocabulary projection
     bf16_autocast: bool = False
     checkpoint_every: int = Field(0, ge=0)       # 0: only at the end and on Ctrl-C
     max_nonfinite: int = Field(3, gt=0)          # stop after this many non-finite losses in a row

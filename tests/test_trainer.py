@@ -122,3 +122,28 @@ def test_lora_trains_only_adapters(tmp_path):
     trainer.train()
     assert all(torch.equal(frozen[n], p) for n, p in trainer.model.named_parameters() if n in frozen)
     assert (tmp_path / "run" / "final" / "config.json").exists()  # merged export
+
+
+def test_micro_batch_split_does_not_change_the_update(tmp_path):
+    """Gradient accumulation with mini-batch-wide normalisers: any micro-batch split gives the same step."""
+    grads = []
+    for i, micro in enumerate(({"micro_batch_size": 32, "micro_batch_tokens": 100_000},
+                               {"micro_batch_size": 3, "micro_batch_tokens": 100_000},
+                               {"micro_batch_size": 32, "micro_batch_tokens": 40})):
+        for agg in ("token-mean", "seq-mean-token-sum"):
+            cfg = _cfg(tmp_path, f"m{i}{agg}", train={"steps": 1, **micro}, algo={"agg": agg})
+            trainer = Trainer(cfg)
+            real_step = trainer.optimizer.step
+
+            def capture(*a, _t=trainer, _real=real_step, **k):  # the accumulated gradient, before Adam
+                grads.append(torch.cat([p.grad.flatten() for p in _t.model.parameters()]))
+                return _real(*a, **k)
+
+            trainer.optimizer.step = capture
+            trainer.step()
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    for g in grads[2::2]:
+        assert rel(g, grads[0]) < 1e-5
+    for g in grads[3::2]:
+        assert rel(g, grads[1]) < 1e-5
+    assert rel(grads[0], grads[1]) > 1e-3  # the aggregation mode matters

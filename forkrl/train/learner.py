@@ -149,6 +149,26 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int) -> list[Tensor]:
+    """Split `rows` (in order) into micro-batches of at most `max_rows` sequences whose padded size,
+    rows x longest (prompt + response), stays within `max_tokens` (a single longer row goes alone)."""
+    prompt_len = batch.prompt_mask.sum(-1)[batch.prompt_index]
+    pos = torch.arange(1, batch.loss_mask.shape[1] + 1)
+    resp_len = ((batch.loss_mask > 0) * pos).max(-1).values
+    cost = (prompt_len + resp_len).tolist()
+    out, current, longest = [], [], 0
+    for r in rows.tolist():
+        new_longest = max(longest, cost[r])
+        if current and (len(current) >= max_rows or (len(current) + 1) * new_longest > max_tokens):
+            out.append(torch.tensor(current))
+            current, new_longest = [], cost[r]
+        current.append(r)
+        longest = new_longest
+    if current:
+        out.append(torch.tensor(current))
+    return out
+
+
 class Learner:
     """Turns scored trajectories into optimizer steps (PPO epochs x mini-batches x micro-batches)."""
 
@@ -172,10 +192,9 @@ class Learner:
 
     @torch.no_grad()
     def _no_grad_logprobs(self, model, batch: PackedBatch) -> Tensor:
-        mb = self.cfg.train.micro_batch_size
+        t = self.cfg.train
         full = torch.zeros_like(batch.sampling_logp)
-        for s in range(0, len(batch), mb):
-            idx = torch.arange(s, min(s + mb, len(batch)))
+        for idx in micro_batches(batch, torch.arange(len(batch)), t.micro_batch_size, t.micro_batch_tokens):
             sub = batch.select(idx)
             lp, _ = self._logprobs(model, sub)
             full[idx, :lp.shape[1]] = lp
@@ -212,7 +231,7 @@ class Learner:
                 norm = AggNorm(tokens=float(batch.loss_mask[mini].sum().clamp(min=1)), seqs=float(len(mini)),
                                const=float(cfg.algo.agg_const or self.max_new_tokens))
                 finite = True
-                for micro in torch.split(mini, t.micro_batch_size):
+                for micro in micro_batches(batch, mini, t.micro_batch_size, t.micro_batch_tokens):
                     sub = batch.select(micro)
                     L = sub.resp_ids.shape[1]
                     logp, entropy = self._logprobs(self.model, sub)
