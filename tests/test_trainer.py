@@ -147,3 +147,13 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path):
     for g in grads[3::2]:
         assert rel(g, grads[1]) < 1e-5
     assert rel(grads[0], grads[1]) > 1e-3  # the aggregation mode matters
+
+
+def test_entropy_bonus_alone_raises_policy_entropy(tmp_path):
+    """With a constant reward every advantage is 0, so the entropy bonus is the whole gradient."""
+    cfg = _cfg(tmp_path, train={"steps": 3, "lr": 3e-3}, algo={"entropy_coef": 1.0},
+               task={"rewards": [{"name": "correct"}]})  # the tiny model is never correct: reward 0
+    trainer = Trainer(cfg)
+    trainer.train()
+    entropy = [r["policy/entropy"] for r in _rows(cfg)]
+    assert entropy[-1] > entropy[0] + 0.05, entropy

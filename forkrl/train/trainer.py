@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import random
 import signal
 import time
@@ -260,9 +259,8 @@ class Trainer:
                     s.write(step, metrics)
                 self.history.append(metrics)
                 if bar is not None:
-                    bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in
-                                     ("reward/mean", "accuracy", "policy/entropy", "response_length/mean",
-                                      "time/step_s") if k in metrics}, refresh=False)
+                    bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR_KEYS if k in metrics},
+                                    refresh=False)
                     bar.update(1)
                 if self.nonfinite_streak >= cfg.train.max_nonfinite:
                     self.save()
@@ -290,6 +288,10 @@ class Trainer:
         summary["steps"] = self.step_idx
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+
+_BAR_KEYS = (("reward", "reward/mean"), ("acc", "accuracy"), ("entropy", "policy/entropy"),
+             ("len", "response_length/mean"), ("s/step", "time/step_s"))
 
 
 def _fmt(m: dict) -> str:
