@@ -95,20 +95,13 @@ class AlgoConfig(Section):
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
 
-    @field_validator("advantage")
+    @field_validator("advantage", "loss")
     @classmethod
-    def _known_advantage(cls, v):
-        from forkrl.algos import ADVANTAGES
-        if v not in ADVANTAGES:
-            raise ValueError(f"unknown advantage estimator {v!r}; allowed: {sorted(ADVANTAGES)}")
-        return v
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, v):
-        from forkrl.algos import LOSSES
-        if v not in LOSSES:
-            raise ValueError(f"unknown policy loss {v!r}; allowed: {sorted(LOSSES)}")
+    def _registered(cls, v, info):
+        from forkrl.algos import ADVANTAGES, LOSSES
+        registry = ADVANTAGES if info.field_name == "advantage" else LOSSES
+        if v not in registry:
+            raise ValueError(f"unknown {registry.kind} {v!r}; allowed: {sorted(registry)}")
         return v
 
     @model_validator(mode="after")

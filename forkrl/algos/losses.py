@@ -85,6 +85,19 @@ def _masked_frac(cond: Tensor, mask: Tensor) -> float:
     return float((cond & m).sum()) / max(int(m.sum()), 1)
 
 
+def clipped_surrogate(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float, clip_high: float
+                      ) -> tuple[Tensor, dict]:
+    """Per-token negative clipped surrogate, -S(eps_lo, eps_hi) of algorithms.md §0:
+        l = max(-r A, -clip(r, 1 - clip_low, 1 + clip_high) A)
+    with the shares of tokens whose gradient the low and high bounds cut off."""
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    metrics = {
+        "clip/low_frac": _masked_frac((adv < 0) & (ratio < 1 - clip_low), mask),
+        "clip/high_frac": _masked_frac((adv > 0) & (ratio > 1 + clip_high), mask),
+    }
+    return loss, metrics
+
+
 @register_loss("ppo_clip")
 def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
              agg: str = "token-mean", norm: AggNorm | None = None, clip_low: float = 0.2,
@@ -97,13 +110,7 @@ def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entro
     """
     log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
     ratio = torch.exp(log_ratio)
-    loss1 = -adv * ratio
-    loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    clipped = torch.maximum(loss1, loss2)
-    metrics = {
-        "clip/low_frac": _masked_frac((adv < 0) & (ratio < 1 - clip_low), mask),
-        "clip/high_frac": _masked_frac((adv > 0) & (ratio > 1 + clip_high), mask),
-    }
+    clipped, metrics = clipped_surrogate(ratio, adv, mask, clip_low, clip_high)
     if clip_c is not None:
         if clip_c <= 1.0:
             raise ValueError(f"clip_c must be > 1 (dual clip lower bound), got {clip_c}")
@@ -133,12 +140,6 @@ def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
     seq_log_ratio = ((logp - old_logp) * m).sum(-1) / m.sum(-1).clamp(min=1)
     log_s = seq_log_ratio.detach().unsqueeze(-1) + logp - logp.detach()
     s = torch.exp(torch.clamp(log_s, max=10.0))
-    loss1 = -adv * s
-    loss2 = -adv * torch.clamp(s, 1 - clip_low, 1 + clip_high)
-    loss_mat = torch.maximum(loss1, loss2)
-    metrics = {
-        "clip/low_frac": _masked_frac((adv < 0) & (s < 1 - clip_low), mask),
-        "clip/high_frac": _masked_frac((adv > 0) & (s > 1 + clip_high), mask),
-        "ppo_kl": float(-seq_log_ratio.detach().mean()),
-    }
+    loss_mat, metrics = clipped_surrogate(s, adv, mask, clip_low, clip_high)
+    metrics["ppo_kl"] = float(-seq_log_ratio.detach().mean())
     return agg_loss(loss_mat, mask, "seq-mean-token-mean", norm), metrics
