@@ -134,7 +134,7 @@ class TrainConfig(Section):
     micro_batch_tokens: int = Field(1024, gt=0)  # and at most ~this many (padded) tokens, bounding activations
     old_logprobs: Literal["sampling", "recompute"] = "recompute"
     logprob_chunk: int = Field(256, gt=0)        # tokens per chunk of the vocabulary projection
-    bf16_autocast: bool = False
+    bf16_autocast: bool = False                  # CPU: only worth it with AVX-512 BF16 / AMX units
     checkpoint_every: int = Field(0, ge=0)       # 0: only at the end and on Ctrl-C
     max_nonfinite: int = Field(3, gt=0)          # stop after this many non-finite losses in a row
 

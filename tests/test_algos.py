@@ -69,7 +69,7 @@ def test_ppo_clip_by_hand():
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     mask = torch.ones(1, 4)
     loss, m = LOSSES["ppo_clip"](logp, old, adv, mask)
-    assert float(loss) == pytest.approx((-1.2 + 0.8 - 1.0 + 4.0) / 4)
+    assert float(loss.detach()) == pytest.approx((-1.2 + 0.8 - 1.0 + 4.0) / 4)
     assert m["clip/high_frac"] == pytest.approx(0.25) and m["clip/low_frac"] == pytest.approx(0.25)
     loss.backward()
     # gradient flows only through unclipped tokens: d(-A r)/dlogp = -A r / 4
