@@ -7,7 +7,6 @@ only response tokens the policy generated are projected (prompt and observation 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -183,7 +182,6 @@ class Learner:
         self.seed = seed
         self.advantage_fn = ADVANTAGES.get(cfg.algo.advantage)
         self.loss_fn = LOSSES.get(cfg.algo.loss)
-        self.loss_takes_agg = "agg" in inspect.signature(self.loss_fn).parameters
 
     def _logprobs(self, model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         t = self.cfg.train
@@ -230,17 +228,15 @@ class Learner:
                     continue
                 norm = AggNorm(tokens=float(batch.loss_mask[mini].sum().clamp(min=1)), seqs=float(len(mini)),
                                const=float(cfg.algo.agg_const or self.max_new_tokens))
-                finite = True
+                finite, mini_loss = True, 0.0
                 for micro in micro_batches(batch, mini, t.micro_batch_size, t.micro_batch_tokens):
                     sub = batch.select(micro)
                     L = sub.resp_ids.shape[1]
                     logp, entropy = self._logprobs(self.model, sub)
                     mask = sub.loss_mask
                     old = logp.detach() if old_logp is None else old_logp[micro, :L]
-                    kwargs = dict(entropy=entropy, norm=norm)
-                    if self.loss_takes_agg:
-                        kwargs["agg"] = cfg.algo.agg
-                    loss, m = self.loss_fn(logp, old, adv[micro, :L], mask, **kwargs, **cfg.algo.loss_params)
+                    loss, m = self.loss_fn(logp, old, adv[micro, :L], mask, entropy=entropy, agg=cfg.algo.agg,
+                                           norm=norm, **cfg.algo.loss_params)
                     ntok = float(mask.sum())
                     for k, v in m.items():
                         add(k, v, ntok)
@@ -249,15 +245,15 @@ class Learner:
                         kl_loss = agg_loss(kl, mask, cfg.algo.agg, norm)
                         loss = loss + cfg.algo.kl_coef * kl_loss
                         add("kl", float((kl.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
-                    ent_mean = agg_loss(entropy, mask, cfg.algo.agg, norm)
                     if cfg.algo.entropy_coef:
-                        loss = loss - cfg.algo.entropy_coef * ent_mean
+                        loss = loss - cfg.algo.entropy_coef * agg_loss(entropy, mask, cfg.algo.agg, norm)
                     add("policy/entropy", float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
-                    add("loss", float(loss.detach()), 1.0)
+                    mini_loss += float(loss.detach())  # micro losses carry mini-batch normalisers: they sum
                     if not torch.isfinite(loss):
                         finite = False
                         break
                     loss.backward()
+                add("loss", mini_loss)
                 if finite:
                     params = [p for p in self.model.parameters() if p.requires_grad]
                     gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf"))
