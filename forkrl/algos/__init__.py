@@ -1,11 +1,12 @@
 """Pure tensor functions of RL post-training, each registered by name (imports only torch).
 
 - advantages: rewards of a group -> per-token advantages
+- entropy_losses: losses that restrict the tokens driving entropy collapse (Clip-Cov, KL-Cov)
 - losses: log-probs, advantages, masks -> scalar loss and metrics; aggregation modes; KL estimators
 - selection: which samples train (DAPO dynamic sampling) and reward shaping (DAPO overlong)
 """
 from forkrl.algos.registry import ADVANTAGES, LOSSES, SELECTORS, register_advantage, register_loss, register_selector
-from forkrl.algos import advantages, losses, selection  # noqa: F401  (registers the methods)
+from forkrl.algos import advantages, entropy_losses, losses, selection  # noqa: F401  (registers the methods)
 from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
 
 __all__ = [
