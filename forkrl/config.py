@@ -87,6 +87,8 @@ class AlgoConfig(Section):
     advantage_params: dict[str, Any] = Field(default_factory=dict)
     loss: str = "ppo_clip"
     loss_params: dict[str, Any] = Field(default_factory=dict)
+    token_selector: str | None = None   # e.g. forking_tokens: train only on the selected tokens
+    token_selector_params: dict[str, Any] = Field(default_factory=dict)
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     agg_const: float | None = None      # Dr. GRPO's C; default rollout.max_new_tokens
     kl_coef: float = Field(0.0, ge=0)   # 0: no reference model is loaded
@@ -95,12 +97,12 @@ class AlgoConfig(Section):
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
 
-    @field_validator("advantage", "loss")
+    @field_validator("advantage", "loss", "token_selector")
     @classmethod
     def _registered(cls, v, info):
-        from forkrl.algos import ADVANTAGES, LOSSES
-        registry = ADVANTAGES if info.field_name == "advantage" else LOSSES
-        if v not in registry:
+        from forkrl.algos import ADVANTAGES, LOSSES, TOKEN_SELECTORS
+        registry = {"advantage": ADVANTAGES, "loss": LOSSES, "token_selector": TOKEN_SELECTORS}[info.field_name]
+        if v is not None and v not in registry:
             raise ValueError(f"unknown {registry.kind} {v!r}; allowed: {sorted(registry)}")
         return v
 
@@ -108,10 +110,15 @@ class AlgoConfig(Section):
     def _params_match_signatures(self):
         import inspect
 
-        from forkrl.algos import ADVANTAGES, LOSSES
-        for kind, fn, params, reserved in (
-                ("advantage_params", ADVANTAGES[self.advantage], self.advantage_params, set()),
-                ("loss_params", LOSSES[self.loss], self.loss_params, {"entropy", "agg", "norm"})):
+        from forkrl.algos import ADVANTAGES, LOSSES, TOKEN_SELECTORS
+        checks = [("advantage_params", ADVANTAGES[self.advantage], self.advantage_params, set()),
+                  ("loss_params", LOSSES[self.loss], self.loss_params, {"entropy", "agg", "norm"})]
+        if self.token_selector:
+            checks.append(("token_selector_params", TOKEN_SELECTORS[self.token_selector],
+                           self.token_selector_params, set()))
+        elif self.token_selector_params:
+            raise ValueError("algo.token_selector_params is set but algo.token_selector is not")
+        for kind, fn, params, reserved in checks:
             allowed = [p.name for p in inspect.signature(fn).parameters.values()
                        if p.kind == p.KEYWORD_ONLY and p.name not in reserved]
             for key in params:

@@ -134,3 +134,17 @@ def test_overlong_penalty_by_hand():
     assert pen.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0])
     with pytest.raises(ValueError):
         overlong_penalty(torch.tensor([1]), max_len=10, buffer=0)
+
+
+def test_forking_tokens_selects_top_entropy_share_by_hand():
+    from forkrl.algos import TOKEN_SELECTORS
+    entropy = torch.tensor([[0.1, 2.0, 0.5, 3.0, 1.0], [0.2, 0.9, 0.3, 0.4, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])  # 9 valid; the 9.0 is masked out
+    top = TOKEN_SELECTORS["forking_tokens"](entropy, mask)  # ceil(0.2 * 9) = 2 tokens: 3.0 and 2.0
+    assert top.tolist() == [[False, True, False, True, False], [False] * 5]
+    bottom = TOKEN_SELECTORS["forking_tokens"](entropy, mask, bottom=True)
+    assert bottom.tolist() == [[True, False, True, False, True], [True, True, True, True, False]]
+    half = TOKEN_SELECTORS["forking_tokens"](entropy, mask, top_ratio=0.5)  # ceil(4.5) = 5
+    assert int(half.sum()) == 5 and not half[1, 4]
+    with pytest.raises(ValueError):
+        TOKEN_SELECTORS["forking_tokens"](entropy, mask, top_ratio=0.0)

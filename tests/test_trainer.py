@@ -1,5 +1,6 @@
 """End to end on the tiny random model: learning, exact resume, bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -170,3 +171,13 @@ def test_entropy_bonus_alone_raises_policy_entropy(tmp_path):
     metrics = trainer.learner.update(trajs, step=1)
     assert metrics["adv/abs_mean"] == 0.0
     assert mean_entropy() > before + 0.01
+
+
+def test_forking_token_selection_trains_on_a_fifth_of_the_tokens(tmp_path):
+    cfg = _cfg(tmp_path, train={"steps": 2}, algo={"token_selector": "forking_tokens"})
+    Trainer(cfg).train()
+    rows = _rows(cfg)
+    for r in rows:  # 4 prompts x 8 samples; ceil(0.2 * generated tokens) train
+        generated = round(r["response_length/mean"] * 32)
+        assert r["train/tokens"] == math.ceil(0.2 * generated)
+        assert r["train/selected_token_frac"] == pytest.approx(math.ceil(0.2 * generated) / generated)

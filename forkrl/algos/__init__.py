@@ -3,13 +3,15 @@
 - advantages: rewards of a group -> per-token advantages
 - entropy_losses: losses that restrict the tokens driving entropy collapse (Clip-Cov, KL-Cov)
 - losses: log-probs, advantages, masks -> scalar loss and metrics; aggregation modes; KL estimators
-- selection: which samples train (DAPO dynamic sampling) and reward shaping (DAPO overlong)
+- selection: which samples train (DAPO dynamic sampling), which tokens train (forking tokens), and
+  reward shaping (DAPO overlong)
 """
-from forkrl.algos.registry import ADVANTAGES, LOSSES, SELECTORS, register_advantage, register_loss, register_selector
+from forkrl.algos.registry import (ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS, register_advantage, register_loss,
+                                   register_selector, register_token_selector)
 from forkrl.algos import advantages, entropy_losses, losses, selection  # noqa: F401  (registers the methods)
 from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
 
 __all__ = [
-    "ADVANTAGES", "LOSSES", "SELECTORS", "AGG_MODES", "KL_ESTIMATORS",
-    "register_advantage", "register_loss", "register_selector", "agg_loss", "kl_penalty",
+    "ADVANTAGES", "LOSSES", "SELECTORS", "TOKEN_SELECTORS", "AGG_MODES", "KL_ESTIMATORS",
+    "register_advantage", "register_loss", "register_selector", "register_token_selector", "agg_loss", "kl_penalty",
 ]

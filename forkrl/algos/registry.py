@@ -31,8 +31,10 @@ class Registry(dict):
 
 ADVANTAGES = Registry("advantage estimator")
 LOSSES = Registry("policy loss")
-SELECTORS = Registry("selector")
+SELECTORS = Registry("sample selector")
+TOKEN_SELECTORS = Registry("token selector")
 
 register_advantage = ADVANTAGES.register
 register_loss = LOSSES.register
 register_selector = SELECTORS.register
+register_token_selector = TOKEN_SELECTORS.register

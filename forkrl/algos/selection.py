@@ -1,13 +1,18 @@
-"""Which samples train, and reward shaping that depends only on the samples (algorithms.md §1.2).
+"""Which samples and tokens train, and reward shaping that depends only on the samples.
 
-A selector has the signature fn(values [B], group_ids [B], **params) -> keep mask [B] (bool).
+A sample selector has the signature fn(values [B], group_ids [B], **params) -> keep mask [B] (bool).
+A token selector has the signature fn(entropy [B, T], mask [B, T], **params) -> keep mask [B, T]
+(bool, never true where mask is 0); the loss and its token-mean normaliser then count only the
+kept tokens.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from forkrl.algos.registry import register_selector
+from forkrl.algos.registry import register_selector, register_token_selector
 
 
 @register_selector("nonzero_std_groups")
@@ -35,3 +40,22 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
     expected = max_len - buffer
     pen = -(lengths.double() - expected) / buffer * factor
     return torch.clamp(pen, max=0.0)
+
+
+@register_token_selector("forking_tokens")
+def forking_tokens(entropy: Tensor, mask: Tensor, *, top_ratio: float = 0.2, bottom: bool = False) -> Tensor:
+    """High-entropy "forking" tokens (Wang et al., 2025, "Beyond the 80/20 Rule", arXiv 2506.01939;
+    algorithms.md §5): keep the top ceil(top_ratio * N_valid) valid tokens by entropy (torch.topk),
+    i.e. H >= the (1 - top_ratio)-quantile, with top_ratio = 0.2. `bottom=True` keeps the other
+    valid tokens instead (the paper's bottom-80% ablation).
+    """
+    if not 0 < top_ratio <= 1:
+        raise ValueError(f"top_ratio must be in (0, 1], got {top_ratio}")
+    valid = mask.bool()
+    n_valid = int(valid.sum())
+    top = torch.zeros_like(valid)
+    if n_valid:
+        k = math.ceil(top_ratio * n_valid)
+        scores = torch.where(valid, entropy.float(), torch.full_like(entropy, -torch.inf, dtype=torch.float32))
+        top.view(-1)[torch.topk(scores.flatten(), k).indices] = True
+    return (valid & ~top) if bottom else top

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from forkrl.algos import ADVANTAGES, LOSSES, agg_loss, kl_penalty
+from forkrl.algos import ADVANTAGES, LOSSES, TOKEN_SELECTORS, agg_loss, kl_penalty
 from forkrl.algos.losses import AggNorm
 from forkrl.models.loader import cache_kwarg
 from forkrl.rollout.types import Trajectory
@@ -32,8 +32,14 @@ class PackedBatch:
     resp_mask: Tensor        # [B, L] 1 on every response token (generated or observation)
     loss_mask: Tensor        # [B, L] 1 on tokens the policy generated
     sampling_logp: Tensor    # [B, L]
+    sampling_entropy: Tensor # [B, L] entropy at sampling time (0 where loss_mask is 0)
     rewards: Tensor          # [B]
     group_ids: Tensor        # [B]
+    train_mask: Tensor | None = None  # [B, L] tokens the loss counts: loss_mask narrowed by a token selector
+
+    def __post_init__(self):
+        if self.train_mask is None:
+            self.train_mask = self.loss_mask
 
     def __len__(self) -> int:
         return self.resp_ids.shape[0]
@@ -46,8 +52,9 @@ class PackedBatch:
         lm = self.loss_mask[idx]
         L = max(int(((lm > 0) * torch.arange(1, lm.shape[1] + 1)).max()), 1)
         return PackedBatch(self.prompt_ids[used, -tp:], pm[:, -tp:], prompt_index, self.resp_ids[idx, :L],
-                           self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L], self.rewards[idx],
-                           self.group_ids[idx])
+                           self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L],
+                           self.sampling_entropy[idx, :L], self.rewards[idx], self.group_ids[idx],
+                           self.train_mask[idx, :L])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
@@ -66,6 +73,7 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
     resp_mask = torch.zeros((B, L), dtype=torch.long)
     loss_mask = torch.zeros((B, L), dtype=torch.float32)
     logp = torch.zeros((B, L), dtype=torch.float32)
+    entropy = torch.zeros((B, L), dtype=torch.float32)
     groups: dict[str, int] = {}
     for b, t in enumerate(trajectories):
         n = len(t.tokens)
@@ -74,10 +82,11 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
             resp_mask[b, :n] = 1
             loss_mask[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
             logp[b, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
+            entropy[b, :n] = torch.nan_to_num(torch.tensor(t.entropies, dtype=torch.float32)) * loss_mask[b, :n]
         groups.setdefault(t.group, len(groups))
     return PackedBatch(
         prompt_ids, prompt_mask, torch.tensor([prompts[tuple(t.prompt_ids)] for t in trajectories]),
-        resp_ids, resp_mask, loss_mask, logp,
+        resp_ids, resp_mask, loss_mask, logp, entropy,
         torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
         torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long))
 
@@ -182,6 +191,7 @@ class Learner:
         self.seed = seed
         self.advantage_fn = ADVANTAGES.get(cfg.algo.advantage)
         self.loss_fn = LOSSES.get(cfg.algo.loss)
+        self.token_selector = TOKEN_SELECTORS.get(cfg.algo.token_selector) if cfg.algo.token_selector else None
 
     def _logprobs(self, model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         t = self.cfg.train
@@ -202,6 +212,11 @@ class Learner:
         cfg, t = self.cfg, self.cfg.train
         batch = pack(trajectories, self.pad_id)
         adv, adv_metrics = self.advantage_fn(batch.rewards, batch.group_ids, batch.loss_mask, **cfg.algo.advantage_params)
+        if self.token_selector is not None:
+            # selection over the whole rollout batch, on the sampling-time entropies: the entropies of
+            # the policy before this update (what the training forward of the first update computes)
+            keep = self.token_selector(batch.sampling_entropy, batch.loss_mask, **cfg.algo.token_selector_params)
+            batch.train_mask = batch.loss_mask * keep.to(batch.loss_mask.dtype)
         updates_per_batch = t.epochs * t.mini_batches
         if t.old_logprobs == "sampling":
             old_logp = batch.sampling_logp
@@ -226,14 +241,14 @@ class Learner:
             for mini in torch.tensor_split(order, t.mini_batches):
                 if len(mini) == 0:
                     continue
-                norm = AggNorm(tokens=float(batch.loss_mask[mini].sum().clamp(min=1)), seqs=float(len(mini)),
+                norm = AggNorm(tokens=float(batch.train_mask[mini].sum().clamp(min=1)), seqs=float(len(mini)),
                                const=float(cfg.algo.agg_const or self.max_new_tokens))
                 finite, mini_loss = True, 0.0
                 for micro in micro_batches(batch, mini, t.micro_batch_size, t.micro_batch_tokens):
                     sub = batch.select(micro)
                     L = sub.resp_ids.shape[1]
                     logp, entropy = self._logprobs(self.model, sub)
-                    mask = sub.loss_mask
+                    mask = sub.train_mask
                     old = logp.detach() if old_logp is None else old_logp[micro, :L]
                     loss, m = self.loss_fn(logp, old, adv[micro, :L], mask, entropy=entropy, agg=cfg.algo.agg,
                                            norm=norm, **cfg.algo.loss_params)
@@ -247,7 +262,9 @@ class Learner:
                         add("kl", float((kl.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
                     if cfg.algo.entropy_coef:
                         loss = loss - cfg.algo.entropy_coef * agg_loss(entropy, mask, cfg.algo.agg, norm)
-                    add("policy/entropy", float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
+                    generated = sub.loss_mask  # every generated token, selected for the loss or not
+                    add("policy/entropy", float((entropy.detach() * generated).sum() / generated.sum().clamp(min=1)),
+                        float(generated.sum()))
                     mini_loss += float(loss.detach())  # micro losses carry mini-batch normalisers: they sum
                     if not torch.isfinite(loss):
                         finite = False
@@ -271,6 +288,7 @@ class Learner:
         metrics.update(adv_metrics)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        metrics["train/tokens"] = float(batch.loss_mask.sum())
+        metrics["train/tokens"] = float(batch.train_mask.sum())
+        metrics["train/selected_token_frac"] = float(batch.train_mask.sum() / batch.loss_mask.sum().clamp(min=1))
         metrics["train/nonfinite_updates"] = float(n_skipped)
         return metrics
