@@ -57,6 +57,14 @@ class TaskConfig(Section):
         return self
 
 
+class AdaptiveTemperatureConfig(Section):
+    """HAPO adaptive temperature sampling (algorithms.md §7 step 1): T' = T (1 + tau clip(h, -1, 1)),
+    h the token's normalised log-entropy under the previous training batch's statistics."""
+    enabled: bool = False
+    tau: float = Field(0.05, ge=0, lt=1)
+    pivot: float = Field(0.8, gt=0, lt=1)   # quantile of log-entropy that maps to h = 0
+
+
 class RolloutConfig(Section):
     engine: Literal["torch"] = "torch"
     prompts_per_step: int = Field(8, gt=0)
@@ -66,6 +74,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(128, gt=0)
     stop: list[str] = Field(default_factory=list)
     max_batch_size: int = Field(64, gt=0)
+    adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
 
 
 class DynamicSamplingConfig(Section):
@@ -82,6 +91,52 @@ class OverlongConfig(Section):
     factor: float = 1.0
 
 
+class RolloutCorrectionConfig(Section):
+    """Importance weights for the rollout/training mismatch (algorithms.md §16; DART §15 step 4):
+    rho = pi_old / pi_rollout per token, detached, multiplying the token loss before aggregation.
+      token_tis:    w = min(rho, cap)              seq_tis: w = min(prod_t rho, cap) for every token
+      icepop:       w = rho if low <= rho <= cap else 0
+      seq_mask_tis: w = rho if low <= geometric-mean rho <= cap else 0"""
+    mode: Literal["none", "token_tis", "seq_tis", "icepop", "seq_mask_tis"] = "none"
+    cap: float = Field(2.0, gt=0)
+    low: float = Field(0.0, ge=0)
+
+
+class EntropyTargetConfig(Section):
+    """Arbitrary-Entropy PO (algorithms.md §13.3): hold entropy at `target` with a one-sided REINFORCE
+    term on correct samples drawn hotter (t_high) when entropy is below target, colder otherwise."""
+    enabled: bool = False
+    target: float = Field(0.5, ge=0)        # H* (entropy_base)
+    t_high: float = Field(1.2, gt=0)
+    t_low: float = Field(0.8, gt=0)
+    prompt_frac: float = Field(0.25, gt=0, le=1)
+    max_samples: int = Field(60, gt=0)      # reinforce_sample_num
+    adv_threshold: float = 0.05
+
+
+class ReplayConfig(Section):
+    """SPEAR self-imitation (algorithms.md §13.4): a buffer of successful trajectories replayed with
+    a recalibrated advantage and a loss weight that rises on a cosine schedule."""
+    enabled: bool = False
+    capacity: int = Field(2048, gt=0)
+    adv_threshold: float = 1.0              # store trajectories whose advantage is at least this
+    max_age: int = Field(10, gt=0)          # steps an entry may stay
+    baseline: Literal["percentile", "decay"] = "percentile"
+    percentile: float = Field(50.0, ge=0, le=100)
+    reward_window: int = Field(10240, gt=0)  # recent rewards the percentile baseline is taken over
+    decay: float = Field(1.0, gt=0, le=1)   # baseline "decay": stored advantage x decay^age
+    batch_size: int = Field(16, gt=0)       # replayed trajectories per step (UNVERIFIED: our choice)
+    loss_coef: float = Field(1.0, ge=0)     # gamma reaches this ...
+    warmup_steps: int = Field(200, gt=0)    # ... over this many steps (cosine)
+
+
+class FlawedPositiveConfig(Section):
+    """FAPO (algorithms.md §13.5): R <- R - penalty for correct rollouts a detector flags as flawed."""
+    enabled: bool = False
+    penalty: float = 1.0
+    detector: str = "rule"                  # rule | module:callable (prompt, completion, answer) -> step or -1
+
+
 class AlgoConfig(Section):
     advantage: str = "grpo"
     advantage_params: dict[str, Any] = Field(default_factory=dict)
@@ -89,6 +144,8 @@ class AlgoConfig(Section):
     loss_params: dict[str, Any] = Field(default_factory=dict)
     token_selector: str | None = None   # e.g. forking_tokens: train only on the selected tokens
     token_selector_params: dict[str, Any] = Field(default_factory=dict)
+    sample_selector: str | None = None  # e.g. d3s_samples: train only on the selected rows of each group
+    sample_selector_params: dict[str, Any] = Field(default_factory=dict)
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     agg_const: float | None = None      # Dr. GRPO's C; default rollout.max_new_tokens
     kl_coef: float = Field(0.0, ge=0)   # 0: no reference model is loaded
@@ -96,31 +153,34 @@ class AlgoConfig(Section):
     entropy_coef: float = 0.0
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
+    entropy_target: EntropyTargetConfig = Field(default_factory=EntropyTargetConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    flawed_positive: FlawedPositiveConfig = Field(default_factory=FlawedPositiveConfig)
 
-    @field_validator("advantage", "loss", "token_selector")
+    @field_validator("advantage", "loss", "token_selector", "sample_selector")
     @classmethod
     def _registered(cls, v, info):
-        from forkrl.algos import ADVANTAGES, LOSSES, TOKEN_SELECTORS
-        registry = {"advantage": ADVANTAGES, "loss": LOSSES, "token_selector": TOKEN_SELECTORS}[info.field_name]
+        from forkrl.algos import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS
+        registry = {"advantage": ADVANTAGES, "loss": LOSSES, "token_selector": TOKEN_SELECTORS,
+                    "sample_selector": SELECTORS}[info.field_name]
         if v is not None and v not in registry:
             raise ValueError(f"unknown {registry.kind} {v!r}; allowed: {sorted(registry)}")
         return v
 
     @model_validator(mode="after")
     def _params_match_signatures(self):
-        import inspect
-
-        from forkrl.algos import ADVANTAGES, LOSSES, TOKEN_SELECTORS
-        checks = [("advantage_params", ADVANTAGES[self.advantage], self.advantage_params, set()),
-                  ("loss_params", LOSSES[self.loss], self.loss_params, {"entropy", "agg", "norm"})]
-        if self.token_selector:
-            checks.append(("token_selector_params", TOKEN_SELECTORS[self.token_selector],
-                           self.token_selector_params, set()))
-        elif self.token_selector_params:
-            raise ValueError("algo.token_selector_params is set but algo.token_selector is not")
-        for kind, fn, params, reserved in checks:
-            allowed = [p.name for p in inspect.signature(fn).parameters.values()
-                       if p.kind == p.KEYWORD_ONLY and p.name not in reserved]
+        from forkrl.algos import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS, hyperparameters
+        checks = [("advantage_params", ADVANTAGES[self.advantage], self.advantage_params),
+                  ("loss_params", LOSSES[self.loss], self.loss_params)]
+        for kind, registry in (("token_selector", TOKEN_SELECTORS), ("sample_selector", SELECTORS)):
+            name, params = getattr(self, kind), getattr(self, f"{kind}_params")
+            if name:
+                checks.append((f"{kind}_params", registry[name], params))
+            elif params:
+                raise ValueError(f"algo.{kind}_params is set but algo.{kind} is not")
+        for kind, fn, params in checks:
+            allowed = hyperparameters(fn)
             for key in params:
                 if key not in allowed:
                     raise ValueError(f"algo.{kind}.{key} is not a parameter of {fn.registered_name!r}; "

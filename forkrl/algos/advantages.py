@@ -77,3 +77,113 @@ def rloo(rewards: Tensor, group_ids: Tensor, mask: Tensor) -> tuple[Tensor, dict
     r = rewards.double()
     adv = torch.where(count > 1, (r - mean) * count / (count - 1).clamp(min=1), r)
     return _broadcast(adv, mask), _metrics(adv, std)
+
+
+@register_advantage("hapo")
+def hapo(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, eps: float = 1e-6, fallback_abs: float = 5.0
+         ) -> tuple[Tensor, dict]:
+    """HAPO token-level group average (Liu et al., 2025, arXiv 2509.16591; algorithms.md §7 b step 2):
+    the group's mean and population std of the reward are taken over all valid tokens of the group
+    (a response's reward counted once per token),
+        mu_tok = sum_i n_i R_i / sum_i n_i,   sigma_tok = sqrt(sum_i n_i (R_i - mu_tok)^2 / sum_i n_i)
+        A_i    = (R_i - mu_tok) / (sigma_tok + eps)
+    and a group where any |A_i| >= fallback_abs (5) falls back to GRPO's advantages.
+    """
+    r = rewards.double()
+    n = mask.double().sum(-1)
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    G = int(inverse.max()) + 1 if inverse.numel() else 0
+    tok = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, n).clamp(min=1)
+    mu = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, n * r) / tok
+    var = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, n * (r - mu[inverse]) ** 2) / tok
+    adv = (r - mu[inverse]) / (var.sqrt()[inverse] + eps)
+    grpo_adv, _ = grpo(rewards, group_ids, mask, eps=eps)
+    bad = torch.zeros(G, dtype=torch.bool).index_put_((inverse,), adv.abs() >= fallback_abs, accumulate=True)
+    fallback = bad[inverse]
+    out = torch.where(fallback.unsqueeze(-1), grpo_adv.double(), _broadcast(adv, mask).double()).float()
+    mean, std, _ = _group_stats(rewards, group_ids)
+    metrics = _metrics(adv, std)
+    metrics["adv/hapo_fallback_groups_frac"] = float(bad.double().mean()) if G else 0.0
+    return out, metrics
+
+
+def _base_advantage(name: str, rewards: Tensor, group_ids: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+    if name not in ("grpo", "drgrpo", "rloo", "hapo"):
+        raise ValueError(f"base advantage must be one of grpo, drgrpo, rloo, hapo; got {name!r}")
+    return {"grpo": grpo, "drgrpo": drgrpo, "rloo": rloo, "hapo": hapo}[name](rewards, group_ids, mask)
+
+
+def _turn_spans(mask: Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) spans of its assistant turns (maximal runs of mask 1)."""
+    spans = []
+    for row in (mask > 0).tolist():
+        out, start = [], None
+        for t, on in enumerate(row + [False]):
+            if on and start is None:
+                start = t
+            elif not on and start is not None:
+                out.append((start, t))
+                start = None
+        spans.append(out)
+    return spans
+
+
+@register_advantage("empg")
+def empg(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, base: str = "grpo",
+         k: float = 1.0, k_future: float = 1.0, zeta: float = 0.1, normalize: bool = True
+         ) -> tuple[Tensor, dict]:
+    """EMPG, Entropy-Modulated Policy Gradients (arXiv 2509.09265; algorithms.md §13.2, §25). A step is
+    one assistant turn; H_s its mean token entropy at sampling time.
+        H^_s = (H_s - min H) / (max H - min H + 1e-8)                (min, max over the batch's steps)
+        g_s  = exp(-k H^_s) / mean_batch exp(-k H^)                 (batch mean of g is 1)
+        f_s  = exp(-k_future H^_s)
+        A'   = g_s A_i + zeta f_{s+1}                               (f of the next step; 0 after the last)
+    then (normalize=True) A' is standardised over the batch's generated tokens. UNVERIFIED parts, our
+    choices: the last step gets no bonus, and the final normalisation is a token-level z-score.
+    A confident step of a failed trajectory gets g > 1 and so a larger penalty (§25).
+    """
+    base_adv, metrics = _base_advantage(base, rewards, group_ids, mask)
+    seq_adv = base_adv.double().sum(-1) / mask.double().sum(-1).clamp(min=1)
+    spans = _turn_spans(mask)
+    ent = entropy.double()
+    step_h = [[float(ent[b, s:e].mean()) for s, e in row] for b, row in enumerate(spans)]
+    flat = torch.tensor([h for row in step_h for h in row], dtype=torch.float64)
+    out = torch.zeros_like(mask, dtype=torch.float64)
+    if flat.numel():
+        lo, hi = flat.min(), flat.max()
+        norm_h = (flat - lo) / (hi - lo + 1e-8)
+        g_all = torch.exp(-k * norm_h)
+        g_all = g_all / g_all.mean()
+        f_all = torch.exp(-k_future * norm_h)
+        i = 0
+        for b, row in enumerate(spans):
+            for j, (s, e) in enumerate(row):
+                bonus = float(f_all[i + 1]) if j + 1 < len(row) else 0.0
+                out[b, s:e] = float(g_all[i]) * float(seq_adv[b]) + zeta * bonus
+                i += 1
+        valid = mask > 0
+        if normalize and int(valid.sum()) > 1:
+            v = out[valid]
+            out = torch.where(valid, (out - v.mean()) / (v.std() + 1e-8), out)
+        metrics["adv/empg_g_min"] = float(g_all.min())
+        metrics["adv/empg_g_max"] = float(g_all.max())
+    return (out * mask).float(), metrics
+
+
+@register_advantage("aepo")
+def aepo(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, base: str = "grpo",
+         alpha: float = 0.1) -> tuple[Tensor, dict]:
+    """AEPO entropy-aware advantage (arXiv 2510.14545; algorithms.md §3 b step 4, UNVERIFIED):
+        A^_{i,t} = A_i (1 + alpha z_{i,t}),  z = sampling-time token entropy standardised over the batch's
+    generated tokens. Our choices: the batch z-score and alpha = 0.1 (the sign of A survives |z| < 10).
+    """
+    base_adv, metrics = _base_advantage(base, rewards, group_ids, mask)
+    valid = mask > 0
+    e = entropy.double()
+    if int(valid.sum()) > 1:
+        v = e[valid]
+        z = (e - v.mean()) / (v.std() if v.std() > 0 else 1.0)
+    else:
+        z = torch.zeros_like(e)
+    out = base_adv.double() * (1 + alpha * z) * mask
+    return out.float(), metrics

@@ -1,10 +1,12 @@
 """Policy losses, loss aggregation and KL estimators (algorithms.md §0-1).
 
 A loss has the signature
-    fn(logp, old_logp, adv, mask, *, entropy=None, agg="token-mean", norm=AggNorm(), **params)
+    fn(logp, old_logp, adv, mask, *, entropy=None, agg="token-mean", norm=AggNorm(), weight=None, **params)
         -> (scalar loss, metrics)
 with [B, T] tensors over response tokens. `norm` carries the normalisers of the whole mini-batch,
-so that micro-batch losses summed under gradient accumulation equal the mini-batch loss exactly.
+so that micro-batch losses summed under gradient accumulation equal the mini-batch loss exactly;
+`weight` (detached, e.g. truncated importance weights) multiplies each token's loss before
+aggregation, leaving the normalisers alone.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ class AggNorm:
     const: float | None = None
 
 
-def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, norm: AggNorm | None = None) -> Tensor:
+def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, norm: AggNorm | None = None,
+             weight: Tensor | None = None) -> Tensor:
     """Aggregate a [B, T] per-token loss (algorithms.md §0, verl `agg_loss`):
       token-mean:              sum_{i,t} l / sum_{i,t} m
       seq-mean-token-mean:     (1/B) sum_i (sum_t l_i / |o_i|)          (original GRPO)
@@ -40,7 +43,7 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, norm: AggNorm | None = N
     """
     norm = norm or AggNorm()
     m = mask.to(loss_mat.dtype)
-    masked = loss_mat * m
+    masked = loss_mat * m if weight is None else loss_mat * m * weight.detach()
     if mode == "token-mean":
         denom = norm.tokens if norm.tokens is not None else m.sum().clamp(min=1)
         return masked.sum() / denom
@@ -85,23 +88,46 @@ def _masked_frac(cond: Tensor, mask: Tensor) -> float:
     return float((cond & m).sum()) / max(int(m.sum()), 1)
 
 
-def clipped_surrogate(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float, clip_high: float
-                      ) -> tuple[Tensor, dict]:
+def clipped_surrogate(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float | Tensor,
+                      clip_high: float | Tensor) -> tuple[Tensor, dict]:
     """Per-token negative clipped surrogate, -S(eps_lo, eps_hi) of algorithms.md §0:
         l = max(-r A, -clip(r, 1 - clip_low, 1 + clip_high) A)
-    with the shares of tokens whose gradient the low and high bounds cut off."""
-    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    with the shares of tokens whose gradient the low and high bounds cut off. The epsilons may be
+    per-token tensors (HAPO's and BAPO's adaptive bounds)."""
+    lo = 1 - clip_low if isinstance(clip_low, Tensor) else torch.full_like(ratio, 1 - clip_low)
+    hi = 1 + clip_high if isinstance(clip_high, Tensor) else torch.full_like(ratio, 1 + clip_high)
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, lo, hi))
     metrics = {
-        "clip/low_frac": _masked_frac((adv < 0) & (ratio < 1 - clip_low), mask),
-        "clip/high_frac": _masked_frac((adv > 0) & (ratio > 1 + clip_high), mask),
+        "clip/low_frac": _masked_frac((adv < 0) & (ratio < lo), mask),
+        "clip/high_frac": _masked_frac((adv > 0) & (ratio > hi), mask),
     }
     return loss, metrics
 
 
+def dual_clip(loss_mat: Tensor, adv: Tensor, mask: Tensor, clip_c: float | None, metrics: dict) -> Tensor:
+    """Dual clip (Ye et al., 2020; verl; algorithms.md §0): for A < 0 cap the token loss at -clip_c A,
+    so a negative token whose ratio has grown huge cannot dominate. None: no dual clip."""
+    if clip_c is None:
+        return loss_mat
+    if clip_c <= 1.0:
+        raise ValueError(f"clip_c must be > 1 (dual clip lower bound), got {clip_c}")
+    cap = -adv * clip_c
+    metrics["clip/dual_frac"] = _masked_frac((adv < 0) & (loss_mat > cap), mask)
+    return torch.where(adv < 0, torch.minimum(loss_mat, cap), loss_mat)
+
+
+def ratio_metrics(log_ratio: Tensor, mask: Tensor) -> dict:
+    m = mask.bool()
+    if not m.any():
+        return {"ppo_kl": 0.0, "ratio/mean": 1.0}
+    lr = log_ratio.detach()[m]
+    return {"ppo_kl": float((-lr).mean()), "ratio/mean": float(lr.exp().mean())}
+
+
 @register_loss("ppo_clip")
 def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
-             agg: str = "token-mean", norm: AggNorm | None = None, clip_low: float = 0.2,
-             clip_high: float = 0.2, clip_c: float | None = None) -> tuple[Tensor, dict]:
+             agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
+             clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float | None = None) -> tuple[Tensor, dict]:
     """PPO clipped surrogate (Schulman et al., 2017) as used by GRPO/DAPO (algorithms.md §0, §1.1-1.2):
         r = exp(logp - old_logp)
         l = max(-r A, -clip(r, 1 - clip_low, 1 + clip_high) A)
@@ -111,24 +137,15 @@ def ppo_clip(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entro
     log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
     ratio = torch.exp(log_ratio)
     clipped, metrics = clipped_surrogate(ratio, adv, mask, clip_low, clip_high)
-    if clip_c is not None:
-        if clip_c <= 1.0:
-            raise ValueError(f"clip_c must be > 1 (dual clip lower bound), got {clip_c}")
-        loss3 = -adv * clip_c
-        dual = torch.minimum(clipped, loss3)
-        metrics["clip/dual_frac"] = _masked_frac((adv < 0) & (clipped > loss3), mask)
-        clipped = torch.where(adv < 0, dual, clipped)
-    m = mask.bool()
-    with torch.no_grad():
-        metrics["ppo_kl"] = float((-log_ratio)[m].mean()) if m.any() else 0.0
-        metrics["ratio/mean"] = float(ratio[m].mean()) if m.any() else 1.0
-    return agg_loss(clipped, mask, agg, norm), metrics
+    clipped = dual_clip(clipped, adv, mask, clip_c, metrics)
+    metrics.update(ratio_metrics(log_ratio, mask))
+    return agg_loss(clipped, mask, agg, norm, weight), metrics
 
 
 @register_loss("gspo")
 def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
-         agg: str = "seq-mean-token-mean", norm: AggNorm | None = None, clip_low: float = 3e-4,
-         clip_high: float = 4e-4) -> tuple[Tensor, dict]:
+         agg: str = "seq-mean-token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
+         clip_low: float = 3e-4, clip_high: float = 4e-4) -> tuple[Tensor, dict]:
     """GSPO-token (Zheng et al., 2025, arXiv 2507.18071; algorithms.md §1.4):
         log s_i   = (1/|o_i|) sum_t (logp - old_logp)                  (sequence ratio, geometric mean)
         s_{i,t}   = sg[s_i] * pi(o_t) / sg[pi(o_t)]                     (value s_i, own token's gradient)
@@ -142,4 +159,4 @@ def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
     s = torch.exp(torch.clamp(log_s, max=10.0))
     loss_mat, metrics = clipped_surrogate(s, adv, mask, clip_low, clip_high)
     metrics["ppo_kl"] = float(-seq_log_ratio.detach().mean())
-    return agg_loss(loss_mat, mask, "seq-mean-token-mean", norm), metrics
+    return agg_loss(loss_mat, mask, "seq-mean-token-mean", norm, weight), metrics

@@ -68,6 +68,8 @@ class Trajectory:
     finish: str = "eos"
     text: str = ""
     sample: Any = None  # the task Sample this trajectory answers
+    advantage: float | None = None  # set: train with this advantage instead of the estimator's
+    source: str = "policy"          # policy | replay (self-imitation rows, their own loss term)
 
     @property
     def num_generated(self) -> int:

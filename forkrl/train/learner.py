@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from forkrl.algos import ADVANTAGES, LOSSES, TOKEN_SELECTORS, agg_loss, kl_penalty
+from forkrl.algos import (ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS, BatchContext, agg_loss, call, kl_penalty,
+                          per_turn_index)
+from forkrl.algos.correction import rollout_correction_weights
 from forkrl.algos.losses import AggNorm
 from forkrl.models.loader import cache_kwarg
 from forkrl.rollout.types import Trajectory
@@ -35,6 +37,8 @@ class PackedBatch:
     sampling_entropy: Tensor # [B, L] entropy at sampling time (0 where loss_mask is 0)
     rewards: Tensor          # [B]
     group_ids: Tensor        # [B]
+    fixed_adv: Tensor        # [B] advantage set on the trajectory (nan: use the estimator's)
+    replay: Tensor           # [B] bool: self-imitation rows (their own loss term)
     train_mask: Tensor | None = None  # [B, L] tokens the loss counts: loss_mask narrowed by a token selector
 
     def __post_init__(self):
@@ -54,7 +58,7 @@ class PackedBatch:
         return PackedBatch(self.prompt_ids[used, -tp:], pm[:, -tp:], prompt_index, self.resp_ids[idx, :L],
                            self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L],
                            self.sampling_entropy[idx, :L], self.rewards[idx], self.group_ids[idx],
-                           self.train_mask[idx, :L])
+                           self.fixed_adv[idx], self.replay[idx], self.train_mask[idx, :L])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
@@ -88,7 +92,9 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
         prompt_ids, prompt_mask, torch.tensor([prompts[tuple(t.prompt_ids)] for t in trajectories]),
         resp_ids, resp_mask, loss_mask, logp, entropy,
         torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
-        torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long))
+        torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long),
+        torch.tensor([math.nan if t.advantage is None else t.advantage for t in trajectories], dtype=torch.float32),
+        torch.tensor([t.source == "replay" for t in trajectories], dtype=torch.bool))
 
 
 def _decoder_and_head(model):
@@ -178,7 +184,13 @@ def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: i
 
 
 class Learner:
-    """Turns scored trajectories into optimizer steps (PPO epochs x mini-batches x micro-batches)."""
+    """Turns scored trajectories into optimizer steps (PPO epochs x mini-batches x micro-batches).
+
+    Stages, in order, on the packed batch: advantages (trajectories may carry a fixed one), sample
+    selection, token selection, old/reference log-probs, the loss's batch statistics (`prepare`),
+    then per micro-batch the loss, times rollout-correction weights, plus KL and entropy terms.
+    Replay rows (self-imitation) form a second loss term with its own normaliser and coefficient.
+    """
 
     def __init__(self, model, optimizer, scheduler, cfg, *, ref_model=None, pad_id: int = 0,
                  temperature: float = 1.0, max_new_tokens: int = 128, seed: int = 0):
@@ -189,9 +201,13 @@ class Learner:
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.seed = seed
-        self.advantage_fn = ADVANTAGES.get(cfg.algo.advantage)
-        self.loss_fn = LOSSES.get(cfg.algo.loss)
-        self.token_selector = TOKEN_SELECTORS.get(cfg.algo.token_selector) if cfg.algo.token_selector else None
+        a = cfg.algo
+        self.advantage_fn = ADVANTAGES.get(a.advantage)
+        self.loss_fn = LOSSES.get(a.loss)
+        self.token_selector = TOKEN_SELECTORS.get(a.token_selector) if a.token_selector else None
+        self.sample_selector = SELECTORS.get(a.sample_selector) if a.sample_selector else None
+        self.state: dict = {}  # the loss's state across steps (e.g. EPO's per-turn entropy history); checkpointed
+        self.last_entropy_stats: dict = {}  # sampling-entropy statistics of the last batch (HAPO's sampler)
 
     def _logprobs(self, model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         t = self.cfg.train
@@ -208,15 +224,40 @@ class Learner:
             full[idx, :lp.shape[1]] = lp
         return full
 
-    def update(self, trajectories: list[Trajectory], step: int) -> dict[str, float]:
-        cfg, t = self.cfg, self.cfg.train
-        batch = pack(trajectories, self.pad_id)
-        adv, adv_metrics = self.advantage_fn(batch.rewards, batch.group_ids, batch.loss_mask, **cfg.algo.advantage_params)
+    def progress(self, step: int) -> float:
+        return (step - 1) / max(self.cfg.train.steps, 1)
+
+    def advantages(self, batch: PackedBatch, progress: float) -> tuple[PackedBatch, Tensor, dict]:
+        """Advantages, then sample selection (which may drop rows) and token selection."""
+        a = self.cfg.algo
+        adv, metrics = call(self.advantage_fn, batch.rewards, batch.group_ids, batch.loss_mask,
+                            available={"entropy": batch.sampling_entropy}, params=a.advantage_params)
+        fixed = ~torch.isnan(batch.fixed_adv)
+        if fixed.any():
+            adv = torch.where(fixed.unsqueeze(-1), batch.fixed_adv.unsqueeze(-1) * batch.loss_mask, adv)
+        if self.sample_selector is not None:
+            seq_adv = (adv * batch.loss_mask).sum(-1) / batch.loss_mask.sum(-1).clamp(min=1)
+            keep = call(self.sample_selector, seq_adv, batch.group_ids, available={"progress": progress},
+                        params=a.sample_selector_params)
+            keep = keep | batch.replay  # replayed rows are chosen by the replay buffer, not here
+            metrics["train/selected_sample_frac"] = float(keep.float().mean())
+            idx = keep.nonzero().flatten()
+            batch = batch.select(idx)
+            adv = adv[idx, :batch.resp_ids.shape[1]]
         if self.token_selector is not None:
             # selection over the whole rollout batch, on the sampling-time entropies: the entropies of
             # the policy before this update (what the training forward of the first update computes)
-            keep = self.token_selector(batch.sampling_entropy, batch.loss_mask, **cfg.algo.token_selector_params)
+            keep = call(self.token_selector, batch.sampling_entropy, batch.loss_mask,
+                        available={"adv": adv, "progress": progress}, params=a.token_selector_params)
             batch.train_mask = batch.loss_mask * keep.to(batch.loss_mask.dtype)
+        return batch, adv, metrics
+
+    def update(self, trajectories: list[Trajectory], step: int, replay_coef: float = 1.0) -> dict[str, float]:
+        cfg, t, a = self.cfg, self.cfg.train, self.cfg.algo
+        progress = self.progress(step)
+        batch = pack(trajectories, self.pad_id)
+        batch, adv, adv_metrics = self.advantages(batch, progress)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         updates_per_batch = t.epochs * t.mini_batches
         if t.old_logprobs == "sampling":
             old_logp = batch.sampling_logp
@@ -224,7 +265,21 @@ class Learner:
             old_logp = self._no_grad_logprobs(self.model, batch)
         else:
             old_logp = None  # one update: the policy before it is the policy in its own forward
-        ref_logp = self._no_grad_logprobs(self.ref_model, batch) if cfg.algo.kl_coef > 0 else None
+        ref_logp = self._no_grad_logprobs(self.ref_model, batch) if a.kl_coef > 0 else None
+        turn = per_turn_index(batch.loss_mask)
+        self.last_entropy_stats = {"entropy": batch.sampling_entropy, "mask": batch.loss_mask}
+
+        stats: dict = {}
+        prepare = getattr(self.loss_fn, "prepare", None)
+        if prepare is not None:
+            ctx = BatchContext(old_logp=batch.sampling_logp if old_logp is None else old_logp, adv=adv,
+                               mask=batch.train_mask, entropy=batch.sampling_entropy, turn=turn, progress=progress,
+                               state=self.state, generator=gen)
+            stats, self.state = prepare(ctx, **a.loss_params)
+        B = len(batch)
+
+        def rows(value, micro, L):
+            return value[micro, :L] if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] == B else value
 
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
@@ -233,43 +288,62 @@ class Learner:
             sums[name] = sums.get(name, 0.0) + float(value) * w
             weights[name] = weights.get(name, 0.0) + w
 
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         n_skipped = 0
         grad_norms = []
         for _epoch in range(t.epochs):
-            order = torch.randperm(len(batch), generator=gen) if updates_per_batch > 1 else torch.arange(len(batch))
+            order = torch.randperm(B, generator=gen) if updates_per_batch > 1 else torch.arange(B)
             for mini in torch.tensor_split(order, t.mini_batches):
                 if len(mini) == 0:
                     continue
-                norm = AggNorm(tokens=float(batch.train_mask[mini].sum().clamp(min=1)), seqs=float(len(mini)),
-                               const=float(cfg.algo.agg_const or self.max_new_tokens))
                 finite, mini_loss = True, 0.0
-                for micro in micro_batches(batch, mini, t.micro_batch_size, t.micro_batch_tokens):
-                    sub = batch.select(micro)
-                    L = sub.resp_ids.shape[1]
-                    logp, entropy = self._logprobs(self.model, sub)
-                    mask = sub.train_mask
-                    old = logp.detach() if old_logp is None else old_logp[micro, :L]
-                    loss, m = self.loss_fn(logp, old, adv[micro, :L], mask, entropy=entropy, agg=cfg.algo.agg,
-                                           norm=norm, **cfg.algo.loss_params)
-                    ntok = float(mask.sum())
-                    for k, v in m.items():
-                        add(k, v, ntok)
-                    if ref_logp is not None:
-                        kl = kl_penalty(logp, ref_logp[micro, :L], cfg.algo.kl_estimator)
-                        kl_loss = agg_loss(kl, mask, cfg.algo.agg, norm)
-                        loss = loss + cfg.algo.kl_coef * kl_loss
-                        add("kl", float((kl.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
-                    if cfg.algo.entropy_coef:
-                        loss = loss - cfg.algo.entropy_coef * agg_loss(entropy, mask, cfg.algo.agg, norm)
-                    generated = sub.loss_mask  # every generated token, selected for the loss or not
-                    add("policy/entropy", float((entropy.detach() * generated).sum() / generated.sum().clamp(min=1)),
-                        float(generated.sum()))
-                    mini_loss += float(loss.detach())  # micro losses carry mini-batch normalisers: they sum
-                    if not torch.isfinite(loss):
-                        finite = False
+                # on-policy rows and replayed rows are two loss terms, each normalised over its own tokens
+                for is_replay in (False, True):
+                    part = mini[batch.replay[mini] == is_replay]
+                    if len(part) == 0:
+                        continue
+                    coef = replay_coef if is_replay else 1.0
+                    norm = AggNorm(tokens=float(batch.train_mask[part].sum().clamp(min=1)), seqs=float(len(part)),
+                                   const=float(a.agg_const or self.max_new_tokens))
+                    for micro in micro_batches(batch, part, t.micro_batch_size, t.micro_batch_tokens):
+                        sub = batch.select(micro)
+                        L = sub.resp_ids.shape[1]
+                        logp, entropy = self._logprobs(self.model, sub)
+                        mask = sub.train_mask
+                        old = logp.detach() if old_logp is None else old_logp[micro, :L]
+                        ntok = float(mask.sum())
+                        weight = None
+                        if a.rollout_correction.mode != "none":
+                            rc = a.rollout_correction
+                            weight, rc_metrics = rollout_correction_weights(old, sub.sampling_logp, mask, mode=rc.mode,
+                                                                            cap=rc.cap, low=rc.low)
+                            for k, v in rc_metrics.items():
+                                add(k, v, ntok)
+                        available = {"entropy": entropy, "agg": a.agg, "norm": norm, "weight": weight,
+                                     "stats": {k: rows(v, micro, L) for k, v in stats.items()},
+                                     "turn": turn[micro, :L], "progress": progress}
+                        loss, m = call(self.loss_fn, logp, old, adv[micro, :L], mask, available=available,
+                                       params=a.loss_params)
+                        for k, v in m.items():
+                            add(("replay/" if is_replay else "") + k, v, ntok)
+                        loss = coef * loss
+                        if ref_logp is not None:
+                            kl = kl_penalty(logp, ref_logp[micro, :L], a.kl_estimator)
+                            loss = loss + a.kl_coef * agg_loss(kl, mask, a.agg, norm)
+                            add("kl", float((kl.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
+                        if a.entropy_coef:
+                            loss = loss - a.entropy_coef * agg_loss(entropy, mask, a.agg, norm)
+                        generated = sub.loss_mask  # every generated token, selected for the loss or not
+                        if not is_replay:
+                            add("policy/entropy",
+                                float((entropy.detach() * generated).sum() / generated.sum().clamp(min=1)),
+                                float(generated.sum()))
+                        mini_loss += float(loss.detach())  # micro losses carry mini-batch normalisers: they sum
+                        if not torch.isfinite(loss):
+                            finite = False
+                            break
+                        loss.backward()
+                    if not finite:
                         break
-                    loss.backward()
                 add("loss", mini_loss)
                 if finite:
                     params = [p for p in self.model.parameters() if p.requires_grad]
@@ -291,4 +365,7 @@ class Learner:
         metrics["train/tokens"] = float(batch.train_mask.sum())
         metrics["train/selected_token_frac"] = float(batch.train_mask.sum() / batch.loss_mask.sum().clamp(min=1))
         metrics["train/nonfinite_updates"] = float(n_skipped)
+        if batch.replay.any():
+            metrics["replay/rows"] = float(batch.replay.sum())
+            metrics["replay/coef"] = replay_coef
         return metrics
