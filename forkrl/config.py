@@ -128,6 +128,8 @@ class ReplayConfig(Section):
     batch_size: int = Field(16, gt=0)       # replayed trajectories per step (UNVERIFIED: our choice)
     loss_coef: float = Field(1.0, ge=0)     # gamma reaches this ...
     warmup_steps: int = Field(200, gt=0)    # ... over this many steps (cosine)
+    tool_reward: float = Field(0.0, ge=0)    # intrinsic reward per tool call (SPEAR: 0.1), cosine-decayed ...
+    tool_reward_steps: int = Field(200, gt=0)  # ... to 0 over this many steps (max_toolcall_steps)
 
 
 class FlawedPositiveConfig(Section):
@@ -234,6 +236,16 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     paper: str | None = None                     # the method's paper, for recipes
+
+    @model_validator(mode="after")
+    def _sampling_logprobs_match_the_policy(self):
+        if self.train.old_logprobs == "sampling":
+            for on, what in ((self.algo.entropy_target.enabled, "algo.entropy_target (samples at other temperatures)"),
+                             (self.rollout.adaptive_temperature.enabled, "rollout.adaptive_temperature")):
+                if on:
+                    raise ValueError(f"train.old_logprobs='sampling' cannot be used with {what}: the sampling "
+                                     "log-probs are not the policy's at the training temperature; use 'recompute'")
+        return self
 
 
 def _section_fields(loc: tuple) -> list[str] | None:

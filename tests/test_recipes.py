@@ -9,6 +9,15 @@ from forkrl.train import Trainer
 
 RECIPES = sorted(glob.glob("configs/*.yaml"))
 
+# a metric only the recipe's method writes: proof that the method, not a default, ran
+METHOD_METRIC = {
+    "hapo": "hapo/eps_hi_mean", "steer": "steer/weight_mean", "bapo": "bapo/c_lo", "aepo_loss": "aepo/kept_clipped_frac",
+    "epo": "epo/phase_weight", "empg": "adv/empg_g_max", "d3s": "train/selected_sample_frac",
+    "dart": "rollout_corr/is_mean", "spear": "replay/buffer_size", "fapo": "reward/flawed_positive",
+    "clip_cov": "cov/candidates", "kl_cov": "ppo_kl_abs", "forking_tokens": "train/selected_token_frac",
+    "entropy_target": "policy/entropy",
+}
+
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.split("/")[-1])
 def test_recipe_runs_three_steps_on_tiny_random(path, tmp_path):
@@ -16,8 +25,13 @@ def test_recipe_runs_three_steps_on_tiny_random(path, tmp_path):
         "model.name=tiny-random", f"output_dir={tmp_path}", "train.steps=3", "rollout.prompts_per_step=2",
         "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8", "task.train_size=20", "task.eval_size=4",
         "eval.at_start=false", "eval.every=0", "algo.dynamic_sampling.max_gen_batches=2", "log.progress=false",
-        "log.tensorboard=false", "algo.overlong.buffer=4"])
+        "log.tensorboard=false", "algo.overlong.buffer=4",
+        # a reward the random model's samples differ on, so groups have variance and every step trains
+        'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]', "algo.dynamic_sampling.metric=reward"])
     summary = Trainer(cfg).train()
     assert summary["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3]
+    name = path.split("/")[-1].removesuffix(".yaml")
+    if name in METHOD_METRIC:
+        assert any(METHOD_METRIC[name] in r for r in rows), f"{name}: no {METHOD_METRIC[name]} in the metrics"

@@ -101,7 +101,7 @@ def hapo(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, eps: float = 1e-6,
     bad = torch.zeros(G, dtype=torch.bool).index_put_((inverse,), adv.abs() >= fallback_abs, accumulate=True)
     fallback = bad[inverse]
     out = torch.where(fallback.unsqueeze(-1), grpo_adv.double(), _broadcast(adv, mask).double()).float()
-    mean, std, _ = _group_stats(rewards, group_ids)
+    _, std, _ = _group_stats(rewards, group_ids)
     metrics = _metrics(adv, std)
     metrics["adv/hapo_fallback_groups_frac"] = float(bad.double().mean()) if G else 0.0
     return out, metrics

@@ -26,18 +26,35 @@ class EngineStats:
     seconds: float = 0.0
 
 
+def adapt_temperature(entropy: torch.Tensor, temperature: torch.Tensor, hapo: torch.Tensor) -> torch.Tensor:
+    """HAPO's per-token temperature (algorithms.md §7 b step 1): T' = T (1 + tau clip(h, -1, 1)) with
+    h = z / pos_scale (z > 0) or z / neg_scale, z = (log max(H, 1e-8) - mu) / sigma; `hapo` holds
+    [B, 5] rows (tau, mu, sigma, pos_scale, neg_scale), tau = 0 for rows that do not adapt."""
+    tau, mu, sigma, pos, neg = hapo.unbind(-1)
+    z = (torch.log(entropy.clamp(min=1e-8)) - mu) / sigma
+    h = torch.where(z > 0, z / pos, z / neg).clamp(-1.0, 1.0)
+    return temperature * (1 + tau * h)
+
+
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None, hapo: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row from [B, V] logits.
 
     Returns (token ids, their log-probs, entropies), log-probs and entropies under the full
     distribution softmax(logits / T); rows with T = 0 take the argmax and report T = 1 values.
+    With `hapo` ([B, 5], see `adapt_temperature`) the token is drawn at T' and its log-prob is under
+    T'; the entropy stays the one at T.
     """
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
     logp = torch.log_softmax(logits.float() / t, dim=-1)
     probs = logp.exp()
     entropy = -(probs * logp).sum(-1)
+    if hapo is not None:
+        t = adapt_temperature(entropy, t.squeeze(-1), hapo).unsqueeze(-1)
+        logp = torch.log_softmax(logits.float() / t, dim=-1)
+        probs = logp.exp()
     if bool((top_p < 1).any()):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass strictly before it already reaches top_p
@@ -122,6 +139,10 @@ class TorchEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        hapo = None
+        if any(p.adaptive_temperature for p in params):
+            hapo = torch.tensor([p.adaptive_temperature or (0.0, 0.0, 1.0, 1.0, 1.0) for p in params],
+                                dtype=torch.float32, device=device)
         max_tokens = [p.max_tokens for p in params]
         stops = [p.stop for p in params]
         stop_window = [max((len(s) for s in st), default=0) + 2 for st in stops]
@@ -143,7 +164,7 @@ class TorchEngine:
         finish: list[str | None] = [None] * B
         alive = list(range(B))  # original row index of each live batch row
         while alive:
-            tok, logp, ent = sample_next(logits, temperature, top_p, generator)
+            tok, logp, ent = sample_next(logits, temperature, top_p, generator, hapo)
             self.stats.decode_tokens += len(alive)
             is_eos = torch.isin(tok, eos).tolist()
             tok_l, logp_l, ent_l = tok.tolist(), logp.tolist(), ent.tolist()
@@ -167,6 +188,7 @@ class TorchEngine:
                 cache.batch_select_indices(idx)
                 mask, next_pos, tok = mask[idx], next_pos[idx], tok[idx]
                 temperature, top_p = temperature[idx], top_p[idx]
+                hapo = hapo[idx] if hapo is not None else None
                 alive = [alive[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             hidden = self.decoder(input_ids=tok.unsqueeze(-1), attention_mask=mask,

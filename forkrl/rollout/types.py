@@ -18,6 +18,10 @@ class SamplingParams:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # HAPO adaptive temperature (algorithms.md §7 step 1): (tau, mu, sigma, pos_scale, neg_scale). Each
+    # token is drawn at T' = T (1 + tau clip(h, -1, 1)), h its normalised log-entropy at T under these
+    # statistics; the reported log-prob is under T' (what was sampled), the entropy under T.
+    adaptive_temperature: tuple[float, float, float, float, float] | None = None
 
 
 @dataclass
@@ -69,7 +73,8 @@ class Trajectory:
     text: str = ""
     sample: Any = None  # the task Sample this trajectory answers
     advantage: float | None = None  # set: train with this advantage instead of the estimator's
-    source: str = "policy"          # policy | replay (self-imitation rows, their own loss term)
+    source: str = "policy"          # policy | replay (self-imitation, own loss term) | stats_only (advantage
+                                    # statistics only, not trained)
 
     @property
     def num_generated(self) -> int:

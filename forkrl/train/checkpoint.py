@@ -1,6 +1,7 @@
 """Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG states, data position.
 
-Layout: OUTPUT/checkpoints/step_000010/{weights.safetensors, optimizer.pt, state.json, rng.pt};
+Layout: OUTPUT/checkpoints/step_000010/{weights.safetensors, optimizer.pt, state.json, rng.pt, methods.pt};
+methods.pt holds the methods' state across steps (replay buffer, entropy histories), pickled.
 OUTPUT/checkpoints/latest names the newest complete one (written last, so a crash mid-save leaves
 the previous checkpoint in charge).
 """
@@ -21,7 +22,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
+                    methods: dict | None = None) -> Path:
     root = out_dir / "checkpoints"
     path = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -32,6 +34,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
                tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    torch.save(methods or {}, tmp / "methods.pt")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     (root / "latest").write_text(path.name)
@@ -64,4 +67,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
-    return json.loads((path / "state.json").read_text())
+    state = json.loads((path / "state.json").read_text())
+    methods = path / "methods.pt"
+    state["methods"] = torch.load(methods, weights_only=False) if methods.exists() else {}
+    return state

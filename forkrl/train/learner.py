@@ -39,6 +39,7 @@ class PackedBatch:
     group_ids: Tensor        # [B]
     fixed_adv: Tensor        # [B] advantage set on the trajectory (nan: use the estimator's)
     replay: Tensor           # [B] bool: self-imitation rows (their own loss term)
+    stats_only: Tensor       # [B] bool: rows that count in group statistics but do not train
     train_mask: Tensor | None = None  # [B, L] tokens the loss counts: loss_mask narrowed by a token selector
 
     def __post_init__(self):
@@ -58,7 +59,7 @@ class PackedBatch:
         return PackedBatch(self.prompt_ids[used, -tp:], pm[:, -tp:], prompt_index, self.resp_ids[idx, :L],
                            self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L],
                            self.sampling_entropy[idx, :L], self.rewards[idx], self.group_ids[idx],
-                           self.fixed_adv[idx], self.replay[idx], self.train_mask[idx, :L])
+                           self.fixed_adv[idx], self.replay[idx], self.stats_only[idx], self.train_mask[idx, :L])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
@@ -94,7 +95,8 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
         torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
         torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long),
         torch.tensor([math.nan if t.advantage is None else t.advantage for t in trajectories], dtype=torch.float32),
-        torch.tensor([t.source == "replay" for t in trajectories], dtype=torch.bool))
+        torch.tensor([t.source == "replay" for t in trajectories], dtype=torch.bool),
+        torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool))
 
 
 def _decoder_and_head(model):
@@ -207,7 +209,7 @@ class Learner:
         self.token_selector = TOKEN_SELECTORS.get(a.token_selector) if a.token_selector else None
         self.sample_selector = SELECTORS.get(a.sample_selector) if a.sample_selector else None
         self.state: dict = {}  # the loss's state across steps (e.g. EPO's per-turn entropy history); checkpointed
-        self.last_entropy_stats: dict = {}  # sampling-entropy statistics of the last batch (HAPO's sampler)
+        self.last_seq_adv: list[float] = []  # per input trajectory, its mean advantage (SPEAR's buffer reads it)
 
     def _logprobs(self, model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         t = self.cfg.train
@@ -235,8 +237,14 @@ class Learner:
         fixed = ~torch.isnan(batch.fixed_adv)
         if fixed.any():
             adv = torch.where(fixed.unsqueeze(-1), batch.fixed_adv.unsqueeze(-1) * batch.loss_mask, adv)
+        seq_adv = (adv * batch.loss_mask).sum(-1) / batch.loss_mask.sum(-1).clamp(min=1)
+        self.last_seq_adv = seq_adv.tolist()
+        if batch.stats_only.any():
+            # rows that only shaped their group's statistics (replaced by Arbitrary-Entropy PO samples)
+            idx = (~batch.stats_only).nonzero().flatten()
+            batch, adv, seq_adv = batch.select(idx), adv[idx], seq_adv[idx]
+            adv = adv[:, :batch.resp_ids.shape[1]]
         if self.sample_selector is not None:
-            seq_adv = (adv * batch.loss_mask).sum(-1) / batch.loss_mask.sum(-1).clamp(min=1)
             keep = call(self.sample_selector, seq_adv, batch.group_ids, available={"progress": progress},
                         params=a.sample_selector_params)
             keep = keep | batch.replay  # replayed rows are chosen by the replay buffer, not here
@@ -253,7 +261,7 @@ class Learner:
         return batch, adv, metrics
 
     def update(self, trajectories: list[Trajectory], step: int, replay_coef: float = 1.0) -> dict[str, float]:
-        cfg, t, a = self.cfg, self.cfg.train, self.cfg.algo
+        t, a = self.cfg.train, self.cfg.algo
         progress = self.progress(step)
         batch = pack(trajectories, self.pad_id)
         batch, adv, adv_metrics = self.advantages(batch, progress)
@@ -267,7 +275,6 @@ class Learner:
             old_logp = None  # one update: the policy before it is the policy in its own forward
         ref_logp = self._no_grad_logprobs(self.ref_model, batch) if a.kl_coef > 0 else None
         turn = per_turn_index(batch.loss_mask)
-        self.last_entropy_stats = {"entropy": batch.sampling_entropy, "mask": batch.loss_mask}
 
         stats: dict = {}
         prepare = getattr(self.loss_fn, "prepare", None)

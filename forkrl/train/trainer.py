@@ -7,8 +7,10 @@ that never stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -17,15 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forkrl.algos import SELECTORS
+from forkrl.algos import ADVANTAGES, SELECTORS
+from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.selection import overlong_penalty
 from forkrl.config import RunConfig
 from forkrl.metrics import evaluate, make_sinks
 from forkrl.models import load_policy
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
 from forkrl.tasks import Sample, Task, build_task
+from forkrl.tasks.flaws import load_detector
 from forkrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from forkrl.train.learner import Learner, NonFiniteLoss
+from forkrl.train.replay import ReplayBuffer, cosine_decay, cosine_ramp
 
 log = logging.getLogger("forkrl")
 
@@ -71,6 +76,10 @@ class Trainer:
         self.history: list[dict] = []
         self._stop_requested = False
         self.scoring_seconds = 0.0
+        a = cfg.algo
+        self.replay = ReplayBuffer(a.replay) if a.replay.enabled else None
+        self.flaw_detector = load_detector(a.flawed_positive.detector) if a.flawed_positive.enabled else None
+        self.sampler_stats: dict = {}  # from the last trained batch: HAPO's entropy statistics, its policy entropy
 
     # -- data ----------------------------------------------------------------------------------
     def next_prompts(self, k: int) -> list[Sample]:
@@ -86,10 +95,15 @@ class Trainer:
         return out
 
     # -- rollout and scoring -------------------------------------------------------------------
-    def rollout(self, samples: list[Sample], seed: int, tag: str) -> list[Trajectory]:
+    def rollout(self, samples: list[Sample], seed: int, tag: str, temperature: float | None = None) -> list[Trajectory]:
         r = self.cfg.rollout
-        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
-                                n=r.samples_per_prompt, stop=list(r.stop))
+        adaptive = None
+        if r.adaptive_temperature.enabled and "hapo" in self.sampler_stats:
+            h = self.sampler_stats["hapo"]
+            adaptive = (r.adaptive_temperature.tau, h["mu"], h["sigma"], h["pos_scale"], h["neg_scale"])
+        params = SamplingParams(temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
+                                max_tokens=r.max_new_tokens, n=r.samples_per_prompt, stop=list(r.stop),
+                                adaptive_temperature=adaptive)
         prompt_ids = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
         outs = self.engine.generate([GenerationRequest(p, params) for p in prompt_ids], seed=seed)
         return [Trajectory.from_completion(p, c, group=f"{tag}/{j}:{s.id}", version=self.step_idx, sample=s)
@@ -105,6 +119,20 @@ class Trainer:
             pen = overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, ov.buffer, ov.factor).tolist()
             per_fn["overlong"] = pen
             total = [a + b for a, b in zip(total, pen)]
+        fp = self.cfg.algo.flawed_positive
+        if self.flaw_detector is not None:
+            # FAPO (algorithms.md §13.5): only correct rollouts are checked; a flawed one loses `penalty`
+            pen = [-fp.penalty if c >= 1 and self.flaw_detector(t.sample.prompt, t.text, t.sample.answer) >= 0 else 0.0
+                   for t, c in zip(trajs, correct)]
+            per_fn["flawed_positive"] = pen
+            total = [a + b for a, b in zip(total, pen)]
+        rp = self.cfg.algo.replay
+        if self.replay is not None and rp.tool_reward:
+            # SPEAR's intrinsic tool reward (§13.4 step 2), decayed; a wrong answer's total is capped at 0
+            coef = cosine_decay(self.step_idx, rp.tool_reward_steps, rp.tool_reward)
+            bonus = [coef * len(t.tool_calls) for t in trajs]
+            per_fn["tool_calls"] = bonus
+            total = [a + b if c >= 1 else min(0.0, a + b) for a, b, c in zip(total, bonus, correct)]
         for i, t in enumerate(trajs):
             t.rewards = {k: v[i] for k, v in per_fn.items()}
             t.reward = total[i]
@@ -115,6 +143,42 @@ class Trainer:
         """(trajectories to train on, all generated trajectories, stats) for one step. With DAPO
         dynamic sampling only groups with reward variance train, refilled from further generation
         batches up to `max_gen_batches`."""
+        trajs, generated, stats = self._collect_groups(step)
+        if self.cfg.algo.entropy_target.enabled and trajs:
+            trajs, reg_stats = self._entropy_target_samples(step, trajs)
+            stats.update(reg_stats)
+        return trajs, generated, stats
+
+    def _entropy_target_samples(self, step: int, trajs: list[Trajectory]) -> tuple[list[Trajectory], dict]:
+        """Arbitrary-Entropy PO (algorithms.md §13.3 b): resample a quarter of this step's prompts hotter
+        (entropy below target) or colder, keep the samples whose GRPO advantage exceeds 0.05 with
+        advantage 1, and let them take the place of the first n_reg rows of the batch (which keep
+        shaping their groups' statistics but do not train)."""
+        et = self.cfg.algo.entropy_target
+        entropy = self.sampler_stats.get("policy_entropy")
+        if entropy is None:
+            return trajs, {}  # no update has reported the policy entropy yet
+        below = entropy <= et.target
+        temperature = et.t_high if below else et.t_low
+        samples = list({t.group: t.sample for t in trajs}.values())
+        k = max(1, math.ceil(et.prompt_frac * len(samples)))
+        extra = self.rollout(samples[:k], self._seed(step, 997), f"s{step}reg", temperature=temperature)
+        self.score(extra)
+        groups = {g: i for i, g in enumerate(dict.fromkeys(t.group for t in extra))}
+        gid = torch.tensor([groups[t.group] for t in extra])
+        rewards = torch.tensor([t.reward for t in extra])
+        adv, _ = ADVANTAGES["grpo"](rewards, gid, torch.ones(len(extra), 1))
+        kept = [t for t, a in zip(extra, adv[:, 0].tolist()) if a > et.adv_threshold]
+        n_reg = min(et.max_samples, len(kept), len(trajs))
+        if not below:
+            n_reg //= 2
+        for t in kept[:n_reg]:
+            t.advantage = 1.0
+        out = [dataclasses.replace(t, source="stats_only") for t in trajs[:n_reg]] + kept[:n_reg] + trajs[n_reg:]
+        return out, {"entropy_target/temperature": temperature, "entropy_target/rows": float(n_reg),
+                     "entropy_target/kept": float(len(kept))}
+
+    def _collect_groups(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict]:
         r, ds = self.cfg.rollout, self.cfg.algo.dynamic_sampling
         if not ds.enabled:
             trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}")
@@ -169,8 +233,17 @@ class Trainer:
         for name in generated[0].rewards:
             metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
         t1 = time.perf_counter()
+        replay_coef, replayed = 1.0, []
+        if self.replay is not None:
+            replayed, replay_stats = self.replay.sample(step, self._seed(step, 991))
+            metrics.update(replay_stats)
+            replay_coef = cosine_ramp(step, self.cfg.algo.replay.warmup_steps, self.cfg.algo.replay.loss_coef)
         if trajs:
-            metrics.update(self.learner.update(trajs, step))
+            on_policy = list(trajs)
+            metrics.update(self.learner.update(trajs + replayed, step, replay_coef=replay_coef))
+            if self.replay is not None:
+                metrics["replay/added"] = float(self.replay.add(step, on_policy, self.learner.last_seq_adv[:len(on_policy)]))
+            self._update_sampler_stats(trajs, metrics)
         else:
             log.warning("step %d: no trajectories to train on; weights unchanged", step)
         t_learn = time.perf_counter() - t1
@@ -190,6 +263,19 @@ class Trainer:
         self.step_idx = step
         return metrics
 
+    def _update_sampler_stats(self, trajs: list[Trajectory], metrics: dict) -> None:
+        """What the next rollout needs from this update: HAPO's entropy statistics of the batch just
+        trained on (algorithms.md §7 step 1) and the policy entropy it reported (§13.3)."""
+        if "policy/entropy" in metrics:
+            self.sampler_stats["policy_entropy"] = float(metrics["policy/entropy"])
+        at = self.cfg.rollout.adaptive_temperature
+        if at.enabled:
+            ent = [e for t in trajs if t.source == "policy" for e, m in zip(t.entropies, t.loss_mask) if m]
+            if ent:
+                x = torch.tensor(ent)
+                self.sampler_stats["hapo"] = hapo_entropy_stats(x, torch.ones_like(x), at.pivot)
+                metrics["rollout/adaptive_temperature"] = 1.0
+
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict:
         e, r = self.cfg.eval, self.cfg.rollout
@@ -203,7 +289,10 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"data_pos": self.data_pos, "nonfinite_streak": self.nonfinite_streak}
-        return save_checkpoint(self.out, self.step_idx, self.model, self.optimizer, self.scheduler, state)
+        methods = {"learner": self.learner.state, "sampler": self.sampler_stats,
+                   "replay": self.replay.state_dict() if self.replay is not None else None}
+        return save_checkpoint(self.out, self.step_idx, self.model, self.optimizer, self.scheduler, state,
+                               methods=methods)
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.out)
@@ -212,6 +301,11 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step_idx, self.data_pos = state["step"], state["data_pos"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        methods = state.get("methods", {})
+        self.learner.state = methods.get("learner", {})
+        self.sampler_stats = methods.get("sampler", {})
+        if self.replay is not None and methods.get("replay"):
+            self.replay.load_state_dict(methods["replay"])
         log.info("resumed from %s (step %d)", path, self.step_idx)
         return True
 
