@@ -49,16 +49,32 @@ def test_grpo_raises_a_learnable_reward(tmp_path):
     assert last > first + 0.2, " ".join(f"{r:.2f}" for r in rewards)
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
-    straight = _cfg(tmp_path, "straight", train={"steps": 4, "checkpoint_every": 2, "mini_batches": 2},
-                    algo={"kl_coef": 0.01})
+STATEFUL = {  # methods whose state crosses steps: EPO's entropy history, SPEAR's buffer, HAPO's sampler
+    "algo": {"kl_coef": 0.01, "loss": "epo", "replay": {"enabled": True, "adv_threshold": 0.5, "warmup_steps": 2}},
+    "rollout": {"adaptive_temperature": {"enabled": True}},
+}
+
+
+@pytest.mark.parametrize("sections", [{"algo": {"kl_coef": 0.01}}, STATEFUL], ids=["grpo_kl", "stateful_methods"])
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, sections):
+    straight = _cfg(tmp_path, "straight", train={"steps": 4, "checkpoint_every": 2, "mini_batches": 2}, **sections)
     Trainer(straight).train()
-    stopped = _cfg(tmp_path, "resumed", train={"steps": 2, "checkpoint_every": 2, "mini_batches": 2},
-                   algo={"kl_coef": 0.01})
-    Trainer(stopped).train()
-    resumed = stopped.model_copy(update={"train": stopped.train.model_copy(update={"steps": 4})})
-    Trainer(resumed).train(resume=True)
-    a, b = _rows(straight), _rows(resumed)
+    # the same run, stopped after step 2 as Ctrl-C stops it (checkpoint, then KeyboardInterrupt) ...
+    stopped = _cfg(tmp_path, "resumed", train={"steps": 4, "checkpoint_every": 2, "mini_batches": 2}, **sections)
+    first = Trainer(stopped)
+    step = first.step
+
+    def step_then_stop():
+        metrics = step()
+        first._stop_requested = first.step_idx == 2
+        return metrics
+
+    first.step = step_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    # ... and resumed by a fresh process
+    Trainer(stopped).train(resume=True)
+    a, b = _rows(straight), _rows(stopped)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b
 

@@ -1,0 +1,150 @@
+"""Trainer-level methods: FAPO's flaw detectors, SPEAR's replay buffer, Arbitrary-Entropy PO's samples,
+and the learner rows they add (fixed advantages, replay terms, statistics-only rows)."""
+import json
+
+import pytest
+import torch
+
+from forkrl.config import ReplayConfig, build_config
+from forkrl.rollout.types import Trajectory
+from forkrl.tasks.flaws import GenerativeFlawDetector, eval_arithmetic, rule_based_flaws, split_steps
+from forkrl.train import Trainer
+from forkrl.train.replay import ReplayBuffer, cosine_decay, cosine_ramp
+from tests.test_trainer import _cfg, _rows
+
+
+# -- FAPO (§13.5) -------------------------------------------------------------------------------
+
+def test_rule_detector_finds_the_first_false_claim():
+    assert rule_based_flaws("", "3 + 4 = 8\nSo the answer is 7.") == 0
+    assert rule_based_flaws("", "First, 2 * 3 = 6. Then 6 + 1 = 8. So 7.") == 1
+    assert rule_based_flaws("", "3 + 4 = 7\nThe answer is 7.") == -1
+    assert rule_based_flaws("", "<answer>7</answer>\nOr maybe <answer>8</answer>") == 1
+    assert rule_based_flaws("", "12 x 3 = 36 and 10 / 4 = 2.5") == -1
+
+
+def test_arithmetic_is_evaluated_without_eval():
+    assert eval_arithmetic("(2 + 3) * 4") == 20.0
+    assert eval_arithmetic("__import__('os').system('true')") is None
+    assert eval_arithmetic("1 / 0") is None
+    assert eval_arithmetic("9 ** 9 ** 9") is None  # not an allowed operator
+
+
+def test_generative_detector_builds_the_prompt_and_parses_the_step():
+    seen = []
+
+    def generate(prompts):
+        seen.extend(prompts)
+        return ["The error is in step 1", "no errors: -1", "I am not sure"]
+
+    det = GenerativeFlawDetector(generate)
+    completion = "3 + 4 = 8\nSo 7."
+    out = det.batch(["What is 3+4?"] * 3, [completion] * 3, ["7"] * 3)
+    assert out == [1, -1, -1]
+    assert "0. 3 + 4 = 8" in seen[0] and "Reference answer: 7" in seen[0]
+    assert split_steps(completion) == ["3 + 4 = 8", "So 7."]
+
+
+def test_fapo_penalises_only_correct_flawed_rollouts(tmp_path):
+    cfg = _cfg(tmp_path, task={"rewards": [{"name": "correct"}]},
+               algo={"flawed_positive": {"enabled": True, "penalty": 1.0}})
+    trainer = Trainer(cfg)
+    sample = trainer.task.train[0]
+    sample.answer = "7"
+    texts = ["3 + 4 = 8\nSo 7", "3 + 4 = 7\nSo 7", "3 + 4 = 8\nSo 8"]
+    trajs = [Trajectory([1], [2], [0.0], [1.0], [1], "g", text=x, sample=sample) for x in texts]
+    trainer.score(trajs)
+    assert [t.rewards["flawed_positive"] for t in trajs] == [-1.0, 0.0, 0.0]
+    assert [t.reward for t in trajs] == [0.0, 1.0, 0.0]
+
+
+# -- SPEAR (§13.4) ------------------------------------------------------------------------------
+
+def _traj(reward, group="g"):
+    return Trajectory([1], [2, 3], [-0.1, -0.2], [1.0, 1.0], [1, 1], group, reward=reward)
+
+
+def test_replay_buffer_stores_successes_recalibrates_and_ages_out():
+    buf = ReplayBuffer(ReplayConfig(enabled=True, adv_threshold=1.0, max_age=2, batch_size=10))
+    added = buf.add(1, [_traj(1.0), _traj(0.0), _traj(0.5)], [1.2, -1.0, 0.4])
+    assert added == 1
+    # baseline = median of the rewards seen (1, 0, 0.5) = 0.5 -> A~ = 1 - 0.5
+    out, stats = buf.sample(2, seed=0)
+    assert len(out) == 1 and out[0].advantage == pytest.approx(0.5) and out[0].source == "replay"
+    assert stats["replay/baseline"] == pytest.approx(0.5)
+    out, _ = buf.sample(4, seed=0)  # 4 - 1 > max_age: gone
+    assert out == [] and len(buf.entries) == 0
+
+
+def test_replay_keeps_only_positive_recalibrated_advantages():
+    buf = ReplayBuffer(ReplayConfig(enabled=True, adv_threshold=1.0))
+    buf.add(1, [_traj(1.0)] + [_traj(2.0)] * 5, [1.5] + [0.0] * 5)
+    out, stats = buf.sample(1, seed=0)  # median reward 2 > 1: A~ = -1, dropped
+    assert out == [] and stats["replay/candidates"] == 0
+
+
+def test_cosine_schedules():
+    assert cosine_ramp(0, 200, 1.0) == 0.0 and cosine_ramp(100, 200, 1.0) == pytest.approx(0.5)
+    assert cosine_ramp(300, 200, 1.0) == 1.0 and cosine_decay(0, 200, 0.1) == pytest.approx(0.1)
+
+
+def test_replay_rows_are_a_separate_loss_term(tmp_path):
+    """With replay_coef = 0 the update equals the update without the replay rows; with 1 it differs."""
+    grads = []
+    for coef, with_replay in ((0.0, True), (1.0, False), (1.0, True)):
+        cfg = _cfg(tmp_path, train={"steps": 1, "lr": 1e-3})
+        trainer = Trainer(cfg)
+        trajs = trainer.rollout(trainer.next_prompts(2), seed=0, tag="s1")
+        trainer.score(trajs)
+        extra = []
+        if with_replay:
+            extra = [Trajectory(**{**t.__dict__, "advantage": 1.0, "source": "replay", "group": "replay/x"})
+                     for t in trajs[:3]]
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.learner.update(trajs + extra, 1, replay_coef=coef)
+        grads.append([p.detach() - b for p, b in zip(trainer.model.parameters(), before)])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0], grads[1]))
+    assert any(not torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[2], grads[1]))
+
+
+def test_stats_only_rows_shape_the_group_but_do_not_train(tmp_path):
+    cfg = _cfg(tmp_path, train={"steps": 1})
+    trainer = Trainer(cfg)
+    rows = [Trajectory([5, 6], [7, 8], [-1.0, -1.0], [1.0, 1.0], [1, 1], "g", reward=r) for r in (1.0, 0.0, 0.0)]
+    rows[2].source = "stats_only"
+    from forkrl.train.learner import pack
+    batch, adv, _ = trainer.learner.advantages(pack(rows, 0), 0.0)
+    assert len(batch) == 2
+    # group (1, 0, 0): mean 1/3, std sqrt(1/3): A = (2/3) / 0.57735, (-1/3) / 0.57735
+    assert adv[:, 0].tolist() == pytest.approx([(2 / 3) / (1 / 3) ** 0.5, (-1 / 3) / (1 / 3) ** 0.5], rel=1e-4)
+
+
+# -- Arbitrary-Entropy PO (§13.3) ---------------------------------------------------------------
+
+def test_entropy_target_samples_hotter_below_target_and_colder_above(tmp_path):
+    for target, temperature in ((100.0, 1.2), (0.0, 0.8)):
+        cfg = _cfg(tmp_path, f"t{target}", train={"steps": 3},
+                   algo={"entropy_target": {"enabled": True, "target": target, "adv_threshold": -10}})
+        Trainer(cfg).train()
+        rows = _rows(cfg)
+        assert "entropy_target/temperature" not in rows[0]  # no update has reported an entropy yet
+        assert rows[1]["entropy_target/temperature"] == temperature
+        assert rows[1]["entropy_target/rows"] > 0
+
+
+def test_sampling_logprobs_are_refused_with_other_temperatures():
+    with pytest.raises(Exception, match="old_logprobs='sampling'"):
+        build_config({"train": {"old_logprobs": "sampling"}, "rollout": {"adaptive_temperature": {"enabled": True}}})
+
+
+def test_method_state_survives_a_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, train={"steps": 2}, algo={"loss": "epo", "replay": {"enabled": True, "adv_threshold": 0.5}},
+               rollout={"adaptive_temperature": {"enabled": True}})
+    trainer = Trainer(cfg)
+    trainer.train()
+    again = Trainer(cfg)
+    assert again.resume()
+    assert again.learner.state == trainer.learner.state and "turn_entropy" in again.learner.state
+    assert again.sampler_stats == trainer.sampler_stats and "hapo" in again.sampler_stats
+    assert len(again.replay.entries) == len(trainer.replay.entries) > 0
+    json.dumps(again.sampler_stats)
