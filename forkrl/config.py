@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -172,7 +179,13 @@ class AlgoConfig(Section):
 
     @model_validator(mode="after")
     def _params_match_signatures(self):
-        from forkrl.algos import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS, hyperparameters
+        from forkrl.algos import (
+            ADVANTAGES,
+            LOSSES,
+            SELECTORS,
+            TOKEN_SELECTORS,
+            hyperparameters,
+        )
         checks = [("advantage_params", ADVANTAGES[self.advantage], self.advantage_params),
                   ("loss_params", LOSSES[self.loss], self.loss_params)]
         for kind, registry in (("token_selector", TOKEN_SELECTORS), ("sample_selector", SELECTORS)):

@@ -8,10 +8,22 @@ import math
 import pytest
 import torch
 
-from forkrl.algos import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS, BatchContext, per_turn_index
+from forkrl.algos import (
+    ADVANTAGES,
+    LOSSES,
+    SELECTORS,
+    TOKEN_SELECTORS,
+    BatchContext,
+    per_turn_index,
+)
 from forkrl.algos.correction import rollout_correction_weights
-from forkrl.algos.entropy_losses import (bapo_bounds, epo_phase_weight, hapo_entropy_stats, hapo_normalized_entropy,
-                                         steer_weights)
+from forkrl.algos.entropy_losses import (
+    bapo_bounds,
+    epo_phase_weight,
+    hapo_entropy_stats,
+    hapo_normalized_entropy,
+    steer_weights,
+)
 from forkrl.algos.selection import max_variance_subset, schedule
 
 SQ = math.sqrt(0.5)  # GRPO advantage of rewards (1, 0): +-0.5 / std(1, 0) = +-0.7071

@@ -7,11 +7,15 @@ import torch
 
 from forkrl.config import ReplayConfig, build_config
 from forkrl.rollout.types import Trajectory
-from forkrl.tasks.flaws import GenerativeFlawDetector, eval_arithmetic, rule_based_flaws, split_steps
+from forkrl.tasks.flaws import (
+    GenerativeFlawDetector,
+    eval_arithmetic,
+    rule_based_flaws,
+    split_steps,
+)
 from forkrl.train import Trainer
 from forkrl.train.replay import ReplayBuffer, cosine_decay, cosine_ramp
 from tests.test_trainer import _cfg, _rows
-
 
 # -- FAPO (§13.5) -------------------------------------------------------------------------------
 

@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forkrl.algos import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS, BatchContext, per_turn_index
+from forkrl.algos import (
+    ADVANTAGES,
+    LOSSES,
+    SELECTORS,
+    TOKEN_SELECTORS,
+    BatchContext,
+    per_turn_index,
+)
 from forkrl.algos.selection import max_variance_subset
 
 # terms that act without an advantage, by design: KL-Cov's |log r| penalty (a KL-to-old surrogate) and

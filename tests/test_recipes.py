@@ -35,3 +35,25 @@ def test_recipe_runs_three_steps_on_tiny_random(path, tmp_path):
     name = path.split("/")[-1].removesuffix(".yaml")
     if name in METHOD_METRIC:
         assert any(METHOD_METRIC[name] in r for r in rows), f"{name}: no {METHOD_METRIC[name]} in the metrics"
+
+
+def test_readme_loss_example_registers_and_trains(tmp_path):
+    """The README's "Writing a method" snippet, run as written: it registers, validates and trains."""
+    import re
+
+    from forkrl.algos import LOSSES
+    text = open("README.md").read()
+    block = re.search(r"### Writing a method.*?```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})
+    try:
+        cfg = load_config("configs/quickstart.yaml", [
+            "model.name=tiny-random", f"output_dir={tmp_path}", "train.steps=1", "rollout.prompts_per_step=2",
+            "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8", "task.train_size=20", "task.eval_size=4",
+            "eval.at_start=false", "log.progress=false", "log.tensorboard=false",
+            'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]',
+            "algo.loss=entropy_scaled_pg", "algo.loss_params={beta: 0.2}"])
+        trainer = Trainer(cfg)
+        trainer.train()
+        assert "my/mean_entropy" in trainer.history[0]
+    finally:
+        del LOSSES["entropy_scaled_pg"]

@@ -4,7 +4,13 @@ import pytest
 
 from forkrl.config import build_config
 from forkrl.metrics import pass_at_k
-from forkrl.tasks import RewardFunctionError, build_task, extract_answer, answers_match, file_task
+from forkrl.tasks import (
+    RewardFunctionError,
+    answers_match,
+    build_task,
+    extract_answer,
+    file_task,
+)
 from forkrl.tasks.task import Sample, Task, WeightedReward
 
 

@@ -6,13 +6,40 @@
 - selection: which samples train (DAPO dynamic sampling), which tokens train (forking tokens), and
   reward shaping (DAPO overlong)
 """
-from forkrl.algos.registry import (ADVANTAGES, LOSSES, RESERVED, SELECTORS, TOKEN_SELECTORS, BatchContext, call,
-                                   hyperparameters, per_turn_index, register_advantage, register_loss,
-                                   register_selector, register_token_selector)
 from forkrl.algos import advantages, entropy_losses, losses, selection  # noqa: F401  (registers the methods)
 from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
+from forkrl.algos.registry import (
+                                   ADVANTAGES,
+                                   LOSSES,
+                                   RESERVED,
+                                   SELECTORS,
+                                   TOKEN_SELECTORS,
+                                   BatchContext,
+                                   call,
+                                   hyperparameters,
+                                   per_turn_index,
+                                   register_advantage,
+                                   register_loss,
+                                   register_selector,
+                                   register_token_selector,
+)
 
 __all__ = [
-    "ADVANTAGES", "LOSSES", "RESERVED", "BatchContext", "call", "hyperparameters", "per_turn_index", "SELECTORS", "TOKEN_SELECTORS", "AGG_MODES", "KL_ESTIMATORS",
-    "register_advantage", "register_loss", "register_selector", "register_token_selector", "agg_loss", "kl_penalty",
+                                   "ADVANTAGES",
+                                   "AGG_MODES",
+                                   "KL_ESTIMATORS",
+                                   "LOSSES",
+                                   "RESERVED",
+                                   "SELECTORS",
+                                   "TOKEN_SELECTORS",
+                                   "BatchContext",
+                                   "agg_loss",
+                                   "call",
+                                   "hyperparameters",
+                                   "kl_penalty",
+                                   "per_turn_index",
+                                   "register_advantage",
+                                   "register_loss",
+                                   "register_selector",
+                                   "register_token_selector",
 ]

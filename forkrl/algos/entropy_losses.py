@@ -20,7 +20,14 @@ import math
 import torch
 from torch import Tensor
 
-from forkrl.algos.losses import AggNorm, _masked_frac, agg_loss, clipped_surrogate, dual_clip, ratio_metrics
+from forkrl.algos.losses import (
+    AggNorm,
+    _masked_frac,
+    agg_loss,
+    clipped_surrogate,
+    dual_clip,
+    ratio_metrics,
+)
 from forkrl.algos.registry import BatchContext, register_loss
 
 SCOPES = ("batch", "micro")

@@ -2,4 +2,4 @@
 from forkrl.metrics.evaluate import evaluate, pass_at_k
 from forkrl.metrics.sinks import JsonlSink, make_sinks
 
-__all__ = ["evaluate", "pass_at_k", "JsonlSink", "make_sinks"]
+__all__ = ["JsonlSink", "evaluate", "make_sinks", "pass_at_k"]

@@ -82,7 +82,7 @@ class Trajectory:
 
     @classmethod
     def from_completion(cls, prompt_ids: list[int], c: Completion, group: str, version: int = 0,
-                        sample: Any = None) -> "Trajectory":
+                        sample: Any = None) -> Trajectory:
         n = len(c.token_ids)
         return cls(prompt_ids=list(prompt_ids), tokens=list(c.token_ids), logprobs=list(c.logprobs),
                    entropies=list(c.entropies), loss_mask=[1] * n, group=group,

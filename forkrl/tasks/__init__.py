@@ -1,7 +1,15 @@
 """Prompt sources and verifiable rewards (see `build_task`)."""
 from forkrl.tasks.answers import answers_match, extract_answer
-from forkrl.tasks.task import (BUILTIN_REWARDS, RewardFunctionError, Sample, Task, WeightedReward, file_task,
-                               load_function, reasoning_gym_task)
+from forkrl.tasks.task import (
+    BUILTIN_REWARDS,
+    RewardFunctionError,
+    Sample,
+    Task,
+    WeightedReward,
+    file_task,
+    load_function,
+    reasoning_gym_task,
+)
 
 
 def build_task(cfg, seed: int = 0) -> Task:
@@ -30,5 +38,15 @@ def build_task(cfg, seed: int = 0) -> Task:
     return task
 
 
-__all__ = ["Task", "Sample", "WeightedReward", "RewardFunctionError", "build_task", "extract_answer",
-           "answers_match", "reasoning_gym_task", "file_task", "load_function"]
+__all__ = [
+    "RewardFunctionError",
+    "Sample",
+    "Task",
+    "WeightedReward",
+    "answers_match",
+    "build_task",
+    "extract_answer",
+    "file_task",
+    "load_function",
+    "reasoning_gym_task",
+]

@@ -20,7 +20,7 @@ _STEP_SPLIT = re.compile(r"\n+|(?<=[.!?])\s+(?=[A-Z0-9])")
 _NUMBER = r"-?\d+(?:\.\d+)?"
 # an arithmetic claim: numbers joined by operators, "=", a number (e.g. "3 + 4 = 7", "12*3=36")
 _CLAIM = re.compile(rf"((?:{_NUMBER}|[()])(?:\s*(?:[-+*/×x÷]|\*\*)\s*\(?\s*{_NUMBER}\s*\)?)+)\s*=\s*({_NUMBER})")
-_ANSWER_BLOCKS = re.compile(r"<answer>(.*?)</answer>|\\boxed\{([^{}]*)\}", re.S)
+_ANSWER_BLOCKS = re.compile(r"<answer>(.*?)</answer>|\\boxed\{([^{}]*)\}", re.DOTALL)
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 

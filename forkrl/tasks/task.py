@@ -16,9 +16,10 @@ import importlib.util
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from forkrl.tasks.answers import answers_match, extract_answer
 

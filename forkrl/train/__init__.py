@@ -2,4 +2,4 @@
 from forkrl.train.learner import Learner, NonFiniteLoss, pack, response_logprobs
 from forkrl.train.trainer import Trainer
 
-__all__ = ["Trainer", "Learner", "NonFiniteLoss", "pack", "response_logprobs"]
+__all__ = ["Learner", "NonFiniteLoss", "Trainer", "pack", "response_logprobs"]

@@ -14,8 +14,17 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from forkrl.algos import (ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS, BatchContext, agg_loss, call, kl_penalty,
-                          per_turn_index)
+from forkrl.algos import (
+    ADVANTAGES,
+    LOSSES,
+    SELECTORS,
+    TOKEN_SELECTORS,
+    BatchContext,
+    agg_loss,
+    call,
+    kl_penalty,
+    per_turn_index,
+)
 from forkrl.algos.correction import rollout_correction_weights
 from forkrl.algos.losses import AggNorm
 from forkrl.models.loader import cache_kwarg
@@ -49,7 +58,7 @@ class PackedBatch:
     def __len__(self) -> int:
         return self.resp_ids.shape[0]
 
-    def select(self, idx: Tensor) -> "PackedBatch":
+    def select(self, idx: Tensor) -> PackedBatch:
         """Rows `idx` with only the prompts they use, trimmed to their longest response."""
         used, prompt_index = torch.unique(self.prompt_index[idx], return_inverse=True)
         pm = self.prompt_mask[used]
