@@ -152,3 +152,31 @@ def test_method_state_survives_a_checkpoint(tmp_path):
     assert again.sampler_stats == trainer.sampler_stats and "hapo" in again.sampler_stats
     assert len(again.replay.entries) == len(trainer.replay.entries) > 0
     json.dumps(again.sampler_stats)
+
+
+def test_entropy_target_replaces_rows_with_positive_samples_by_hand(tmp_path):
+    """8 batch rows of 2 prompts; the extra group (1 prompt = ceil(0.25 * 2)) has rewards 1, 0, 1, 0:
+    GRPO advantages +-0.866 -> 2 kept with advantage 1. Below target: n_reg = min(60, 2, 8) = 2 rows
+    replaced; above target: half of that, 1 row."""
+    for entropy, n_reg, temperature in ((0.1, 2, 1.2), (0.9, 1, 0.8)):
+        cfg = _cfg(tmp_path, algo={"entropy_target": {"enabled": True, "target": 0.5}})
+        trainer = Trainer(cfg)
+        trainer.sampler_stats["policy_entropy"] = entropy
+        samples = trainer.task.train[:2]
+        batch = [_traj(0.0, group=f"g{i // 4}") for i in range(8)]
+        for i, t in enumerate(batch):
+            t.sample = samples[i // 4]
+        asked = {}
+
+        def fake_rollout(s, seed, tag, temperature=None):
+            asked["prompts"], asked["temperature"] = len(s), temperature
+            return [_traj(r, group="extra") for r in (1.0, 0.0, 1.0, 0.0)]
+
+        trainer.rollout = fake_rollout
+        trainer.score = lambda trajs: None
+        out, stats = trainer._entropy_target_samples(1, batch)
+        assert asked == {"prompts": 1, "temperature": temperature}
+        assert stats["entropy_target/kept"] == 2 and stats["entropy_target/rows"] == n_reg
+        assert [t.source for t in out[:n_reg]] == ["stats_only"] * n_reg
+        assert [t.advantage for t in out[n_reg:2 * n_reg]] == [1.0] * n_reg
+        assert len(out) == 8 + n_reg
