@@ -33,9 +33,10 @@ class ModelConfig(Section):
 
 
 class RewardConfig(Section):
-    name: str = "correct"               # built-in: correct | format; else a label for `function`
+    name: str = "correct"               # built-in: correct | format | tool_answer; else a label for `function`
     function: str | None = None         # "module:function" with TRL's signature
     weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)  # keyword arguments bound to the function
 
 
 class TaskConfig(Section):
@@ -231,6 +232,29 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0)
 
 
+class EnvConfig(Section):
+    """Tool use (forkrl/envs): the model writes <tool>query</tool>, gets <result>...</result> back."""
+    enabled: bool = False
+    tools: list[str | dict[str, Any]] = Field(default_factory=lambda: ["python"])  # names, or {name, tag?, options}
+    protocol: Literal["tags", "native"] = "tags"   # native: the chat template's <tool_call> JSON
+    answer_tag: str | None = "answer"              # a closed <answer> block ends the episode
+    result_tag: str = "result"
+    max_turns: int = Field(4, gt=0)
+    max_tool_calls: int = Field(3, ge=0)
+    max_total_tokens: int = Field(512, gt=0)       # generated + observation tokens per episode
+    max_observation_tokens: int = Field(256, gt=0)
+
+    @field_validator("tools")
+    @classmethod
+    def _known_tools(cls, v):
+        from forkrl.envs.tools import TOOLS
+        for t in v:
+            name = t if isinstance(t, str) else t.get("name")
+            if name not in TOOLS:
+                raise ValueError(f"unknown tool {name!r}; allowed: {sorted(TOOLS)}")
+        return v
+
+
 class LogConfig(Section):
     tensorboard: bool = True                     # when tensorboard is installed
     wandb_project: str | None = None
@@ -247,6 +271,7 @@ class RunConfig(Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     paper: str | None = None                     # the method's paper, for recipes
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from math import comb
 
-from forkrl.rollout.types import GenerationRequest, SamplingParams
+from forkrl.rollout.types import GenerationRequest, SamplingParams, Trajectory
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -16,23 +16,37 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def _single_turn(engine):
+    def generate(prompts, samples, params, seed):
+        outs = engine.generate([GenerationRequest(p, params) for p in prompts], seed=seed)
+        return [[Trajectory.from_completion(p, c, group=str(i), sample=s) for c in o]
+                for i, (p, s, o) in enumerate(zip(prompts, samples, outs))]
+    return generate
+
+
 def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: list[str] | None = None,
-             pass_k: list[int] = (1,), n_samples: int = 0, temperature: float = 1.0, seed: int = 0) -> dict:
+             pass_k: list[int] = (1,), n_samples: int = 0, temperature: float = 1.0, seed: int = 0,
+             generate=None, tools: bool = False) -> dict:
     """Greedy accuracy on `samples` (default: the task's held-out set) and, when n_samples > 0,
-    pass@k for each k from n_samples completions per prompt at `temperature`."""
+    pass@k for each k from n_samples completions per prompt at `temperature`.
+    `generate(prompt_ids, samples, params, seed) -> trajectories per prompt` replaces plain sampling
+    (the trainer passes its multi-turn tool rollout); with tools, `eval/tool_use_frac` is reported."""
     samples = list(task.eval if samples is None else samples)
     if not samples:
         raise ValueError(f"task {task.name} has no held-out samples to evaluate on")
+    generate = generate or _single_turn(engine)
     prompts = [task.prompt_ids(s, engine.tokenizer) for s in samples]
     greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop or []))
-    outs = engine.generate([GenerationRequest(p, greedy) for p in prompts], seed=seed)
+    outs = generate(prompts, samples, greedy, seed)
     texts = [o[0].text for o in outs]
     correct = task.correct(samples, texts)
     result = {"eval/accuracy": sum(correct) / len(samples), "eval/n_prompts": len(samples),
-              "eval/response_length": sum(len(o[0].token_ids) for o in outs) / len(outs)}
+              "eval/response_length": sum(o[0].num_generated for o in outs) / len(outs)}
+    if tools:
+        result["eval/tool_use_frac"] = sum(bool(o[0].tool_calls) for o in outs) / len(outs)
     if n_samples > 0:
         params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, n=n_samples, stop=list(stop or []))
-        outs = engine.generate([GenerationRequest(p, params) for p in prompts], seed=seed + 1)
+        outs = generate(prompts, samples, params, seed + 1)
         flat_samples = [s for s, o in zip(samples, outs) for _ in o]
         flat_correct = task.correct(flat_samples, [c.text for o in outs for c in o])
         per_prompt = [sum(flat_correct[i * n_samples:(i + 1) * n_samples]) for i in range(len(samples))]

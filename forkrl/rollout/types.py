@@ -72,6 +72,7 @@ class Trajectory:
     finish: str = "eos"
     text: str = ""
     sample: Any = None  # the task Sample this trajectory answers
+    turns: int = 1                  # assistant turns (tool rollouts)
     advantage: float | None = None  # set: train with this advantage instead of the estimator's
     source: str = "policy"          # policy | replay (self-imitation, own loss term) | stats_only (advantage
                                     # statistics only, not trained)

@@ -1,4 +1,6 @@
 """Prompt sources and verifiable rewards (see `build_task`)."""
+import functools
+
 from forkrl.tasks.answers import answers_match, extract_answer
 from forkrl.tasks.task import (
     BUILTIN_REWARDS,
@@ -28,11 +30,15 @@ def build_task(cfg, seed: int = 0) -> Task:
             name = r.name if r.name != "correct" else r.function.rsplit(":", 1)[-1]
         elif r.name == "correct":
             fn, name = task.correct_reward, "correct"
+        elif r.name == "tool_answer":
+            fn, name = task.tool_answer_reward, "tool_answer"
         elif r.name in BUILTIN_REWARDS:
             fn, name = BUILTIN_REWARDS[r.name], r.name
         else:
             raise ValueError(f"task.rewards: unknown built-in reward {r.name!r}; built-ins: "
-                             f"{['correct', *BUILTIN_REWARDS]}, or give `function: module:function`")
+                             f"{['correct', 'tool_answer', *BUILTIN_REWARDS]}, or give `function: module:function`")
+        if r.params:
+            fn = functools.partial(fn, **r.params)
         rewards.append(WeightedReward(name, fn, r.weight))
     task.rewards = rewards
     return task

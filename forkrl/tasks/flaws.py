@@ -11,55 +11,21 @@ step of the completion, or -1 when it finds none. Two are here:
 """
 from __future__ import annotations
 
-import ast
-import operator
 import re
 from collections.abc import Callable
+
+from forkrl.envs.calculator import eval_arithmetic
 
 _STEP_SPLIT = re.compile(r"\n+|(?<=[.!?])\s+(?=[A-Z0-9])")
 _NUMBER = r"-?\d+(?:\.\d+)?"
 # an arithmetic claim: numbers joined by operators, "=", a number (e.g. "3 + 4 = 7", "12*3=36")
 _CLAIM = re.compile(rf"((?:{_NUMBER}|[()])(?:\s*(?:[-+*/×x÷]|\*\*)\s*\(?\s*{_NUMBER}\s*\)?)+)\s*=\s*({_NUMBER})")
 _ANSWER_BLOCKS = re.compile(r"<answer>(.*?)</answer>|\\boxed\{([^{}]*)\}", re.DOTALL)
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 def split_steps(completion: str) -> list[str]:
     """Non-empty lines, and sentences within a line: the unit a flaw index points at."""
     return [s.strip() for s in _STEP_SPLIT.split(completion) if s.strip()]
-
-
-def eval_arithmetic(expr: str) -> float | None:
-    """Value of + - * / over numbers and parentheses, by walking the syntax tree (never `eval`);
-    None for anything else, a division by zero, or a result out of range."""
-    expr = expr.replace("×", "*").replace("÷", "/").replace("x", "*")
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
-        return None
-
-    def walk(node):
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return float(node.value)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            v = walk(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            a, b = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Div) and b == 0:
-                raise ZeroDivisionError
-            out = _OPS[type(node.op)](a, b)
-            if abs(out) > 1e15:
-                raise OverflowError
-            return out
-        raise ValueError(f"not arithmetic: {ast.dump(node)}")
-
-    try:
-        return walk(tree)
-    except (ValueError, ZeroDivisionError, OverflowError):
-        return None
 
 
 def rule_based_flaws(prompt: str, completion: str, answer: str | None = None) -> int:

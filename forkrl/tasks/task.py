@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,28 @@ class Task:
         """Built-in reward: the task's verifier score (1 = correct)."""
         samples = columns["sample"]
         return [float(self.verifier(s, c)) for s, c in zip(samples, completions)]
+
+    def tool_answer_reward(self, prompts: list[str], completions: list[str], *, format_penalty: float = -1.0,
+                           tool_bonus: float = 0.1, tool_tags: tuple[str, ...] = ("python", "search", "calculator"),
+                           answer_tag: str = "answer", **columns) -> list[float]:
+        """ARPO's reward scheme (algorithms.md §2), as a built-in reward:
+            format_penalty (-1) unless the completion has exactly one <answer>...</answer> block and no
+                           tool block left open;
+            else the verifier's score, plus tool_bonus (0.1) when the score is positive and the policy
+                           closed at least one tool block (<python>...</python>, ...).
+        ARPO's own format check also wants <think> pairs and \\boxed{} answers; ours checks what forkrl's
+        protocol requires."""
+        out = []
+        for s, c in zip(columns["sample"], completions):
+            n_answers = len(re.findall(rf"<{answer_tag}>.*?</{answer_tag}>", c, re.S))
+            unclosed = any(c.count(f"<{t}>") != c.count(f"</{t}>") for t in tool_tags)
+            if n_answers != 1 or unclosed:
+                out.append(format_penalty)
+                continue
+            score = float(self.verifier(s, c))
+            used = any(f"</{t}>" in c for t in tool_tags)
+            out.append(score + (tool_bonus if score > 0 and used else 0.0))
+        return out
 
     def score(self, samples: list[Sample], completions: list[str], completion_ids: list[list[int]] | None = None
               ) -> tuple[dict[str, list[float]], list[float], list[float]]:

@@ -35,6 +35,27 @@ from forkrl.train.replay import ReplayBuffer, cosine_decay, cosine_ramp
 log = logging.getLogger("forkrl")
 
 
+def tool_metrics(trajs: list[Trajectory], tools: list[str]) -> dict[str, float]:
+    """Tool use over one step's trajectories: calls per trajectory (all and by tool), error rate,
+    turns, observation tokens, share of trajectories that called a tool, and total calls."""
+    calls = [c for t in trajs for c in t.tool_calls]
+    n = max(len(trajs), 1)
+    out = {
+        "tools/calls_per_traj": len(calls) / n,
+        "tools/calls_total": float(len(calls)),
+        "tools/error_rate": sum(not c.ok for c in calls) / len(calls) if calls else 0.0,
+        "tools/use_frac": sum(bool(t.tool_calls) for t in trajs) / n,
+        "tools/turns": sum(t.turns for t in trajs) / n,
+        "tools/observation_tokens": sum(len(t.loss_mask) - sum(t.loss_mask) for t in trajs) / n,
+        "tools/seconds": sum(c.seconds for c in calls),
+    }
+    for name in tools:
+        out[f"tools/{name}_calls_per_traj"] = sum(c.name == name for c in calls) / n
+    for finish in ("answer", "tool_budget", "turns", "length"):
+        out[f"finish/{finish}_frac"] = sum(t.finish == finish for t in trajs) / n
+    return out
+
+
 def peak_rss_gb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # ru_maxrss is KiB on Linux
@@ -56,6 +77,7 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
         self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+        self.env = self._build_env() if cfg.env.enabled else None
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             self.ref_model = copy.deepcopy(model).eval()
@@ -81,6 +103,36 @@ class Trainer:
         self.flaw_detector = load_detector(a.flawed_positive.detector) if a.flawed_positive.enabled else None
         self.sampler_stats: dict = {}  # from the last trained batch: HAPO's entropy statistics, its policy entropy
 
+    def _build_env(self):
+        from forkrl.envs import ToolEnv
+        context = {}
+        sim = [t for t in self.cfg.env.tools if isinstance(t, dict) and t.get("name") == "simulated_search"]
+        if sim:
+            # ZeroSearch: a frozen language model writes the documents (by default a copy of the policy)
+            name = sim[0].get("model")
+            if name:
+                sim_model, sim_tok = load_policy(name, dtype=self.cfg.model.dtype, seed=self.cfg.seed)
+            else:
+                sim_model, sim_tok = copy.deepcopy(self.model).eval(), self.tokenizer
+            sim_engine = TorchEngine(sim_model, sim_tok, max_batch_size=self.cfg.rollout.max_batch_size)
+            sim_params = SamplingParams(temperature=0.7, max_tokens=128)
+
+            def generate(prompts):
+                ids = [sim_tok(p)["input_ids"] for p in prompts]
+                outs = sim_engine.generate([GenerationRequest(i, sim_params) for i in ids], seed=self.step_idx)
+                return [o[0].text for o in outs]
+            context["generate"] = generate
+            for t in sim:
+                t.pop("model", None)
+        return ToolEnv.from_config(self.cfg.env, **context)
+
+    def _tool_rollout(self, prompts, samples, params, seed, groups=None):
+        from forkrl.rollout.agent import multi_turn_rollout
+        groups = groups or [str(i) for i in range(len(prompts))]
+        trajs = multi_turn_rollout(self.engine, self.env, self.tokenizer, prompts, groups, samples, params, seed,
+                                   version=self.step_idx)
+        return [trajs[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
     # -- data ----------------------------------------------------------------------------------
     def next_prompts(self, k: int) -> list[Sample]:
         """The next k training samples: a fresh seeded shuffle every epoch, position in `data_pos`."""
@@ -105,6 +157,9 @@ class Trainer:
                                 max_tokens=r.max_new_tokens, n=r.samples_per_prompt, stop=list(r.stop),
                                 adaptive_temperature=adaptive)
         prompt_ids = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
+        if self.env is not None:
+            groups = [f"{tag}/{j}:{s.id}" for j, s in enumerate(samples)]
+            return [t for per in self._tool_rollout(prompt_ids, samples, params, seed, groups) for t in per]
         outs = self.engine.generate([GenerationRequest(p, params) for p in prompt_ids], seed=seed)
         return [Trajectory.from_completion(p, c, group=f"{tag}/{j}:{s.id}", version=self.step_idx, sample=s)
                 for j, (s, p, o) in enumerate(zip(samples, prompt_ids, outs)) for c in o]
@@ -232,6 +287,8 @@ class Trainer:
         })
         for name in generated[0].rewards:
             metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
+        if self.env is not None:
+            metrics.update(tool_metrics(generated, list(self.env.tools)))
         t1 = time.perf_counter()
         replay_coef, replayed = 1.0, []
         if self.replay is not None:
@@ -282,7 +339,8 @@ class Trainer:
         samples = self.task.eval[:e.size] if e.size else self.task.eval
         res = evaluate(self.engine, self.task, samples, max_new_tokens=e.max_new_tokens or r.max_new_tokens,
                        stop=r.stop, pass_k=e.pass_k, n_samples=e.samples, temperature=e.temperature,
-                       seed=self.cfg.seed + 17)
+                       seed=self.cfg.seed + 17, generate=self._tool_rollout if self.env is not None else None,
+                       tools=self.env is not None)
         res.pop("examples", None)
         return res
 

@@ -1,0 +1,206 @@
+"""Tools an agent calls from inside its reasoning, each registered by name.
+
+A tool is a small class with a `name`, the tag the model writes (`<python>...</python>` by default:
+the tag is the name), and `__call__(query) -> ToolResult`; `batch(queries)` runs many (the python
+tool runs them concurrently in its sandbox pool). Add one with
+
+    @register_tool("weather")
+    class Weather(Tool):
+        def __call__(self, query: str) -> ToolResult:
+            return ToolResult(f"sunny in {query.strip()}")
+
+and list it in `env.tools`. Tools never run model-written code in this process: `python` goes to the
+sandbox, `calculator` walks a syntax tree, `search` ranks a local corpus with BM25 (bm25s).
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from forkrl.envs.calculator import eval_arithmetic
+from forkrl.envs.sandbox import PythonSandbox, SandboxLimits, ToolResult, truncate
+
+TOOLS: dict[str, type] = {}
+
+
+def register_tool(name: str):
+    def wrap(cls):
+        if name in TOOLS:
+            raise ValueError(f"tool {name!r} is registered twice")
+        cls.name = name
+        TOOLS[name] = cls
+        return cls
+    return wrap
+
+
+class Tool:
+    name = "tool"
+
+    def __init__(self, tag: str | None = None, **_):
+        self.tag = tag or self.name
+
+    def __call__(self, query: str) -> ToolResult:
+        raise NotImplementedError
+
+    def batch(self, queries: list[str]) -> list[ToolResult]:
+        return [self(q) for q in queries]
+
+    def close(self) -> None:
+        pass
+
+
+@register_tool("python")
+class PythonTool(Tool):
+    """Model-written code in the sandbox (`forkrl/envs/sandbox.py`); stdout, stderr and the exception
+    come back as the observation. Like a notebook cell, a bare final expression is printed."""
+
+    def __init__(self, tag: str | None = None, isolation: str = "auto", **limits):
+        super().__init__(tag)
+        self.sandbox = PythonSandbox(SandboxLimits(**limits), isolation=isolation)
+
+    @staticmethod
+    def _print_last_expression(code: str) -> str:
+        import ast
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            return code  # let the sandbox report it
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = tree.body[-1]
+            if not (isinstance(last.value, ast.Call) and getattr(last.value.func, "id", "") == "print"):
+                lines = code.splitlines()
+                start, end = last.lineno - 1, last.end_lineno
+                expr = "\n".join(lines[start:end])
+                return "\n".join(lines[:start] + [f"print({expr.strip()})"] + lines[end:])
+        return code
+
+    def __call__(self, query: str) -> ToolResult:
+        return self.batch([query])[0]
+
+    def batch(self, queries: list[str]) -> list[ToolResult]:
+        return self.sandbox.run_many([self._print_last_expression(q) for q in queries])
+
+    def close(self) -> None:
+        self.sandbox.close()
+
+
+@register_tool("calculator")
+class Calculator(Tool):
+    """Bounded arithmetic (+ - * / // % ** and parentheses) without `eval`."""
+
+    def __call__(self, query: str) -> ToolResult:
+        value = eval_arithmetic(query, allow_pow=True)
+        if value is None:
+            return ToolResult("error: not an arithmetic expression I can evaluate", ok=False, error="invalid")
+        return ToolResult(str(int(value)) if value == int(value) else f"{value:.10g}")
+
+
+def load_corpus(path: str | Path) -> list[dict]:
+    """A .jsonl corpus, one {"id", "title"?, "text"} per line; errors name the file and line."""
+    docs = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON: {e}") from None
+        if "text" not in row:
+            raise ValueError(f"{path}:{i}: a corpus row needs a 'text' field")
+        docs.append(row)
+    return docs
+
+
+def _passage(doc: dict) -> str:
+    return f"{doc['title']}: {doc['text']}" if doc.get("title") else doc["text"]
+
+
+@register_tool("search")
+class LocalSearch(Tool):
+    """BM25 (bm25s) over a local corpus; the observation lists the top-k passages."""
+
+    def __init__(self, tag: str | None = None, corpus: str | None = None, top_k: int = 3,
+                 max_chars: int = 1200, **_):
+        super().__init__(tag)
+        if corpus is None:
+            raise ValueError("the search tool needs `corpus`, a .jsonl file of {id, title, text} rows")
+        try:
+            import bm25s
+        except ImportError:
+            raise ImportError("the search tool needs bm25s: pip install bm25s") from None
+        self.docs = load_corpus(corpus)
+        self.top_k, self.max_chars = top_k, max_chars
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize([_passage(d) for d in self.docs], stopwords="en", show_progress=False),
+                             show_progress=False)
+        self._tokenize = bm25s.tokenize
+
+    def __call__(self, query: str) -> ToolResult:
+        if not query.strip():
+            return ToolResult("error: empty query", ok=False, error="invalid")
+        tokens = self._tokenize([query], stopwords="en", show_progress=False)
+        if not tokens.ids or not tokens.ids[0]:
+            return ToolResult("no results", ok=True)
+        k = min(self.top_k, len(self.docs))
+        idx, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
+        hits = [self.docs[int(i)] for i, s in zip(idx[0], scores[0]) if s > 0]
+        if not hits:
+            return ToolResult("no results", ok=True)
+        text = "\n".join(f"[{j + 1}] {_passage(d)}" for j, d in enumerate(hits))
+        return ToolResult(truncate(text, self.max_chars))
+
+
+SIMULATED_SEARCH_PROMPT = (
+    "You are a search engine. Write {n} short documents (one line each, numbered) that answer the query."
+    "{noise}\nQuery: {query}\nDocuments:\n")
+NOISY_INSTRUCTION = " Make them plausible but wrong: they must not contain the correct answer."
+
+
+@register_tool("simulated_search")
+class SimulatedSearch(Tool):
+    """ZeroSearch's simulated engine (algorithms.md §21): a language model writes the documents for a
+    query. With probability `noise` a query gets deliberately misleading documents instead of useful
+    ones; raising `noise` over training is ZeroSearch's curriculum. `generate(prompts) -> texts` is
+    any text generator (the trainer passes one built on a frozen model)."""
+
+    def __init__(self, tag: str | None = None, generate: Callable[[list[str]], list[str]] | None = None,
+                 noise: float = 0.0, n_docs: int = 3, seed: int = 0, max_chars: int = 1200, **_):
+        super().__init__(tag or "search")
+        if generate is None:
+            raise ValueError("simulated_search needs a `generate(prompts) -> texts` function")
+        if not 0 <= noise <= 1:
+            raise ValueError(f"simulated_search noise must be in [0, 1], got {noise}")
+        self.generate, self.noise, self.n_docs, self.max_chars = generate, noise, n_docs, max_chars
+        self.rng = random.Random(seed)
+        self.noisy_calls = 0
+
+    def batch(self, queries: list[str]) -> list[ToolResult]:
+        noisy = [self.rng.random() < self.noise for _ in queries]
+        self.noisy_calls += sum(noisy)
+        prompts = [SIMULATED_SEARCH_PROMPT.format(n=self.n_docs, query=q.strip(), noise=NOISY_INSTRUCTION if bad else "")
+                   for q, bad in zip(queries, noisy)]
+        return [ToolResult(truncate(t.strip(), self.max_chars)) for t in self.generate(prompts)]
+
+    def __call__(self, query: str) -> ToolResult:
+        return self.batch([query])[0]
+
+
+def build_tools(specs: list[dict], **context) -> dict[str, Tool]:
+    """Tools from config entries {name, tag?, ...options}; `context` supplies shared objects (e.g.
+    `generate` for simulated_search) to the tools that take them. Keyed by the tag the model writes."""
+    tools: dict[str, Tool] = {}
+    for spec in specs:
+        spec = dict(spec)
+        name = spec.pop("name")
+        if name not in TOOLS:
+            raise ValueError(f"unknown tool {name!r}; registered: {sorted(TOOLS)}")
+        import inspect
+        accepted = inspect.signature(TOOLS[name].__init__).parameters
+        shared = {k: v for k, v in context.items() if k in accepted}
+        tool = TOOLS[name](**{**shared, **spec})
+        if tool.tag in tools:
+            raise ValueError(f"two tools use the tag <{tool.tag}>")
+        tools[tool.tag] = tool
+    return tools
