@@ -51,6 +51,7 @@ class TaskConfig(Section):
     answer_field: str | None = "answer"
     system_prompt: str | None = None
     prompt_template: str = "{prompt}"
+    few_shot: list[dict[str, str]] = Field(default_factory=list)  # [{user, assistant}] example turns
     extractor: Literal["answer_tag", "boxed", "last_number", "raw", "auto"] = "auto"
     rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig()])
 
@@ -73,6 +74,15 @@ class AdaptiveTemperatureConfig(Section):
     pivot: float = Field(0.8, gt=0, lt=1)   # quantile of log-entropy that maps to h = 0
 
 
+class ResampleOnCorrectConfig(Section):
+    """GRPO-RoC (rStar2-Agent, algorithms.md §13.6): sample `oversample` x n per prompt, drop groups whose
+    rewards are all equal, keep n: failures uniformly, successes with the fewest tool errors and
+    format issues."""
+    enabled: bool = False
+    oversample: int = Field(2, ge=1)
+    min_each: int = Field(2, ge=0)
+
+
 class RolloutConfig(Section):
     engine: Literal["torch"] = "torch"
     prompts_per_step: int = Field(8, gt=0)
@@ -83,6 +93,7 @@ class RolloutConfig(Section):
     stop: list[str] = Field(default_factory=list)
     max_batch_size: int = Field(64, gt=0)
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
+    resample_on_correct: ResampleOnCorrectConfig = Field(default_factory=ResampleOnCorrectConfig)
 
 
 class DynamicSamplingConfig(Section):

@@ -186,3 +186,31 @@ def test_build_tools_rejects_unknown_and_duplicate_tags():
         build_tools([{"name": "nope"}])
     with pytest.raises(ValueError, match="two tools"):
         build_tools([{"name": "calculator"}, {"name": "calculator"}])
+
+
+# -- GRPO-RoC (§13.6) ----------------------------------------------------------------------------
+
+def test_resample_on_correct_keeps_the_cleanest_successes_by_hand():
+    import torch
+
+    from forkrl.algos.selection import resample_on_correct
+    correct = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0.])
+    penalty = torch.tensor([0.3, 0.1, 0.9, 0.2, 0.0, 0.0, 0.0, 0.0])
+    idx = resample_on_correct(correct, penalty, 4, generator=torch.Generator().manual_seed(0)).tolist()
+    assert [i for i in idx if i < 4] == [1, 3] and len([i for i in idx if i >= 4]) == 2  # 4 * 4/8 = 2 each
+    # one success in 8: round(0.5) = 0, raised to min(2, 1) = 1; three failures
+    idx = resample_on_correct(torch.tensor([1, 0, 0, 0, 0, 0, 0, 0.]), torch.zeros(8), 4).tolist()
+    assert 0 in idx and len(idx) == 4
+    # seven successes, one failure: the failure stays (min 2, only 1 exists), three successes
+    idx = resample_on_correct(torch.tensor([1, 1, 1, 1, 1, 1, 1, 0.]), torch.arange(8.), 4).tolist()
+    assert idx == [0, 1, 2, 7]
+
+
+def test_roc_penalty_by_hand():
+    from forkrl.rollout.agent import roc_penalty
+    from forkrl.rollout.types import ToolCall, Trajectory
+    t = Trajectory([1], [2], [0.0], [1.0], [1], "g", text="<answer>1</answer> <answer>2</answer>", turns=2,
+                   tool_calls=[ToolCall("python", (0, 1), ok=False), ToolCall("python", (1, 2), ok=True)])
+    assert roc_penalty(t) == pytest.approx(0.5 + 0.5)      # 1 of 2 calls failed; (2 - 1) / 2 turns
+    t.tool_calls, t.text = [], "no tags"
+    assert roc_penalty(t) == pytest.approx(0.5 + 1.0)      # no call: 0.5; no answer tags: 1

@@ -15,7 +15,8 @@ METHOD_METRIC = {
     "epo": "epo/phase_weight", "empg": "adv/empg_g_max", "d3s": "train/selected_sample_frac",
     "dart": "rollout_corr/is_mean", "spear": "replay/buffer_size", "fapo": "reward/flawed_positive",
     "clip_cov": "cov/candidates", "kl_cov": "ppo_kl_abs", "forking_tokens": "train/selected_token_frac",
-    "entropy_target": "policy/entropy",
+    "entropy_target": "policy/entropy", "tools_quickstart": "tools/use_frac", "tools_search": "tools/use_frac",
+    "grpo_roc": "roc/pool",
 }
 
 

@@ -142,3 +142,26 @@ def high_entropy_steps(entropy: Tensor, mask: Tensor, *, top_ratio: float = 0.8)
     for _, b, s in sorted(steps, key=lambda x: -x[0])[:n_keep]:
         keep[b] |= turn[b] == s
     return keep
+
+
+def resample_on_correct(correct: Tensor, penalty: Tensor, keep: int, *, min_each: int = 2,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """GRPO-RoC down-sampling of one oversampled group (rStar2-Agent, arXiv 2508.20722;
+    algorithms.md §13.6): from N rollouts keep `keep`, with negatives and positives in proportion to
+    their shares of the pool, each at least `min_each` when the pool has that many; negatives drawn
+    uniformly (all kinds of failure stay), positives the ones with the lowest penalty (the cleanest
+    successes; ties broken at random). Returns the kept indices, sorted."""
+    n = correct.numel()
+    if keep >= n:
+        return torch.arange(n)
+    pos = (correct > 0).nonzero().flatten()
+    neg = (correct <= 0).nonzero().flatten()
+    n_pos = round(keep * len(pos) / n)
+    n_pos = max(n_pos, min(min_each, len(pos)))
+    n_pos = min(n_pos, len(pos), keep - min(min_each, len(neg), keep))
+    n_neg = min(keep - n_pos, len(neg))
+    n_pos = min(keep - n_neg, len(pos))
+    neg_pick = neg[torch.randperm(len(neg), generator=generator)[:n_neg]]
+    shuffled = pos[torch.randperm(len(pos), generator=generator)]
+    pos_pick = shuffled[torch.argsort(penalty[shuffled].double(), stable=True)[:n_pos]]
+    return torch.sort(torch.cat([pos_pick, neg_pick])).values

@@ -91,3 +91,17 @@ def multi_turn_rollout(engine, env: ToolEnv, tokenizer, prompt_ids: list[list[in
         if not e.done:
             e.traj.finish = "turns"
     return [e.traj for e in episodes]
+
+
+def roc_penalty(traj: Trajectory, answer_tag: str = "answer") -> float:
+    """GRPO-RoC's penalty of a trajectory (algorithms.md §13.6): p_err + p_fmt, with
+    p_err = the share of its tool calls that failed (0.5 when it made none) and
+    p_fmt = min((answer blocks - 1) / turns, 1), or 1 when the answer tags are missing or unbalanced."""
+    calls = traj.tool_calls
+    p_err = sum(not c.ok for c in calls) / len(calls) if calls else 0.5
+    opened, closed = traj.text.count(f"<{answer_tag}>"), traj.text.count(f"</{answer_tag}>")
+    if opened == 0 or opened != closed:
+        p_fmt = 1.0
+    else:
+        p_fmt = min((opened - 1) / max(traj.turns, 1), 1.0)
+    return p_err + p_fmt

@@ -16,7 +16,7 @@ from forkrl.tasks.task import (
 
 def build_task(cfg, seed: int = 0) -> Task:
     """A Task from a `TaskConfig`; `seed` picks the procedural training samples."""
-    common = dict(system_prompt=cfg.system_prompt, prompt_template=cfg.prompt_template)
+    common = dict(system_prompt=cfg.system_prompt, prompt_template=cfg.prompt_template, few_shot=cfg.few_shot)
     if cfg.source == "reasoning_gym":
         task = reasoning_gym_task(cfg.dataset, config=cfg.dataset_config, seed=seed,
                                   train_size=cfg.train_size, eval_size=cfg.eval_size, extractor=cfg.extractor, **common)

@@ -81,8 +81,10 @@ class Task:
 
     def __init__(self, name: str, train: list[Sample], eval: list[Sample], *,
                  verifier: Callable[[Sample, str], float], system_prompt: str | None = None,
-                 prompt_template: str = "{prompt}", rewards: list[WeightedReward] | None = None):
+                 prompt_template: str = "{prompt}", rewards: list[WeightedReward] | None = None,
+                 few_shot: list[dict[str, str]] | None = None):
         self.name = name
+        self.few_shot = list(few_shot or [])  # [{user, assistant}] turns shown before every prompt
         self.train = train
         self.eval = eval
         self.verifier = verifier
@@ -95,6 +97,8 @@ class Task:
     # -- prompts -----------------------------------------------------------------------------
     def messages(self, sample: Sample) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for shot in self.few_shot:
+            msgs += [{"role": "user", "content": shot["user"]}, {"role": "assistant", "content": shot["assistant"]}]
         return msgs + [{"role": "user", "content": self.prompt_template.format(prompt=sample.prompt)}]
 
     def prompt_ids(self, sample: Sample, tokenizer) -> list[int]:

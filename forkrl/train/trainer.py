@@ -147,14 +147,15 @@ class Trainer:
         return out
 
     # -- rollout and scoring -------------------------------------------------------------------
-    def rollout(self, samples: list[Sample], seed: int, tag: str, temperature: float | None = None) -> list[Trajectory]:
+    def rollout(self, samples: list[Sample], seed: int, tag: str, temperature: float | None = None,
+                n: int | None = None) -> list[Trajectory]:
         r = self.cfg.rollout
         adaptive = None
         if r.adaptive_temperature.enabled and "hapo" in self.sampler_stats:
             h = self.sampler_stats["hapo"]
             adaptive = (r.adaptive_temperature.tau, h["mu"], h["sigma"], h["pos_scale"], h["neg_scale"])
         params = SamplingParams(temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
-                                max_tokens=r.max_new_tokens, n=r.samples_per_prompt, stop=list(r.stop),
+                                max_tokens=r.max_new_tokens, n=n or r.samples_per_prompt, stop=list(r.stop),
                                 adaptive_temperature=adaptive)
         prompt_ids = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
         if self.env is not None:
@@ -233,8 +234,35 @@ class Trainer:
         return out, {"entropy_target/temperature": temperature, "entropy_target/rows": float(n_reg),
                      "entropy_target/kept": float(len(kept))}
 
+    def _resample_on_correct(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict]:
+        """GRPO-RoC (algorithms.md §13.6): oversample, drop all-equal groups, keep the cleanest successes."""
+        from forkrl.algos.selection import resample_on_correct
+        from forkrl.rollout.agent import roc_penalty
+        r, roc = self.cfg.rollout, self.cfg.rollout.resample_on_correct
+        n = r.samples_per_prompt
+        trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}",
+                             n=n * roc.oversample)
+        self.score(trajs)
+        gen = torch.Generator().manual_seed(self._seed(step, 5))
+        kept: list[Trajectory] = []
+        groups = list(dict.fromkeys(t.group for t in trajs))
+        answer_tag = self.cfg.env.answer_tag or "answer"
+        for g in groups:
+            members = [t for t in trajs if t.group == g]
+            if len({t.reward for t in members}) == 1:
+                continue
+            idx = resample_on_correct(torch.tensor([t.correct for t in members]),
+                                      torch.tensor([roc_penalty(t, answer_tag) for t in members]), n,
+                                      min_each=roc.min_each, generator=gen)
+            kept += [members[i] for i in idx.tolist()]
+        stats = {"roc/kept_groups": float(len(kept) // max(n, 1)), "roc/pool": float(len(trajs)),
+                 "roc/kept_accuracy": float(np.mean([t.correct for t in kept])) if kept else 0.0}
+        return kept, trajs, stats
+
     def _collect_groups(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict]:
         r, ds = self.cfg.rollout, self.cfg.algo.dynamic_sampling
+        if r.resample_on_correct.enabled:
+            return self._resample_on_correct(step)
         if not ds.enabled:
             trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}")
             self.score(trajs)
