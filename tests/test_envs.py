@@ -214,3 +214,17 @@ def test_roc_penalty_by_hand():
     assert roc_penalty(t) == pytest.approx(0.5 + 0.5)      # 1 of 2 calls failed; (2 - 1) / 2 turns
     t.tool_calls, t.text = [], "no tags"
     assert roc_penalty(t) == pytest.approx(0.5 + 1.0)      # no call: 0.5; no answer tags: 1
+
+
+def test_readme_tool_example_registers_and_answers():
+    import re
+
+    from forkrl.envs import TOOLS
+    text = open("README.md").read()
+    block = re.search(r"\*\*Your own tool\*\*.*?```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})
+    try:
+        tools = build_tools([{"name": "weather"}])
+        assert tools["weather"]("Oslo ").text == "sunny in Oslo"
+    finally:
+        del TOOLS["weather"]

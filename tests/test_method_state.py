@@ -180,3 +180,17 @@ def test_entropy_target_replaces_rows_with_positive_samples_by_hand(tmp_path):
         assert [t.source for t in out[:n_reg]] == ["stats_only"] * n_reg
         assert [t.advantage for t in out[n_reg:2 * n_reg]] == [1.0] * n_reg
         assert len(out) == 8 + n_reg
+
+
+def test_tool_rollouts_train_end_to_end_with_a_simulated_search(tmp_path):
+    """One step with tools on the tiny model: a frozen copy of the policy writes the search documents."""
+    cfg = _cfg(tmp_path, train={"steps": 1}, rollout={"max_new_tokens": 6},
+               env={"enabled": True, "tools": [{"name": "simulated_search", "noise": 0.5}, "calculator"],
+                    "max_turns": 2, "max_total_tokens": 40})
+    trainer = Trainer(cfg)
+    assert set(trainer.env.tools) == {"search", "calculator"}
+    docs = trainer.env.tools["search"]("where is Tesk")
+    assert isinstance(docs.text, str)
+    trainer.train()
+    row = _rows(cfg)[0]
+    assert {"tools/use_frac", "tools/search_calls_per_traj", "finish/length_frac"} <= set(row)
