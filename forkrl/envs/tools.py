@@ -14,7 +14,6 @@ sandbox, `calculator` walks a syntax tree, `search` ranks a local corpus with BM
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -98,17 +97,12 @@ class Calculator(Tool):
 
 
 def load_corpus(path: str | Path) -> list[dict]:
-    """A .jsonl corpus, one {"id", "title"?, "text"} per line; errors name the file and line."""
+    """A .jsonl or .parquet corpus, one {"id", "title"?, "text"} per row; errors name the file and line."""
+    from forkrl.tasks.task import read_rows
     docs = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON: {e}") from None
+    for lineno, row in read_rows(path):
         if "text" not in row:
-            raise ValueError(f"{path}:{i}: a corpus row needs a 'text' field")
+            raise ValueError(f"{path}:{lineno}: a corpus row needs a 'text' field")
         docs.append(row)
     return docs
 

@@ -53,5 +53,7 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
         for k in pass_k:
             result[f"eval/pass@{k}"] = sum(pass_at_k(n_samples, int(c), k) for c in per_prompt) / len(samples)
         result["eval/sampled_accuracy"] = sum(flat_correct) / len(flat_correct)
+        if tools:
+            result["eval/sampled_tool_use_frac"] = sum(bool(c.tool_calls) for o in outs for c in o) / len(flat_correct)
     result["examples"] = [{"prompt": s.prompt, "answer": s.answer, "completion": t} for s, t in zip(samples[:3], texts[:3])]
     return result
