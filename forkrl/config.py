@@ -247,7 +247,8 @@ class EnvConfig(Section):
     """Tool use (forkrl/envs): the model writes <tool>query</tool>, gets <result>...</result> back."""
     enabled: bool = False
     tools: list[str | dict[str, Any]] = Field(default_factory=lambda: ["python"])  # names, or {name, tag?, options}
-    protocol: Literal["tags", "native"] = "tags"   # native: the chat template's <tool_call> JSON
+    protocol: Literal["tags", "native", "auto"] = "tags"  # native: the chat template's <tool_call> JSON;
+                                                          # auto: native where the template has it
     answer_tag: str | None = "answer"              # a closed <answer> block ends the episode
     result_tag: str = "result"
     max_turns: int = Field(4, gt=0)

@@ -228,3 +228,14 @@ def test_readme_tool_example_registers_and_answers():
         assert tools["weather"]("Oslo ").text == "sunny in Oslo"
     finally:
         del TOOLS["weather"]
+
+
+def test_auto_protocol_follows_the_chat_template():
+    from types import SimpleNamespace
+
+    from forkrl.config import EnvConfig
+    cfg = EnvConfig(enabled=True, tools=["calculator"], protocol="auto")
+    hermes = SimpleNamespace(chat_template="{% if tools %}<tool_call>{{ t }}</tool_call>{% endif %}")
+    plain = SimpleNamespace(chat_template="{{ messages }}")
+    assert ToolEnv.from_config(cfg, tokenizer=hermes).protocol.native
+    assert not ToolEnv.from_config(cfg, tokenizer=plain).protocol.native

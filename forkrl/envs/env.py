@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from forkrl.envs.protocol import Call, ToolProtocol
+from forkrl.envs.protocol import Call, ToolProtocol, native_tool_calls_supported
 from forkrl.envs.sandbox import ToolResult
 from forkrl.envs.tools import Tool, build_tools
 
@@ -27,11 +27,13 @@ class ToolEnv:
     budget: Budget = field(default_factory=Budget)
 
     @classmethod
-    def from_config(cls, cfg, **context) -> "ToolEnv":
-        """From an `EnvConfig`; `context` carries shared objects some tools take (e.g. `generate`)."""
+    def from_config(cls, cfg, tokenizer=None, **context) -> "ToolEnv":
+        """From an `EnvConfig`; `context` carries shared objects some tools take (e.g. `generate`).
+        protocol "auto" uses the chat template's native <tool_call> format when it has one."""
         tools = build_tools([t if isinstance(t, dict) else {"name": t} for t in cfg.tools], **context)
-        protocol = ToolProtocol(list(tools), answer_tag=cfg.answer_tag, result_tag=cfg.result_tag,
-                                native=cfg.protocol == "native")
+        native = cfg.protocol == "native" or (cfg.protocol == "auto" and tokenizer is not None
+                                              and native_tool_calls_supported(tokenizer))
+        protocol = ToolProtocol(list(tools), answer_tag=cfg.answer_tag, result_tag=cfg.result_tag, native=native)
         return cls(protocol, tools, Budget(cfg.max_turns, cfg.max_tool_calls, cfg.max_total_tokens,
                                            cfg.max_observation_tokens))
 

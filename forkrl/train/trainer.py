@@ -124,7 +124,7 @@ class Trainer:
             context["generate"] = generate
             for t in sim:
                 t.pop("model", None)
-        return ToolEnv.from_config(self.cfg.env, **context)
+        return ToolEnv.from_config(self.cfg.env, tokenizer=self.tokenizer, **context)
 
     def _tool_rollout(self, prompts, samples, params, seed, groups=None):
         from forkrl.rollout.agent import multi_turn_rollout
