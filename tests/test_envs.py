@@ -168,9 +168,11 @@ def test_simulated_search_noise_share():
     s = SimulatedSearch(generate=lambda ps: (seen.extend(ps), ["1. doc"] * len(ps))[1], noise=1.0)
     assert s("capital of Tesk").text == "1. doc"
     assert "not contain the correct answer" in seen[0]
-    s0 = SimulatedSearch(generate=lambda ps: ["x"] * len(ps), noise=0.0)
+    s0 = SimulatedSearch(generate=lambda ps: ["x"] * len(ps), noise=0.0, noise_end=0.5)
     s0.batch(["a"] * 20)
     assert s0.noisy_calls == 0
+    s0.on_step(0.5)      # the curriculum: 0 -> 0.5 over training
+    assert s0.noise == pytest.approx(0.25)
 
 
 def test_python_tool_prints_the_last_expression_and_runs_in_a_pool():

@@ -58,6 +58,10 @@ class ToolEnv:
                 results[i] = r
         return results  # type: ignore[return-value]
 
+    def on_step(self, progress: float) -> None:
+        for t in self.tools.values():
+            t.on_step(progress)
+
     def close(self) -> None:
         for t in self.tools.values():
             t.close()

@@ -46,6 +46,9 @@ class Tool:
     def batch(self, queries: list[str]) -> list[ToolResult]:
         return [self(q) for q in queries]
 
+    def on_step(self, progress: float) -> None:
+        """Called before every training step with progress in [0, 1] (for curricula)."""
+
     def close(self) -> None:
         pass
 
@@ -156,19 +159,26 @@ NOISY_INSTRUCTION = " Make them plausible but wrong: they must not contain the c
 class SimulatedSearch(Tool):
     """ZeroSearch's simulated engine (algorithms.md §21): a language model writes the documents for a
     query. With probability `noise` a query gets deliberately misleading documents instead of useful
-    ones; raising `noise` over training is ZeroSearch's curriculum. `generate(prompts) -> texts` is
-    any text generator (the trainer passes one built on a frozen model)."""
+    ones. ZeroSearch's curriculum raises it over training: with `noise_end` set, the share moves
+    linearly from `noise` to `noise_end`. `generate(prompts) -> texts` is any text generator (the
+    trainer passes one built on a frozen model)."""
 
     def __init__(self, tag: str | None = None, generate: Callable[[list[str]], list[str]] | None = None,
-                 noise: float = 0.0, n_docs: int = 3, seed: int = 0, max_chars: int = 1200, **_):
+                 noise: float = 0.0, noise_end: float | None = None, n_docs: int = 3, seed: int = 0,
+                 max_chars: int = 1200, **_):
         super().__init__(tag or "search")
         if generate is None:
             raise ValueError("simulated_search needs a `generate(prompts) -> texts` function")
         if not 0 <= noise <= 1:
             raise ValueError(f"simulated_search noise must be in [0, 1], got {noise}")
         self.generate, self.noise, self.n_docs, self.max_chars = generate, noise, n_docs, max_chars
+        self.noise_start, self.noise_end = noise, noise_end
         self.rng = random.Random(seed)
         self.noisy_calls = 0
+
+    def on_step(self, progress: float) -> None:
+        if self.noise_end is not None:
+            self.noise = self.noise_start + (self.noise_end - self.noise_start) * min(max(progress, 0.0), 1.0)
 
     def batch(self, queries: list[str]) -> list[ToolResult]:
         noisy = [self.rng.random() < self.noise for _ in queries]

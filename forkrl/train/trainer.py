@@ -297,6 +297,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.engine.stats.decode_tokens = 0
         self.scoring_seconds = 0.0
+        if self.env is not None:
+            self.env.on_step(self.learner.progress(step))
         trajs, generated, stats = self.collect(step)
         t_score = self.scoring_seconds
         t_sample = time.perf_counter() - t0 - t_score
