@@ -1,4 +1,4 @@
-"""Command line: `forkrl train CONFIG [key=value ...] [--resume]` and `forkrl eval CONFIG [key=value ...]`."""
+"""Command line: `forkrl train|sft CONFIG [key=value ...] [--resume]` and `forkrl eval CONFIG [key=value ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -20,16 +20,22 @@ def _setup(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, sft: bool = False) -> int:
     from forkrl.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if sft:
+        if not cfg.sft.train_path:
+            raise ConfigError("forkrl sft needs sft.train_path: a .jsonl/.parquet file of {\"messages\": [...]} rows")
+        cfg.algo.loss, cfg.algo.loss_params = "nll", {}
+    elif cfg.sft.train_path:
+        raise ConfigError("sft.train_path is set: run this recipe with `forkrl sft`")
     start = time.perf_counter()
     trainer = Trainer(cfg)
     try:
         summary = trainer.train(resume=args.resume)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; resume with: forkrl train {args.config} {' '.join(args.overrides)} --resume",
+        print(f"\ninterrupted; resume with: forkrl {args.command} {args.config} {' '.join(args.overrides)} --resume",
               file=sys.stderr)
         return 130
     before, after = summary.get("before", {}), summary["after"]
@@ -37,25 +43,25 @@ def cmd_train(args) -> int:
               "held_out_accuracy_before": before.get("eval/accuracy"),
               "held_out_accuracy_after": after["eval/accuracy"], "n_held_out": after["eval/n_prompts"],
               "output_dir": cfg.output_dir, "model": summary["export"]}
+    for key in ("eval/tool_use_frac", "eval/pass@1", "eval/sampled_tool_use_frac"):
+        if key in after:
+            result[f"{key.removeprefix('eval/')}_before"] = before.get(key)
+            result[f"{key.removeprefix('eval/')}_after"] = after[key]
     print(json.dumps(result, indent=1))
     return 0
 
 
+def cmd_sft(args) -> int:
+    return cmd_train(args, sft=True)
+
+
 def cmd_eval(args) -> int:
-    from forkrl.metrics import evaluate
-    from forkrl.models import load_policy
-    from forkrl.rollout import TorchEngine
-    from forkrl.tasks import build_task
+    from forkrl.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    model, tok = load_policy(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.seed)
-    task = build_task(cfg.task, seed=cfg.seed)
-    e = cfg.eval
-    res = evaluate(TorchEngine(model, tok, cfg.rollout.max_batch_size), task,
-                   task.eval[:e.size] if e.size else task.eval,
-                   max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, stop=cfg.rollout.stop,
-                   pass_k=e.pass_k, n_samples=e.samples, temperature=e.temperature, seed=cfg.seed + 17)
-    print(json.dumps({"model": cfg.model.name, "task": task.name, **res}, indent=1))
+    trainer = Trainer(cfg)  # the same evaluation as in training, tools included
+    res = trainer.evaluate()
+    print(json.dumps({"model": cfg.model.name, "task": trainer.task.name, **res}, indent=1))
     return 0
 
 
@@ -64,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, helptext in (("train", cmd_train, "run RL training from a YAML recipe"),
+                               ("sft", cmd_sft, "supervised fine-tuning on conversations (sft.train_path)"),
                                ("eval", cmd_eval, "held-out accuracy and pass@k of a model")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 model.name=tiny-random")
-        if name == "train":
+        if name in ("train", "sft"):
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)

@@ -221,6 +221,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up, decaying to min_lr_ratio * lr
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = 1.0
     epochs: int = Field(1, gt=0)                 # PPO epochs per rollout batch
     mini_batches: int = Field(1, gt=0)           # optimizer steps per epoch
@@ -267,6 +269,15 @@ class EnvConfig(Section):
         return v
 
 
+class SFTConfig(Section):
+    """Supervised fine-tuning (`forkrl sft`): conversations of {"messages": [...]}, loss on assistant tokens."""
+    train_path: str | None = None
+    batch_size: int = Field(16, gt=0)          # conversations per optimizer step
+    epochs: float | None = Field(None, gt=0)   # set: train.steps = ceil(epochs * conversations / batch_size)
+    group_by_length: bool = True               # batches of similar length (less padding), order seeded
+    result_tag: str = "result"
+
+
 class LogConfig(Section):
     tensorboard: bool = True                     # when tensorboard is installed
     wandb_project: str | None = None
@@ -284,6 +295,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     paper: str | None = None                     # the method's paper, for recipes
 

@@ -160,3 +160,13 @@ def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
     loss_mat, metrics = clipped_surrogate(s, adv, mask, clip_low, clip_high)
     metrics["ppo_kl"] = float(-seq_log_ratio.detach().mean())
     return agg_loss(loss_mat, mask, "seq-mean-token-mean", norm, weight), metrics
+
+
+@register_loss("nll")
+def nll(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: str = "token-mean",
+        norm: AggNorm | None = None, weight: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Supervised fine-tuning: negative log-likelihood of the masked tokens, l = -log pi(y_t).
+    Advantages are ignored; `forkrl sft` trains with it through the same learner as RL."""
+    m = mask.bool()
+    mean_nll = float(-logp.detach()[m].mean()) if m.any() else 0.0
+    return agg_loss(-logp, mask, agg, norm, weight), {"sft/nll": mean_nll}

@@ -35,6 +35,22 @@ from forkrl.train.replay import ReplayBuffer, cosine_decay, cosine_ramp
 log = logging.getLogger("forkrl")
 
 
+def lr_lambda(t):
+    """Multiplier of train.lr at optimizer step s: linear warm-up over warmup_steps, then constant,
+    cosine or linear decay to min_lr_ratio at train.steps."""
+    warm, total, floor = t.warmup_steps, t.steps, t.min_lr_ratio
+
+    def f(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / warm
+        if t.schedule == "constant":
+            return 1.0
+        p = min(max((s - warm) / max(total - warm, 1), 0.0), 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * p)) if t.schedule == "cosine" else 1 - p
+        return floor + (1 - floor) * decay
+    return f
+
+
 def tool_metrics(trajs: list[Trajectory], tools: list[str]) -> dict[str, float]:
     """Tool use over one step's trajectories: calls per trajectory (all and by tool), error rate,
     turns, observation tokens, share of trajectories that called a tool, and total calls."""
@@ -86,9 +102,13 @@ class Trainer:
         t = cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        warm = t.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.demos = None
+        if cfg.sft.train_path:
+            from forkrl.tasks.conversations import load_conversations
+            self.demos = load_conversations(cfg.sft.train_path, tokenizer, cfg.sft.result_tag)
+            if cfg.sft.epochs:
+                t.steps = math.ceil(cfg.sft.epochs * len(self.demos) / cfg.sft.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
         self.learner = Learner(model, self.optimizer, self.scheduler, cfg, ref_model=self.ref_model,
                                pad_id=self.engine.pad_id, temperature=cfg.rollout.temperature or 1.0,
                                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
@@ -195,10 +215,30 @@ class Trainer:
             t.correct = correct[i]
         self.scoring_seconds += time.perf_counter() - start
 
+    def sft_batch(self) -> list[Trajectory]:
+        """The next batch of demonstrations: a seeded shuffle per epoch; with group_by_length, windows of
+        8 batches are sorted by length before they are cut, so a batch holds similar lengths."""
+        c = self.cfg.sft
+        n = len(self.demos)
+        per_epoch = math.ceil(n / c.batch_size)
+        epoch, b = divmod(self.data_pos, per_epoch)
+        order = list(range(n))
+        random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
+        if c.group_by_length:
+            window = 8 * c.batch_size
+            order = [i for w in range(0, n, window)
+                     for i in sorted(order[w:w + window], key=lambda i: len(self.demos[i].tokens))]
+        self.data_pos += 1
+        return [Trajectory(prompt_ids=d.prompt_ids, tokens=d.tokens, logprobs=[0.0] * len(d.tokens),
+                           entropies=[0.0] * len(d.tokens), loss_mask=d.loss_mask, group=d.source, advantage=1.0)
+                for d in (self.demos[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size])]
+
     def collect(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict]:
         """(trajectories to train on, all generated trajectories, stats) for one step. With DAPO
         dynamic sampling only groups with reward variance train, refilled from further generation
         batches up to `max_gen_batches`."""
+        if self.demos is not None:
+            return self.sft_batch(), [], {}
         trajs, generated, stats = self._collect_groups(step)
         if self.cfg.algo.entropy_target.enabled and trajs:
             trajs, reg_stats = self._entropy_target_samples(step, trajs)
@@ -291,6 +331,23 @@ class Trainer:
     def _seed(self, step: int, sub: int) -> int:
         return (self.cfg.seed * 1_000_003 + step * 1009 + sub) % 2 ** 62
 
+    def rollout_metrics(self, generated: list[Trajectory]) -> dict:
+        """What the policy did this step, over everything sampled (the learner reports what it trained on)."""
+        lengths = [t.num_generated for t in generated]
+        metrics = {
+            "reward/mean": float(np.mean([t.reward for t in generated])),
+            "reward/std": float(np.std([t.reward for t in generated])),
+            "accuracy": float(np.mean([t.correct for t in generated])),
+            "response_length/mean": float(np.mean(lengths)), "response_length/max": float(np.max(lengths)),
+            "response/clip_frac": float(np.mean([t.finish == "length" for t in generated])),
+            "rollout/entropy": float(np.mean([e for t in generated for e, m in zip(t.entropies, t.loss_mask) if m])),
+        }
+        for name in generated[0].rewards:
+            metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
+        if self.env is not None:
+            metrics.update(tool_metrics(generated, list(self.env.tools)))
+        return metrics
+
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> dict:
         step = self.step_idx + 1
@@ -306,19 +363,8 @@ class Trainer:
         # rollout metrics describe everything sampled this step (what the policy does), the
         # learner's metrics what it trained on
         metrics: dict = {**stats}
-        lengths = [t.num_generated for t in generated]
-        metrics.update({
-            "reward/mean": float(np.mean([t.reward for t in generated])),
-            "reward/std": float(np.std([t.reward for t in generated])),
-            "accuracy": float(np.mean([t.correct for t in generated])),
-            "response_length/mean": float(np.mean(lengths)), "response_length/max": float(np.max(lengths)),
-            "response/clip_frac": float(np.mean([t.finish == "length" for t in generated])),
-            "rollout/entropy": float(np.mean([e for t in generated for e, m in zip(t.entropies, t.loss_mask) if m])),
-        })
-        for name in generated[0].rewards:
-            metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
-        if self.env is not None:
-            metrics.update(tool_metrics(generated, list(self.env.tools)))
+        if generated:
+            metrics.update(self.rollout_metrics(generated))
         t1 = time.perf_counter()
         replay_coef, replayed = 1.0, []
         if self.replay is not None:
