@@ -139,3 +139,18 @@ def test_cli_requires_the_right_command(tmp_path, capsys):
     assert "needs sft.train_path" in capsys.readouterr().err
     assert main(["train", "configs/sft_tools.yaml", "model.name=tiny-random"]) == 2
     assert "forkrl sft" in capsys.readouterr().err
+
+
+def test_rl_starts_from_the_sft_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, steps=2)
+    summary = Trainer(cfg).train()
+    from transformers import AutoModelForCausalLM
+    exported = AutoModelForCausalLM.from_pretrained(summary["export"])   # plain transformers loads it
+    rl = build_config({"output_dir": str(tmp_path / "rl"), "model": {"name": summary["export"]},
+                       "task": cfg.task.model_dump(), "train": {"steps": 1},
+                       "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4},
+                       "eval": {"at_start": False}, "log": {"progress": False, "tensorboard": False}})
+    trainer = Trainer(rl)
+    first = next(trainer.model.parameters())
+    assert torch.equal(first, next(exported.parameters()))
+    trainer.train()
