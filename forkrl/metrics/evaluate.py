@@ -1,7 +1,9 @@
-"""Held-out evaluation: greedy accuracy and the unbiased pass@k estimator."""
+"""Held-out evaluation: greedy accuracy, the unbiased pass@k estimator, mean@n and majority vote,
+each with a 95% interval."""
 from __future__ import annotations
 
-from math import comb
+from collections import Counter
+from math import comb, sqrt
 
 from forkrl.rollout.types import GenerationRequest, SamplingParams, Trajectory
 
@@ -14,6 +16,36 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(values: list[float], z: float = 1.96) -> float:
+    """Half-width of the normal 95% interval of a mean over prompts."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    m = sum(values) / n
+    return z * sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def majority_vote(answers: list[str | None], correct: list[float]) -> float:
+    """Correctness of the most common answer (ties: the one seen first); 0 when none was extracted."""
+    counted = Counter(a for a in answers if a is not None)
+    if not counted:
+        return 0.0
+    top = max(counted.values())
+    winner = next(a for a in answers if a is not None and counted[a] == top)
+    return next(c for a, c in zip(answers, correct) if a == winner)
 
 
 def _single_turn(engine):
@@ -40,7 +72,9 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
     outs = generate(prompts, samples, greedy, seed)
     texts = [o[0].text for o in outs]
     correct = task.correct(samples, texts)
-    result = {"eval/accuracy": sum(correct) / len(samples), "eval/n_prompts": len(samples),
+    lo, hi = wilson_interval(sum(correct), len(samples))
+    result = {"eval/accuracy": sum(correct) / len(samples), "eval/accuracy_ci_low": lo, "eval/accuracy_ci_high": hi,
+              "eval/n_prompts": len(samples),
               "eval/response_length": sum(o[0].num_generated for o in outs) / len(outs)}
     if tools:
         result["eval/tool_use_frac"] = sum(bool(o[0].tool_calls) for o in outs) / len(outs)
@@ -51,8 +85,16 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
         flat_correct = task.correct(flat_samples, [c.text for o in outs for c in o])
         per_prompt = [sum(flat_correct[i * n_samples:(i + 1) * n_samples]) for i in range(len(samples))]
         for k in pass_k:
-            result[f"eval/pass@{k}"] = sum(pass_at_k(n_samples, int(c), k) for c in per_prompt) / len(samples)
+            per = [pass_at_k(n_samples, int(c), k) for c in per_prompt]
+            result[f"eval/pass@{k}"] = sum(per) / len(samples)
+            result[f"eval/pass@{k}_ci"] = mean_interval(per)
         result["eval/sampled_accuracy"] = sum(flat_correct) / len(flat_correct)
+        result[f"eval/mean@{n_samples}"] = result["eval/sampled_accuracy"]
+        texts_flat = [c.text for o in outs for c in o]
+        votes = [majority_vote([task.answer_of(x) for x in texts_flat[i * n_samples:(i + 1) * n_samples]],
+                               flat_correct[i * n_samples:(i + 1) * n_samples]) for i in range(len(samples))]
+        result[f"eval/maj@{n_samples}"] = sum(votes) / len(samples)
+        result[f"eval/maj@{n_samples}_ci"] = mean_interval(votes)
         if tools:
             result["eval/sampled_tool_use_frac"] = sum(bool(c.tool_calls) for o in outs for c in o) / len(flat_correct)
     result["examples"] = [{"prompt": s.prompt, "answer": s.answer, "completion": t} for s, t in zip(samples[:3], texts[:3])]

@@ -94,6 +94,11 @@ class Task:
         if not train:
             raise ValueError(f"task {name!r} has no training samples")
 
+    def answer_of(self, completion: str) -> str | None:
+        """The final answer a completion gives (majority voting compares these); tasks built from an
+        extractor replace it."""
+        return completion.strip() or None
+
     # -- prompts -----------------------------------------------------------------------------
     def messages(self, sample: Sample) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -242,7 +247,9 @@ def reasoning_gym_task(dataset: str, *, config: dict | None = None, seed: int = 
     def verifier(sample: Sample, completion: str) -> float:
         return float(train_ds.score_answer(extract_answer(completion, extractor), sample.columns["entry"]))
 
-    return Task(f"reasoning_gym/{dataset}", train, held_out, verifier=verifier, **task_kwargs)
+    task = Task(f"reasoning_gym/{dataset}", train, held_out, verifier=verifier, **task_kwargs)
+    task.answer_of = lambda completion: extract_answer(completion, extractor)
+    return task
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
@@ -301,4 +308,6 @@ def file_task(train_path: str, *, eval_path: str | None = None, prompt_field: st
             return 0.0
         return 1.0 if answers_match(extract_answer(completion, extractor), sample.answer) else 0.0
 
-    return Task(f"file/{Path(train_path).stem}", train, held_out, verifier=verifier, **task_kwargs)
+    task = Task(f"file/{Path(train_path).stem}", train, held_out, verifier=verifier, **task_kwargs)
+    task.answer_of = lambda completion: extract_answer(completion, extractor)
+    return task

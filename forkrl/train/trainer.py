@@ -24,6 +24,7 @@ from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.selection import overlong_penalty
 from forkrl.config import RunConfig
 from forkrl.metrics import evaluate, make_sinks
+from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.models import load_policy
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
 from forkrl.tasks import Sample, Task, build_task
@@ -346,6 +347,7 @@ class Trainer:
             metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
         if self.env is not None:
             metrics.update(tool_metrics(generated, list(self.env.tools)))
+        metrics.update(entropy_stats(generated))
         return metrics
 
     # -- one step ------------------------------------------------------------------------------
@@ -408,6 +410,22 @@ class Trainer:
                 x = torch.tensor(ent)
                 self.sampler_stats["hapo"] = hapo_entropy_stats(x, torch.ones_like(x), at.pivot)
                 metrics["rollout/adaptive_temperature"] = 1.0
+
+    def _entropy_law(self, metrics: dict) -> dict:
+        """Refit R = -a exp(H) + b on every (sampling entropy, held-out accuracy) point so far; the
+        headroom is the fitted ceiling minus the current accuracy, and a run whose entropy falls
+        while under 0.05 of headroom is flagged as collapsing."""
+        if "rollout/entropy" not in metrics or "eval/accuracy" not in metrics:
+            return {}
+        points = self.sampler_stats.setdefault("law_points", [])
+        points.append([metrics["rollout/entropy"], metrics["eval/accuracy"]])
+        if len(points) < 3 or len({round(h, 9) for h, _ in points}) < 3:
+            return {}
+        law = fit_entropy_law([h for h, _ in points], [r for _, r in points])
+        headroom = law.ceiling - metrics["eval/accuracy"]
+        falling = points[-1][0] < points[-2][0]
+        return {"law/a": law.a, "law/b": law.b, "law/ceiling": law.ceiling, "law/ceiling_se": law.ceiling_se,
+                "law/headroom": headroom, "law/collapsing": float(falling and headroom < 0.05)}
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -483,6 +501,7 @@ class Trainer:
                 step = self.step_idx
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                     metrics.update(self.evaluate())
+                    metrics.update(self._entropy_law(metrics))
                 for s in sinks:
                     s.write(step, metrics)
                 self.history.append(metrics)
