@@ -17,9 +17,9 @@ from forkrl.algos import (
 )
 from forkrl.algos.selection import max_variance_subset
 
-# terms that act without an advantage, by design: KL-Cov's |log r| penalty (a KL-to-old surrogate) and
-# EPO's entropy bonus and smoothing penalty
-REGULARISED = {"kl_cov", "epo"}
+# terms that act without an advantage, by design: KL-Cov's |log r| penalty (a KL-to-old surrogate),
+# EPO's entropy bonus and smoothing penalty, and `nll`, the SFT objective, which is no policy gradient
+REGULARISED = {"kl_cov", "epo", "nll"}
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
