@@ -381,6 +381,13 @@ class Learner:
         metrics["train/tokens"] = float(batch.train_mask.sum())
         metrics["train/selected_token_frac"] = float(batch.train_mask.sum() / batch.loss_mask.sum().clamp(min=1))
         metrics["train/nonfinite_updates"] = float(n_skipped)
+        # Cov(log pi, A) over the trained tokens of the batch, at the policy the update started from: the
+        # quantity whose sign says whether policy gradient lowers entropy (algorithms.md §4)
+        m = batch.train_mask > 0
+        if m.any():
+            lp = (batch.sampling_logp if old_logp is None else old_logp)[m].double()
+            av = adv[m].double()
+            metrics["entropy/cov_logp_adv"] = float(((lp - lp.mean()) * (av - av.mean())).mean())
         if batch.replay.any():
             metrics["replay/rows"] = float(batch.replay.sum())
             metrics["replay/coef"] = replay_coef
