@@ -1,4 +1,5 @@
-"""Command line: `forkrl train|sft CONFIG [key=value ...] [--resume]` and `forkrl eval CONFIG [key=value ...]`."""
+"""Command line: `forkrl train|sft CONFIG [key=value ...] [--resume]`, `forkrl eval CONFIG [key=value ...]`,
+`forkrl report RUN_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from forkrl.metrics.report import write_report
+    print(write_report(args.run_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkrl", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -78,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("train", "sft"):
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (plots, entropy-shaded samples) from a run's logs")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     _setup(args.threads)
     try:

@@ -73,3 +73,13 @@ def make_sinks(out_dir: Path, cfg, resume_step: int | None) -> list:
     if cfg.log.wandb_project:
         sinks.append(WandbSink(cfg.log.wandb_project, cfg.name, cfg.model_dump(), resume_step is not None))
     return sinks
+
+
+class SampleLog(JsonlSink):
+    """A few sampled completions per step, token by token with their entropies, for `forkrl report`
+    (samples.jsonl; a resumed run drops the steps it redoes, as metrics.jsonl does)."""
+
+    def write(self, step: int, samples: list[dict]) -> None:  # type: ignore[override]
+        for s in samples:
+            self.f.write(json.dumps({"step": step, **s}) + "\n")
+        self.f.flush()

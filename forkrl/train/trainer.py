@@ -24,6 +24,7 @@ from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.selection import overlong_penalty
 from forkrl.config import RunConfig
 from forkrl.metrics import evaluate, make_sinks
+from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.models import load_policy
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
@@ -122,6 +123,7 @@ class Trainer:
         a = cfg.algo
         self.replay = ReplayBuffer(a.replay) if a.replay.enabled else None
         self.flaw_detector = load_detector(a.flawed_positive.detector) if a.flawed_positive.enabled else None
+        self._last_generated: list[Trajectory] = []
         self.sampler_stats: dict = {}  # from the last trained batch: HAPO's entropy statistics, its policy entropy
 
     def _build_env(self):
@@ -332,6 +334,16 @@ class Trainer:
     def _seed(self, step: int, sub: int) -> int:
         return (self.cfg.seed * 1_000_003 + step * 1009 + sub) % 2 ** 62
 
+    def _token_samples(self, k: int = 2) -> list[dict]:
+        """The first k trajectories of the last step, as token strings with entropy and mask."""
+        out = []
+        for t in self._last_generated[:k]:
+            pieces = [self.tokenizer.decode([x]) for x in t.tokens]
+            out.append({"prompt": t.sample.prompt if t.sample is not None else "", "tokens": pieces,
+                        "entropy": [None if e is None or math.isnan(e) else round(e, 4) for e in t.entropies],
+                        "mask": list(t.loss_mask), "reward": t.reward, "correct": t.correct})
+        return out
+
     def rollout_metrics(self, generated: list[Trajectory]) -> dict:
         """What the policy did this step, over everything sampled (the learner reports what it trained on)."""
         lengths = [t.num_generated for t in generated]
@@ -365,6 +377,7 @@ class Trainer:
         # rollout metrics describe everything sampled this step (what the policy does), the
         # learner's metrics what it trained on
         metrics: dict = {**stats}
+        self._last_generated = generated
         if generated:
             metrics.update(self.rollout_metrics(generated))
         t1 = time.perf_counter()
@@ -486,6 +499,7 @@ class Trainer:
         if resume and not resumed:
             log.info("no checkpoint in %s; starting from scratch", self.out)
         sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None)
+        sample_log = SampleLog(self.out / "samples.jsonl", self.step_idx if resumed else None)
         summary: dict = {}
         old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
@@ -504,6 +518,7 @@ class Trainer:
                     metrics.update(self._entropy_law(metrics))
                 for s in sinks:
                     s.write(step, metrics)
+                sample_log.write(step, self._token_samples())
                 self.history.append(metrics)
                 if bar is not None:
                     bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR_KEYS if k in metrics},
@@ -532,6 +547,7 @@ class Trainer:
             signal.signal(signal.SIGINT, old_handler)
             for s in sinks:
                 s.close()
+            sample_log.close()
         summary["steps"] = self.step_idx
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
