@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from forkrl.algos.registry import register_advantage
+from forkrl.algos.registry import per_turn_index, register_advantage
 
 
 def _group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,21 +113,6 @@ def _base_advantage(name: str, rewards: Tensor, group_ids: Tensor, mask: Tensor)
     return {"grpo": grpo, "drgrpo": drgrpo, "rloo": rloo, "hapo": hapo}[name](rewards, group_ids, mask)
 
 
-def _turn_spans(mask: Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the [start, end) spans of its assistant turns (maximal runs of mask 1)."""
-    spans = []
-    for row in (mask > 0).tolist():
-        out, start = [], None
-        for t, on in enumerate(row + [False]):
-            if on and start is None:
-                start = t
-            elif not on and start is not None:
-                out.append((start, t))
-                start = None
-        spans.append(out)
-    return spans
-
-
 @register_advantage("empg")
 def empg(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, base: str = "grpo",
          k: float = 1.0, k_future: float = 1.0, zeta: float = 0.1, normalize: bool = True
@@ -144,10 +129,11 @@ def empg(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, b
     """
     base_adv, metrics = _base_advantage(base, rewards, group_ids, mask)
     seq_adv = base_adv.double().sum(-1) / mask.double().sum(-1).clamp(min=1)
-    spans = _turn_spans(mask)
+    turn = per_turn_index(mask)
     ent = entropy.double()
-    step_h = [[float(ent[b, s:e].mean()) for s, e in row] for b, row in enumerate(spans)]
-    flat = torch.tensor([h for row in step_h for h in row], dtype=torch.float64)
+    # one entry per (row, turn), in row order then turn order
+    steps = [(b, s) for b in range(mask.shape[0]) for s in range(1, int(turn[b].max()) + 1)]
+    flat = torch.tensor([float(ent[b][turn[b] == s].mean()) for b, s in steps], dtype=torch.float64)
     out = torch.zeros_like(mask, dtype=torch.float64)
     if flat.numel():
         lo, hi = flat.min(), flat.max()
@@ -155,12 +141,10 @@ def empg(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, b
         g_all = torch.exp(-k * norm_h)
         g_all = g_all / g_all.mean()
         f_all = torch.exp(-k_future * norm_h)
-        i = 0
-        for b, row in enumerate(spans):
-            for j, (s, e) in enumerate(row):
-                bonus = float(f_all[i + 1]) if j + 1 < len(row) else 0.0
-                out[b, s:e] = float(g_all[i]) * float(seq_adv[b]) + zeta * bonus
-                i += 1
+        for i, (b, s) in enumerate(steps):
+            has_next = i + 1 < len(steps) and steps[i + 1][0] == b
+            bonus = float(f_all[i + 1]) if has_next else 0.0
+            out[b][turn[b] == s] = float(g_all[i]) * float(seq_adv[b]) + zeta * bonus
         valid = mask > 0
         if normalize and int(valid.sum()) > 1:
             v = out[valid]
