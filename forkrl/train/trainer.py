@@ -26,6 +26,7 @@ from forkrl.config import RunConfig
 from forkrl.metrics import evaluate, make_sinks
 from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
+from forkrl.metrics.tools import tool_metrics
 from forkrl.models import load_policy
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
 from forkrl.tasks import Sample, Task, build_task
@@ -51,27 +52,6 @@ def lr_lambda(t):
         decay = 0.5 * (1 + math.cos(math.pi * p)) if t.schedule == "cosine" else 1 - p
         return floor + (1 - floor) * decay
     return f
-
-
-def tool_metrics(trajs: list[Trajectory], tools: list[str]) -> dict[str, float]:
-    """Tool use over one step's trajectories: calls per trajectory (all and by tool), error rate,
-    turns, observation tokens, share of trajectories that called a tool, and total calls."""
-    calls = [c for t in trajs for c in t.tool_calls]
-    n = max(len(trajs), 1)
-    out = {
-        "tools/calls_per_traj": len(calls) / n,
-        "tools/calls_total": float(len(calls)),
-        "tools/error_rate": sum(not c.ok for c in calls) / len(calls) if calls else 0.0,
-        "tools/use_frac": sum(bool(t.tool_calls) for t in trajs) / n,
-        "tools/turns": sum(t.turns for t in trajs) / n,
-        "tools/observation_tokens": sum(len(t.loss_mask) - sum(t.loss_mask) for t in trajs) / n,
-        "tools/seconds": sum(c.seconds for c in calls),
-    }
-    for name in tools:
-        out[f"tools/{name}_calls_per_traj"] = sum(c.name == name for c in calls) / n
-    for finish in ("answer", "tool_budget", "turns", "length"):
-        out[f"finish/{finish}_frac"] = sum(t.finish == finish for t in trajs) / n
-    return out
 
 
 def peak_rss_gb() -> float:
