@@ -282,6 +282,9 @@ class LogConfig(Section):
     tensorboard: bool = True                     # when tensorboard is installed
     wandb_project: str | None = None
     progress: bool = True
+    # trained tokens whose full next-token distributions are kept before and after each update, to log
+    # the measured entropy change next to its first-order prediction (algorithms.md §4); 0 = off
+    entropy_probe_tokens: int = Field(128, ge=0)
 
 
 class RunConfig(Section):

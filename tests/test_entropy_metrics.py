@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law, post_tool_mask
 from forkrl.metrics.evaluate import majority_vote, pass_at_k, wilson_interval
@@ -65,3 +66,30 @@ def test_training_logs_entropy_statistics_and_refits_the_law(tmp_path):
     assert all("entropy/p90" in r and "entropy/pos_0_8" in r and "entropy/cov_logp_adv" in r for r in rows)
     assert "law/ceiling" in rows[2] and "law/headroom" in rows[2]
     assert len(trainer.sampler_stats["law_points"]) == 3
+
+
+def test_first_order_entropy_change_by_hand():
+    from forkrl.train.learner import entropy_change
+    # pi = (1/2, 1/4, 1/4): H = 1.5 ln 2 = 1.0397; log pi - E[log pi] = (+0.3466, -0.3466, -0.3466).
+    # The first logit moves by +0.01: predicted dH = -(1/2)(0.3466)(0.01) = -0.001733.
+    before = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    after = torch.log_softmax(before + torch.tensor([[0.01, 0.0, 0.0]]), -1)
+    out = entropy_change(before, after)
+    assert out["entropy/delta_predicted"] == pytest.approx(-0.5 * 0.5 * math.log(2) * 0.01, rel=1e-4)
+    # the exact change differs from the first-order one only at second order in the step
+    h = lambda lp: float(-(lp.exp() * lp).sum())
+    assert out["entropy/delta_measured"] == pytest.approx(h(after) - h(before), abs=1e-7)
+    assert abs(out["entropy/delta_measured"] - out["entropy/delta_predicted"]) < 1e-4
+
+
+def test_training_logs_predicted_next_to_measured_entropy_change(tmp_path):
+    from forkrl.train import Trainer
+    from tests.test_trainer import _cfg, _rows
+    # a small step: the first-order prediction must track the measured change state by state
+    cfg = _cfg(tmp_path, train={"steps": 3, "lr": 1e-6}, log={"entropy_probe_tokens": 64})
+    Trainer(cfg).train()
+    rows = _rows(cfg)
+    for r in rows:
+        measured, predicted = r["entropy/delta_measured"], r["entropy/delta_predicted"]
+        assert measured != 0 and abs(measured - predicted) < 0.2 * abs(measured), (measured, predicted)
+        assert r["entropy/delta_state_corr"] > 0.9

@@ -121,10 +121,9 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
     return logp, entropy
 
 
-def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = 1024,
-                      autocast: bool = False) -> tuple[Tensor, Tensor]:
-    """Log-prob of each response token and entropy of its full next-token distribution, [B, L] each,
-    under softmax(logits / temperature); zero where loss_mask is 0.
+def _response_hidden(model, batch: PackedBatch, autocast: bool = False) -> tuple[Tensor, Tensor, Tensor, object]:
+    """Hidden state before each response token where loss_mask is set, [N, d], with those tokens [N],
+    the [B, L] mask that selects them, and the output head.
 
     Two forwards: the distinct prompts, whose KV cache is then gathered per response (a
     differentiable index, so prompt activations get the gradient of every response sharing them),
@@ -134,7 +133,7 @@ def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
 
     decoder, head = _decoder_and_head(model)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    B, L = batch.resp_ids.shape
+    L = batch.resp_ids.shape[1]
     with ctx:
         cache = DynamicCache()
         kv = {cache_kwarg(decoder): cache}
@@ -149,8 +148,16 @@ def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     # the state before token j predicts it: the prompt's last state for j = 0, else response state j - 1
     hidden = torch.cat([prompt_out[batch.prompt_index, -1:], resp_out[:, :-1]], dim=1)
     valid = batch.loss_mask > 0
-    h = hidden[valid]
-    targets = batch.resp_ids[valid]
+    return hidden[valid], batch.resp_ids[valid], valid, head
+
+
+def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = 1024,
+                      autocast: bool = False) -> tuple[Tensor, Tensor]:
+    """Log-prob of each response token and entropy of its full next-token distribution, [B, L] each,
+    under softmax(logits / temperature); zero where loss_mask is 0. The vocabulary projection runs in
+    chunks of `chunk` tokens (checkpointed under grad), so [N, V] logits never exist at once."""
+    h, targets, valid, head = _response_hidden(model, batch, autocast)
+    B, L = batch.resp_ids.shape
     inv_temp = 1.0 / temperature if temperature > 0 else 1.0
     lp_parts, ent_parts = [], []
     for s in range(0, h.shape[0], chunk):
@@ -168,6 +175,35 @@ def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
         logp = logp.index_put(where, torch.cat(lp_parts))
         entropy = entropy.index_put(where, torch.cat(ent_parts))
     return logp, entropy
+
+
+@torch.no_grad()
+def response_log_softmax(model, batch: PackedBatch, *, temperature: float = 1.0) -> Tensor:
+    """The full next-token log-distribution at every trained response position, [N, V] (row-major
+    over loss_mask). For small probes only: N x V floats."""
+    h, _, _, head = _response_hidden(model, batch)
+    inv_temp = 1.0 / temperature if temperature > 0 else 1.0
+    return torch.log_softmax(head(h).float() * inv_temp, dim=-1)
+
+
+def entropy_change(before: Tensor, after: Tensor) -> dict[str, float]:
+    """Measured vs first-order predicted entropy change of the same states, from their full
+    log-distributions before and after an update ([N, V] each).
+
+    Cui et al. (2025, arXiv 2505.22617, Lemma 1; algorithms.md §4): for a softmax policy whose logits
+    move by dz, H(after) - H(before) ~= -Cov_{a~pi}(log pi(a|s), dz(a)). d log pi differs from dz by
+    a constant per state, which the covariance ignores, so d log pi stands in for dz exactly.
+    """
+    p = before.exp()
+    h_before = -(p * before).sum(-1)
+    h_after = -(after.exp() * after).sum(-1)
+    centred = before + h_before.unsqueeze(-1)           # log pi - E_pi[log pi]
+    predicted = -(p * centred * (after - before)).sum(-1)
+    measured = h_after - h_before
+    out = {"entropy/delta_measured": float(measured.mean()), "entropy/delta_predicted": float(predicted.mean())}
+    if measured.numel() > 2 and float(measured.std()) > 0 and float(predicted.std()) > 0:
+        out["entropy/delta_state_corr"] = float(torch.corrcoef(torch.stack([measured, predicted]))[0, 1])
+    return out
 
 
 class NonFiniteLoss(RuntimeError):
@@ -235,6 +271,22 @@ class Learner:
             full[idx, :lp.shape[1]] = lp
         return full
 
+    def _entropy_probe(self, batch: PackedBatch, gen: torch.Generator) -> PackedBatch | None:
+        """A few random policy rows, cut to log.entropy_probe_tokens trained tokens, whose full
+        next-token distributions are kept before and after the update (`entropy_change`)."""
+        budget = self.cfg.log.entropy_probe_tokens
+        rows = (~batch.replay).nonzero().flatten()
+        if budget == 0 or len(rows) == 0:
+            return None
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        counts = (batch.train_mask[rows] > 0).sum(-1)
+        keep = rows[(counts.cumsum(0) - counts) < budget]
+        probe = batch.select(keep)
+        flat = (probe.train_mask > 0).flatten()
+        flat &= flat.cumsum(0) <= budget
+        probe.loss_mask = flat.view_as(probe.train_mask).to(probe.loss_mask.dtype)
+        return probe if flat.any() else None
+
     def progress(self, step: int) -> float:
         return (step - 1) / max(self.cfg.train.steps, 1)
 
@@ -284,6 +336,9 @@ class Learner:
             old_logp = None  # one update: the policy before it is the policy in its own forward
         ref_logp = self._no_grad_logprobs(self.ref_model, batch) if a.kl_coef > 0 else None
         turn = per_turn_index(batch.loss_mask)
+        probe = self._entropy_probe(batch, gen)
+        probe_before = (response_log_softmax(self.model, probe, temperature=self.temperature)
+                        if probe is not None else None)
 
         stats: dict = {}
         prepare = getattr(self.loss_fn, "prepare", None)
@@ -375,6 +430,9 @@ class Learner:
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         metrics = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        if probe_before is not None:
+            after = response_log_softmax(self.model, probe, temperature=self.temperature)
+            metrics.update(entropy_change(probe_before, after))
         metrics.update(adv_metrics)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         metrics["lr"] = self.scheduler.get_last_lr()[0]
