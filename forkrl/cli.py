@@ -1,5 +1,5 @@
 """Command line: `forkrl train|sft CONFIG [key=value ...] [--resume]`, `forkrl eval CONFIG [key=value ...]`,
-`forkrl report RUN_DIR`."""
+`forkrl report RUN_DIR`, `forkrl compare RECIPE... [--task T] [--seeds S] [--budget B]`."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from forkrl.train.compare import compare
+    start = time.perf_counter()
+    paths = compare(args.recipes, task=args.task, seeds=args.seeds, budget=args.budget, out=args.out,
+                    overrides=args.set)
+    print(paths["markdown"].read_text())
+    print(json.dumps({k: str(v) for k, v in paths.items()} | {"wall_s": round(time.perf_counter() - start, 1)},
+                     indent=1))
+    return 0
+
+
 def cmd_report(args) -> int:
     from forkrl.metrics.report import write_report
     print(write_report(args.run_dir))
@@ -85,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("train", "sft"):
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("compare", help="train several recipes on one task, seeds and budget; tabulate mean ± 95%% CI")
+    p.add_argument("recipes", nargs="+", help="YAML recipes, e.g. configs/grpo.yaml configs/dapo.yaml")
+    p.add_argument("--task", help="YAML file whose task section every recipe uses (default: the recipes' own)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 per recipe (default 2)")
+    p.add_argument("--budget", help="N or steps=N (training steps), or tokens=N (sampled tokens) per run")
+    p.add_argument("--out", default="runs/compare", help="where the runs, compare.md/.csv/.html go")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every run, e.g. --set train.lr=1e-5 (repeatable)")
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("report", help="write RUN_DIR/report.html (plots, entropy-shaded samples) from a run's logs")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)

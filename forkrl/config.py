@@ -217,6 +217,7 @@ class AlgoConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(20, gt=0)
+    token_budget: int | None = Field(None, gt=0)  # also stop once this many tokens were sampled (forkrl compare)
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -375,16 +376,19 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
         raise ConfigError(_format(e)) from None
 
 
+def read_recipe(path: str | Path) -> dict:
+    """A YAML recipe as a plain mapping (not validated)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return build_config(data, overrides)
+    return build_config(read_recipe(path) if path is not None else {}, overrides)

@@ -382,6 +382,13 @@ class Trainer:
                         self.nonfinite_streak)
         else:
             self.nonfinite_streak = 0
+        # what the run has spent so far (checkpointed with the sampler state, so resumes continue it)
+        totals = self.sampler_stats.setdefault("totals", {"sampled_tokens": 0, "tool_calls": 0, "seconds": 0.0})
+        totals["sampled_tokens"] += decoded
+        totals["tool_calls"] += sum(len(t.tool_calls) for t in generated)
+        totals["seconds"] += time.perf_counter() - t0
+        metrics.update({"budget/sampled_tokens": float(totals["sampled_tokens"]),
+                        "budget/tool_calls": float(totals["tool_calls"]), "time/total_s": totals["seconds"]})
         metrics.update({
             "time/sampling_s": t_sample, "time/scoring_s": t_score, "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
             "throughput/sampling_tokens_per_s": decoded / max(t_sample, 1e-9),
@@ -404,11 +411,16 @@ class Trainer:
                 self.sampler_stats["hapo"] = hapo_entropy_stats(x, torch.ones_like(x), at.pivot)
                 metrics["rollout/adaptive_temperature"] = 1.0
 
+    def budget_spent(self) -> bool:
+        """train.token_budget: stop once this many tokens have been sampled (steps stays an upper bound)."""
+        budget = self.cfg.train.token_budget
+        return budget is not None and self.sampler_stats.get("totals", {}).get("sampled_tokens", 0) >= budget
+
     def _entropy_law(self, metrics: dict) -> dict:
         """Refit R = -a exp(H) + b on every (sampling entropy, held-out accuracy) point so far; the
         headroom is the fitted ceiling minus the current accuracy, and a run whose entropy falls
         while under 0.05 of headroom is flagged as collapsing."""
-        if "rollout/entropy" not in metrics or "eval/accuracy" not in metrics:
+        if metrics.get("rollout/entropy") is None or "eval/accuracy" not in metrics:
             return {}
         points = self.sampler_stats.setdefault("law_points", [])
         points.append([metrics["rollout/entropy"], metrics["eval/accuracy"]])
@@ -490,7 +502,7 @@ class Trainer:
                     s.write(0, before)
                 log.info("held-out before training: %s", _fmt(before))
             bar = _progress(cfg, self.step_idx)
-            while self.step_idx < cfg.train.steps:
+            while self.step_idx < cfg.train.steps and not self.budget_spent():
                 metrics = self.step()
                 step = self.step_idx
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
@@ -518,6 +530,9 @@ class Trainer:
             if bar is not None:
                 bar.close()
             after = self.evaluate()
+            if self.history:  # the final evaluation is the law's last point, at the last step's entropy
+                after.update(self._entropy_law({**after, "rollout/entropy": self.history[-1].get("rollout/entropy")}))
+                after.update({k: v for k, v in self.history[-1].items() if k.startswith("budget/")})
             summary["after"] = after
             for s in sinks:
                 s.write(self.step_idx, after)
