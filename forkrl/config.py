@@ -92,6 +92,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(128, gt=0)
     stop: list[str] = Field(default_factory=list)
     max_batch_size: int = Field(64, gt=0)
+    prefix_cache_mb: float = Field(512, ge=0)   # key/value states of earlier prefixes kept for reuse; 0 = off
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
     resample_on_correct: ResampleOnCorrectConfig = Field(default_factory=ResampleOnCorrectConfig)
 

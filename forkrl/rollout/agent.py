@@ -39,7 +39,8 @@ def multi_turn_rollout(engine, env: ToolEnv, tokenizer, prompt_ids: list[list[in
         for e in live:
             left = min(params.max_tokens, b.max_total_tokens - len(e.traj.tokens))
             requests.append(GenerationRequest(e.traj.prompt_ids + e.traj.tokens,
-                                              dataclasses.replace(params, n=1, max_tokens=max(left, 1), stop=stop)))
+                                              dataclasses.replace(params, n=1, max_tokens=max(left, 1), stop=stop),
+                                              keep_kv=turn + 1 < b.max_turns))  # the next turn continues it
         outs = engine.generate(requests, seed=(seed * 1_000_003 + turn) % 2 ** 62)
         calls_per_episode = []
         for e, (c,) in zip(live, outs):

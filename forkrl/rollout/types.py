@@ -28,6 +28,9 @@ class SamplingParams:
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # keep the key/value states of each finished sequence (prompt + completion) in the engine's prefix
+    # cache, for a later request that continues it (a turn after a tool result, a branch)
+    keep_kv: bool = False
 
 
 @dataclass

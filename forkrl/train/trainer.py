@@ -74,7 +74,8 @@ class Trainer:
             model, tokenizer = load_policy(cfg.model.name, dtype=cfg.model.dtype, lora=cfg.model.lora, seed=cfg.seed)
         self.model, self.tokenizer = model, tokenizer
         self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
-        self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+        self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
+                                  prefix_cache_mb=cfg.rollout.prefix_cache_mb)
         self.env = self._build_env() if cfg.env.enabled else None
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
@@ -369,6 +370,7 @@ class Trainer:
         if trajs:
             on_policy = list(trajs)
             metrics.update(self.learner.update(trajs + replayed, step, replay_coef=replay_coef))
+            self.engine.weights_updated()
             if self.replay is not None:
                 metrics["replay/added"] = float(self.replay.add(step, on_policy, self.learner.last_seq_adv[:len(on_policy)]))
             self._update_sampler_stats(trajs, metrics)

@@ -1,0 +1,111 @@
+"""PrefixCache: key/value states of token prefixes the engine already ran, kept so that a request
+starting with one of them prefills only the tokens after it.
+
+What reuses it: the `n` samples of a prompt asked for again (evaluation after training, BroRL's large
+N), a trajectory continued after a tool call, and a branch forked from the middle of a sequence (tree
+samplers). A request matches the longest stored prefix; any stored sequence that begins with the
+request's first tokens serves, however much longer it is.
+
+Lookup walks the request in blocks of `block` tokens through a hash index (each block's key chains
+the keys before it, as in vLLM's automatic prefix caching), then extends token by token inside the
+matched entry, and finally compares the tokens themselves, so a hash collision cannot return wrong
+states. Memory is bounded in bytes; the least recently used entries go first.
+
+Stored states are only valid for the weights that computed them: the engine clears the cache when
+the policy changes (`TorchEngine.weights_updated`).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class _Entry:
+    tokens: list[int]
+    kv: torch.Tensor                         # [layers, 2, heads, len, head_dim]
+    keys: list[int] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int = 512 * 2**20, block: int = 16):
+        self.max_bytes = max_bytes
+        self.block = block
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()
+        self.index: dict[int, list[int]] = {}   # chained block key -> ids of the entries holding it, newest last
+        self.bytes = 0
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _block_keys(self, tokens: list[int]) -> list[int]:
+        keys, h = [], 0
+        for b in range(len(tokens) // self.block):
+            h = hash((h, tuple(tokens[b * self.block:(b + 1) * self.block])))
+            keys.append(h)
+        return keys
+
+    def lookup(self, tokens: list[int], max_len: int | None = None) -> tuple[int, torch.Tensor | None]:
+        """(length, states [layers, 2, heads, length, head_dim]) of the longest stored prefix of
+        `tokens`, at most `max_len` long; (0, None) when nothing matches."""
+        limit = len(tokens) if max_len is None else min(max_len, len(tokens))
+        best = None
+        for key in self._block_keys(tokens[:limit]):
+            holders = self.index.get(key)
+            if not holders:
+                break
+            best = holders[-1]
+        if best is None:
+            return 0, None
+        entry = self.entries[best]
+        n = 0
+        stop = min(limit, len(entry.tokens))
+        while n < stop and entry.tokens[n] == tokens[n]:
+            n += 1
+        if n == 0:  # only after a hash collision; the states of an exactly matching prefix are always valid
+            return 0, None
+        self.entries.move_to_end(best)
+        return n, entry.kv[:, :, :, :n]
+
+    def insert(self, tokens: list[int], kv: torch.Tensor) -> bool:
+        """Store the states of `tokens` (kv: [layers, 2, heads, len(tokens), head_dim]). Returns False
+        when it is shorter than a block, already covered by a stored entry, or larger than the budget."""
+        if len(tokens) < self.block or kv.shape[3] != len(tokens):
+            return False
+        n, _ = self.lookup(tokens)
+        if n == len(tokens):
+            return False
+        entry = _Entry(list(tokens), kv.contiguous())
+        if entry.nbytes > self.max_bytes:
+            return False
+        while self.entries and self.bytes + entry.nbytes > self.max_bytes:
+            self._evict()
+        entry_id = self._next_id
+        self._next_id += 1
+        entry.keys = self._block_keys(entry.tokens)
+        for key in entry.keys:
+            self.index.setdefault(key, []).append(entry_id)
+        self.entries[entry_id] = entry
+        self.bytes += entry.nbytes
+        return True
+
+    def _evict(self) -> None:
+        entry_id, entry = self.entries.popitem(last=False)
+        self.bytes -= entry.nbytes
+        for key in entry.keys:
+            holders = self.index[key]
+            holders.remove(entry_id)
+            if not holders:
+                del self.index[key]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.index.clear()
+        self.bytes = 0
