@@ -93,8 +93,18 @@ class RolloutConfig(Section):
     stop: list[str] = Field(default_factory=list)
     max_batch_size: int = Field(64, gt=0)
     prefix_cache_mb: float = Field(512, ge=0)   # key/value states of earlier prefixes kept for reuse; 0 = off
+    sampler: str = "independent"                 # how the budget is spent: independent | arpo | latr
+    sampler_params: dict[str, Any] = Field(default_factory=dict)
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
     resample_on_correct: ResampleOnCorrectConfig = Field(default_factory=ResampleOnCorrectConfig)
+
+    @model_validator(mode="after")
+    def _known_sampler(self):
+        from forkrl.rollout import SAMPLERS, build_sampler
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"rollout.sampler: unknown sampler {self.sampler!r}; allowed: {sorted(SAMPLERS)}")
+        build_sampler(self.sampler, self.sampler_params)  # a bad parameter names itself here
+        return self
 
 
 class DynamicSamplingConfig(Section):

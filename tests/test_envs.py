@@ -5,10 +5,16 @@ import math
 import pytest
 
 from forkrl.envs import Budget, ToolEnv, ToolProtocol, ToolResult
-from forkrl.envs.tools import Calculator, LocalSearch, PythonTool, SimulatedSearch, Tool, build_tools
+from forkrl.envs.tools import (
+    Calculator,
+    LocalSearch,
+    PythonTool,
+    SimulatedSearch,
+    Tool,
+    build_tools,
+)
 from forkrl.rollout.agent import multi_turn_rollout
 from forkrl.rollout.types import Completion, SamplingParams
-
 
 # -- parsing ------------------------------------------------------------------------------------
 
@@ -223,7 +229,7 @@ def test_readme_tool_example_registers_and_answers():
 
     from forkrl.envs import TOOLS
     text = open("README.md").read()
-    block = re.search(r"\*\*Your own tool\*\*.*?```python\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"\*\*Your own tool\*\*.*?```python\n(.*?)```", text, re.DOTALL).group(1)
     exec(compile(block, "README.md", "exec"), {})
     try:
         tools = build_tools([{"name": "weather"}])

@@ -49,7 +49,7 @@ def test_readme_loss_example_registers_and_trains(tmp_path):
 
     from forkrl.algos import LOSSES
     text = open("README.md").read()
-    block = re.search(r"### Writing a method.*?```python\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"### Writing a method.*?```python\n(.*?)```", text, re.DOTALL).group(1)
     exec(compile(block, "README.md", "exec"), {})
     try:
         cfg = load_config("configs/quickstart.yaml", [

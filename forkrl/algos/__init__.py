@@ -6,7 +6,7 @@
 - selection: which samples train (DAPO dynamic sampling), which tokens train (forking tokens), and
   reward shaping (DAPO overlong)
 """
-from forkrl.algos import advantages, entropy_losses, losses, selection  # noqa: F401  (registers the methods)
+from forkrl.algos import advantages, entropy_losses, losses, selection, tree_advantages  # noqa: F401  (registers the methods)
 from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
 from forkrl.algos.registry import (
                                    ADVANTAGES,

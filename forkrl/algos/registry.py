@@ -29,6 +29,7 @@ RESERVED = frozenset({
     "adv",        # [B, T] advantages (token selectors)
     "progress",   # training progress in [0, 1] (schedules)
     "turn",       # [B, T] 1-based index of the assistant turn a generated token belongs to, 0 elsewhere
+    "origin",     # [B, T] key of the sampled token at each position, shared by branches of one prefix; -1 padding
 })
 
 

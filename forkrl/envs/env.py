@@ -27,7 +27,7 @@ class ToolEnv:
     budget: Budget = field(default_factory=Budget)
 
     @classmethod
-    def from_config(cls, cfg, tokenizer=None, **context) -> "ToolEnv":
+    def from_config(cls, cfg, tokenizer=None, **context) -> ToolEnv:
         """From an `EnvConfig`; `context` carries shared objects some tools take (e.g. `generate`).
         protocol "auto" uses the chat template's native <tool_call> format when it has one."""
         tools = build_tools([t if isinstance(t, dict) else {"name": t} for t in cfg.tools], **context)

@@ -1,5 +1,8 @@
-"""Generation: engines that sample tokens with log-probs and entropies, and the data objects they fill."""
+"""Generation: engines that sample tokens with log-probs and entropies, the samplers that decide where
+the sampling budget goes, and the data objects they fill."""
+from forkrl.rollout import arpo, latr  # noqa: F401  (registers the tree samplers)
 from forkrl.rollout.engine import EngineStats, TorchEngine, sample_next
+from forkrl.rollout.samplers import SAMPLERS, RolloutBudget, SamplerContext, build_sampler, run_sampler
 from forkrl.rollout.types import (
            Completion,
            GenerationRequest,
@@ -9,6 +12,11 @@ from forkrl.rollout.types import (
 )
 
 __all__ = [
+           "SAMPLERS",
+           "RolloutBudget",
+           "SamplerContext",
+           "build_sampler",
+           "run_sampler",
            "Completion",
            "EngineStats",
            "GenerationRequest",

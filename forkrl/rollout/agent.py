@@ -15,83 +15,113 @@ from forkrl.envs.env import ToolEnv
 from forkrl.rollout.types import GenerationRequest, SamplingParams, ToolCall, Trajectory
 
 
-@dataclasses.dataclass
-class _Episode:
+@dataclasses.dataclass(eq=False)
+class Episode:
+    """One trajectory being built turn by turn."""
     traj: Trajectory
     tool_calls: int = 0
     turns: int = 0
     done: bool = False
+    last_segment: list[float] = dataclasses.field(default_factory=list)  # entropies of the last turn's tokens
+    last_top: list | None = None     # and their top-k candidates, when the params ask for them
+    h_init: float | None = None      # tree samplers' entropy bookkeeping
+    h_now: float | None = None
+
+    def fork(self) -> Episode:
+        """An exact copy that continues independently (tree samplers)."""
+        t = self.traj
+        copy = dataclasses.replace(t, tokens=list(t.tokens), logprobs=list(t.logprobs), entropies=list(t.entropies),
+                                   loss_mask=list(t.loss_mask), policy_version=list(t.policy_version),
+                                   tool_calls=list(t.tool_calls), rewards={}, branch_at=len(t.tokens))
+        return Episode(copy, self.tool_calls, self.turns, self.done, list(self.last_segment), self.last_top)
 
 
-def multi_turn_rollout(engine, env: ToolEnv, tokenizer, prompt_ids: list[list[int]], groups: list[str],
-                       samples: list, params: SamplingParams, seed: int, version: int = 0) -> list[Trajectory]:
-    """`params.n` episodes per prompt; returns trajectories grouped by prompt in order."""
+def new_episode(prompt_ids: list[int], group: str = "", sample=None) -> Episode:
+    return Episode(Trajectory(prompt_ids=list(prompt_ids), tokens=[], logprobs=[], entropies=[], loss_mask=[],
+                              group=group, policy_version=[], sample=sample, finish="length"))
+
+
+def advance(engine, env: ToolEnv, tokenizer, episodes: list[Episode], params: SamplingParams, seed: int,
+            version: int = 0) -> None:
+    """One turn of every live episode: generate until a tool call closes (or the episode ends), run
+    the calls, append the observations. Episodes that finish are marked done."""
     b = env.budget
     stop = list(dict.fromkeys([*params.stop, *env.protocol.stop_strings()]))
-    episodes = [_Episode(Trajectory(prompt_ids=list(p), tokens=[], logprobs=[], entropies=[], loss_mask=[],
-                                    group=g, policy_version=[], sample=s, finish="length"))
-                for p, g, s in zip(prompt_ids, groups, samples) for _ in range(params.n)]
-    for turn in range(b.max_turns):
-        live = [e for e in episodes if not e.done]
-        if not live:
-            break
-        requests = []
-        for e in live:
-            left = min(params.max_tokens, b.max_total_tokens - len(e.traj.tokens))
-            requests.append(GenerationRequest(e.traj.prompt_ids + e.traj.tokens,
-                                              dataclasses.replace(params, n=1, max_tokens=max(left, 1), stop=stop),
-                                              keep_kv=turn + 1 < b.max_turns))  # the next turn continues it
-        outs = engine.generate(requests, seed=(seed * 1_000_003 + turn) % 2 ** 62)
-        calls_per_episode = []
-        for e, (c,) in zip(live, outs):
-            t = e.traj
-            t.tokens += c.token_ids
-            t.logprobs += c.logprobs
-            t.entropies += c.entropies
-            t.loss_mask += [1] * len(c.token_ids)
-            t.policy_version += [version] * len(c.token_ids)
-            t.text += c.text
-            e.turns += 1
-            calls = env.protocol.parse_calls(c.text) if c.finish == "stop" else []
-            if c.finish != "stop" or env.protocol.has_answer(c.text) or not calls:
-                e.done, t.finish = True, ("answer" if env.protocol.has_answer(c.text) else c.finish)
-                calls = []
-            elif len(t.tokens) >= b.max_total_tokens:
-                e.done, t.finish, calls = True, "length", []
-            elif e.turns >= b.max_turns:
-                e.done, t.finish, calls = True, "turns", []
-            elif e.tool_calls + len(calls) > b.max_tool_calls:
-                e.done, t.finish, calls = True, "tool_budget", []
-            calls_per_episode.append(calls)
-        flat = [(e, c) for e, calls in zip(live, calls_per_episode) for c in calls]
-        results = env.execute([c for _, c in flat]) if flat else []
-        per_episode: dict[int, list] = {}
-        for (e, c), r in zip(flat, results):
-            per_episode.setdefault(id(e), []).append((c, r))
-        for e in live:
-            if id(e) not in per_episode:
-                continue
-            t = e.traj
-            pairs = per_episode[id(e)]
-            text = env.protocol.format_observation([r.text for _, r in pairs])
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:b.max_observation_tokens]
-            ids = ids[:max(b.max_total_tokens - len(t.tokens), 0)]
-            start = len(t.tokens)
-            t.tokens += ids
-            t.logprobs += [0.0] * len(ids)
-            t.entropies += [math.nan] * len(ids)
-            t.loss_mask += [0] * len(ids)
-            t.policy_version += [version] * len(ids)
-            for c, r in pairs:
-                t.tool_calls.append(ToolCall(c.tag, (start, start + len(ids)), ok=r.ok, seconds=r.seconds))
-            e.tool_calls += len(pairs)
-            if len(t.tokens) >= b.max_total_tokens:
-                e.done, t.finish = True, "length"
+    live = [e for e in episodes if not e.done]
+    if not live:
+        return
+    requests = []
+    for e in live:
+        left = min(params.max_tokens, b.max_total_tokens - len(e.traj.tokens))
+        requests.append(GenerationRequest(e.traj.prompt_ids + e.traj.tokens,
+                                          dataclasses.replace(params, n=1, max_tokens=max(left, 1), stop=stop),
+                                          keep_kv=e.turns + 1 < b.max_turns))  # the next turn continues it
+    outs = engine.generate(requests, seed=seed)
+    calls_per_episode = []
+    for e, (c,) in zip(live, outs):
+        t = e.traj
+        t.tokens += c.token_ids
+        t.logprobs += c.logprobs
+        t.entropies += c.entropies
+        t.loss_mask += [1] * len(c.token_ids)
+        t.policy_version += [version] * len(c.token_ids)
+        t.text += c.text
+        e.last_segment, e.last_top = list(c.entropies), c.top_logprobs
+        e.turns += 1
+        calls = env.protocol.parse_calls(c.text) if c.finish == "stop" else []
+        if c.finish != "stop" or env.protocol.has_answer(c.text) or not calls:
+            e.done, t.finish = True, ("answer" if env.protocol.has_answer(c.text) else c.finish)
+            calls = []
+        elif len(t.tokens) >= b.max_total_tokens:
+            e.done, t.finish, calls = True, "length", []
+        elif e.turns >= b.max_turns:
+            e.done, t.finish, calls = True, "turns", []
+        elif e.tool_calls + len(calls) > b.max_tool_calls:
+            e.done, t.finish, calls = True, "tool_budget", []
+        calls_per_episode.append(calls)
+    flat = [(e, c) for e, calls in zip(live, calls_per_episode) for c in calls]
+    results = env.execute([c for _, c in flat]) if flat else []
+    per_episode: dict[int, list] = {}
+    for (e, c), r in zip(flat, results):
+        per_episode.setdefault(id(e), []).append((c, r))
+    for e in live:
+        if id(e) not in per_episode:
+            continue
+        t = e.traj
+        pairs = per_episode[id(e)]
+        text = env.protocol.format_observation([r.text for _, r in pairs])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:b.max_observation_tokens]
+        ids = ids[:max(b.max_total_tokens - len(t.tokens), 0)]
+        start = len(t.tokens)
+        t.tokens += ids
+        t.logprobs += [0.0] * len(ids)
+        t.entropies += [math.nan] * len(ids)
+        t.loss_mask += [0] * len(ids)
+        t.policy_version += [version] * len(ids)
+        for c, r in pairs:
+            t.tool_calls.append(ToolCall(c.tag, (start, start + len(ids)), ok=r.ok, seconds=r.seconds))
+        e.tool_calls += len(pairs)
+        if len(t.tokens) >= b.max_total_tokens:
+            e.done, t.finish = True, "length"
+
+
+def finish(episodes: list[Episode]) -> list[Trajectory]:
     for e in episodes:
         e.traj.turns = e.turns
         if not e.done:
             e.traj.finish = "turns"
     return [e.traj for e in episodes]
+
+
+def multi_turn_rollout(engine, env: ToolEnv, tokenizer, prompt_ids: list[list[int]], groups: list[str],
+                       samples: list, params: SamplingParams, seed: int, version: int = 0) -> list[Trajectory]:
+    """`params.n` independent episodes per prompt; returns trajectories grouped by prompt in order."""
+    episodes = [new_episode(p, g, s) for p, g, s in zip(prompt_ids, groups, samples) for _ in range(params.n)]
+    for turn in range(env.budget.max_turns):
+        if all(e.done for e in episodes):
+            break
+        advance(engine, env, tokenizer, episodes, params, (seed * 1_000_003 + turn) % 2 ** 62, version)
+    return finish(episodes)
 
 
 def roc_penalty(traj: Trajectory, answer_tag: str = "answer") -> float:

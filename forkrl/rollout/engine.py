@@ -164,11 +164,21 @@ class TorchEngine:
         gen_ids: list[list[int]] = [[] for _ in rows]
         gen_logp: list[list[float]] = [[] for _ in rows]
         gen_ent: list[list[float]] = [[] for _ in rows]
+        top_k = [p.logprobs for p in params]
+        gen_top: list[list] = [[] for _ in rows]
+        want_top = max(top_k)
         finish: list[str | None] = [None] * B
         alive = list(range(B))  # original row index of each live batch row
         while alive:
             tok, logp, ent = sample_next(logits, temperature, top_p, generator, hapo)
             self.stats.decode_tokens += len(alive)
+            if want_top:
+                t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).unsqueeze(-1)
+                top_lp, top_ids = torch.log_softmax(logits.float() / t, -1).topk(want_top, dim=-1)
+                top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+                for j, r in enumerate(alive):
+                    if top_k[r]:
+                        gen_top[r].append(list(zip(top_ids[j][:top_k[r]], top_lp[j][:top_k[r]])))
             is_eos = torch.isin(tok, eos).tolist()
             tok_l, logp_l, ent_l = tok.tolist(), logp.tolist(), ent.tolist()
             keep = []
@@ -208,7 +218,8 @@ class TorchEngine:
         for r in range(B):
             body = gen_ids[r][:-1] if finish[r] == "eos" else gen_ids[r]
             text = self.tokenizer.decode(body, skip_special_tokens=False)
-            completions.append(Completion(gen_ids[r], gen_logp[r], gen_ent[r], finish[r] or "length", text))
+            completions.append(Completion(gen_ids[r], gen_logp[r], gen_ent[r], finish[r] or "length", text,
+                                          gen_top[r] if top_k[r] else None))
         return completions
 
     def _prefill(self, prompts: list[list[int]]):

@@ -34,9 +34,10 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int = 512 * 2**20, block: int = 16):
+    def __init__(self, max_bytes: int = 512 * 2**20, block: int = 16, candidates: int = 8):
         self.max_bytes = max_bytes
         self.block = block
+        self.candidates = candidates     # entries compared token by token after the block walk
         self.entries: OrderedDict[int, _Entry] = OrderedDict()
         self.index: dict[int, list[int]] = {}   # chained block key -> ids of the entries holding it, newest last
         self.bytes = 0
@@ -56,23 +57,24 @@ class PrefixCache:
         """(length, states [layers, 2, heads, length, head_dim]) of the longest stored prefix of
         `tokens`, at most `max_len` long; (0, None) when nothing matches."""
         limit = len(tokens) if max_len is None else min(max_len, len(tokens))
-        best = None
+        holders: list[int] = []
         for key in self._block_keys(tokens[:limit]):
-            holders = self.index.get(key)
-            if not holders:
+            found = self.index.get(key)
+            if not found:
                 break
-            best = holders[-1]
-        if best is None:
-            return 0, None
-        entry = self.entries[best]
-        n = 0
-        stop = min(limit, len(entry.tokens))
-        while n < stop and entry.tokens[n] == tokens[n]:
-            n += 1
-        if n == 0:  # only after a hash collision; the states of an exactly matching prefix are always valid
+            holders = found
+        best, best_n = None, 0
+        for entry_id in holders[-self.candidates:]:  # the entries sharing the deepest block: the longest match wins
+            entry = self.entries[entry_id]
+            n, stop = 0, min(limit, len(entry.tokens))
+            while n < stop and entry.tokens[n] == tokens[n]:
+                n += 1
+            if n > best_n:
+                best, best_n = entry_id, n
+        if best is None:  # nothing stored, or only a hash collision
             return 0, None
         self.entries.move_to_end(best)
-        return n, entry.kv[:, :, :, :n]
+        return best_n, self.entries[best].kv[:, :, :, :best_n]
 
     def insert(self, tokens: list[int], kv: torch.Tensor) -> bool:
         """Store the states of `tokens` (kv: [layers, 2, heads, len(tokens), head_dim]). Returns False

@@ -22,6 +22,9 @@ class SamplingParams:
     # token is drawn at T' = T (1 + tau clip(h, -1, 1)), h its normalised log-entropy at T under these
     # statistics; the reported log-prob is under T' (what was sampled), the entropy under T.
     adaptive_temperature: tuple[float, float, float, float, float] | None = None
+    # report the top-k (token id, log-prob) candidates of every new token's distribution (vLLM's
+    # `logprobs`); tree samplers branch on them
+    logprobs: int = 0
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Completion:
     entropies: list[float]
     finish: str  # eos | stop | length
     text: str = ""
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token, with params.logprobs > 0
 
 
 @dataclass

@@ -131,7 +131,7 @@ class Task:
         protocol requires."""
         out = []
         for s, c in zip(columns["sample"], completions):
-            n_answers = len(re.findall(rf"<{answer_tag}>.*?</{answer_tag}>", c, re.S))
+            n_answers = len(re.findall(rf"<{answer_tag}>.*?</{answer_tag}>", c, re.DOTALL))
             unclosed = any(c.count(f"<{t}>") != c.count(f"</{t}>") for t in tool_tags)
             if n_answers != 1 or unclosed:
                 out.append(format_penalty)

@@ -50,6 +50,9 @@ class PackedBatch:
     replay: Tensor           # [B] bool: self-imitation rows (their own loss term)
     stats_only: Tensor       # [B] bool: rows that count in group statistics but do not train
     train_mask: Tensor | None = None  # [B, L] tokens the loss counts: loss_mask narrowed by a token selector
+    # [B, L] which sampled token each position is: row * L + position of the row that generated it, so
+    # a branch's prefix carries its parent's keys (tree samplers); -1 on padding
+    token_origin: Tensor | None = None
 
     def __post_init__(self):
         if self.train_mask is None:
@@ -68,7 +71,8 @@ class PackedBatch:
         return PackedBatch(self.prompt_ids[used, -tp:], pm[:, -tp:], prompt_index, self.resp_ids[idx, :L],
                            self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L],
                            self.sampling_entropy[idx, :L], self.rewards[idx], self.group_ids[idx],
-                           self.fixed_adv[idx], self.replay[idx], self.stats_only[idx], self.train_mask[idx, :L])
+                           self.fixed_adv[idx], self.replay[idx], self.stats_only[idx], self.train_mask[idx, :L],
+                           None if self.token_origin is None else self.token_origin[idx, :L])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
@@ -105,7 +109,29 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
         torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long),
         torch.tensor([math.nan if t.advantage is None else t.advantage for t in trajectories], dtype=torch.float32),
         torch.tensor([t.source == "replay" for t in trajectories], dtype=torch.bool),
-        torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool))
+        torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool),
+        token_origin=token_origin(trajectories, L))
+
+
+def token_origin(trajectories: list[Trajectory], L: int) -> Tensor:
+    """[B, L] key of the sampled token at each position (see PackedBatch.token_origin). A branch
+    (`parent` = index of an earlier member of its group, `branch_at` = tokens it shares) takes its
+    parent's keys for the shared prefix, checked token by token so a stale index cannot merge
+    different tokens."""
+    B = len(trajectories)
+    origin = torch.full((B, L), -1, dtype=torch.long)
+    members: dict[str, list[int]] = {}
+    for b, t in enumerate(trajectories):
+        rows = members.setdefault(t.group, [])
+        n = len(t.tokens)
+        origin[b, :n] = b * L + torch.arange(n)
+        p, k = t.parent, t.branch_at
+        if p is not None and k and 0 <= p < len(rows):
+            parent = trajectories[rows[p]]
+            if parent.prompt_ids == t.prompt_ids and k <= min(len(parent.tokens), n) and parent.tokens[:k] == t.tokens[:k]:
+                origin[b, :k] = origin[rows[p], :k]
+        rows.append(b)
+    return origin
 
 
 def _decoder_and_head(model):
@@ -294,7 +320,8 @@ class Learner:
         """Advantages, then sample selection (which may drop rows) and token selection."""
         a = self.cfg.algo
         adv, metrics = call(self.advantage_fn, batch.rewards, batch.group_ids, batch.loss_mask,
-                            available={"entropy": batch.sampling_entropy}, params=a.advantage_params)
+                            available={"entropy": batch.sampling_entropy, "origin": batch.token_origin},
+                            params=a.advantage_params)
         fixed = ~torch.isnan(batch.fixed_adv)
         if fixed.any():
             adv = torch.where(fixed.unsqueeze(-1), batch.fixed_adv.unsqueeze(-1) * batch.loss_mask, adv)

@@ -24,11 +24,12 @@ from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.selection import overlong_penalty
 from forkrl.config import RunConfig
 from forkrl.metrics import evaluate, make_sinks
-from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
+from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.tools import tool_metrics
 from forkrl.models import load_policy
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
+from forkrl.rollout.samplers import SamplerContext, build_sampler, run_sampler
 from forkrl.tasks import Sample, Task, build_task
 from forkrl.tasks.flaws import load_detector
 from forkrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -77,6 +78,8 @@ class Trainer:
         self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
                                   prefix_cache_mb=cfg.rollout.prefix_cache_mb)
         self.env = self._build_env() if cfg.env.enabled else None
+        self.sampler = build_sampler(cfg.rollout.sampler, cfg.rollout.sampler_params)
+        self.step_budget: dict[str, float] = {}
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             self.ref_model = copy.deepcopy(model).eval()
@@ -162,12 +165,16 @@ class Trainer:
                                 max_tokens=r.max_new_tokens, n=n or r.samples_per_prompt, stop=list(r.stop),
                                 adaptive_temperature=adaptive)
         prompt_ids = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
-        if self.env is not None:
-            groups = [f"{tag}/{j}:{s.id}" for j, s in enumerate(samples)]
-            return [t for per in self._tool_rollout(prompt_ids, samples, params, seed, groups) for t in per]
-        outs = self.engine.generate([GenerationRequest(p, params) for p in prompt_ids], seed=seed)
-        return [Trajectory.from_completion(p, c, group=f"{tag}/{j}:{s.id}", version=self.step_idx, sample=s)
-                for j, (s, p, o) in enumerate(zip(samples, prompt_ids, outs)) for c in o]
+        ctx = SamplerContext(env=self.env, tokenizer=self.tokenizer, version=self.step_idx, step=self.step_idx + 1)
+        groups, budget = run_sampler(self.sampler, self.engine, prompt_ids, params, seed, ctx)
+        for k, v in budget.metrics().items():  # summed over the step's rollout calls (dynamic sampling)
+            self.step_budget[k] = self.step_budget.get(k, 0.0) + v
+        out = []
+        for j, (s, members) in enumerate(zip(samples, groups)):
+            for t in members:
+                t.group, t.sample = f"{tag}/{j}:{s.id}", s
+                out.append(t)
+        return out
 
     def score(self, trajs: list[Trajectory]) -> None:
         start = time.perf_counter()
@@ -349,6 +356,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.engine.stats.decode_tokens = 0
         self.scoring_seconds = 0.0
+        self.step_budget: dict[str, float] = {}
         if self.env is not None:
             self.env.on_step(self.learner.progress(step))
         trajs, generated, stats = self.collect(step)
@@ -357,7 +365,10 @@ class Trainer:
         decoded = self.engine.stats.decode_tokens
         # rollout metrics describe everything sampled this step (what the policy does), the
         # learner's metrics what it trained on
-        metrics: dict = {**stats}
+        metrics: dict = {**stats, **self.step_budget}
+        if "sampler/trajectories" in metrics:  # ratios of the step's totals, not sums of ratios
+            metrics["sampler/tokens_per_trajectory"] = (metrics["sampler/decoded_tokens"] + metrics[
+                "sampler/prefilled_tokens"]) / max(metrics["sampler/trajectories"], 1)
         self._last_generated = generated
         if generated:
             metrics.update(self.rollout_metrics(generated))

@@ -1,0 +1,107 @@
+"""ARPO's entropy-adaptive rollout (Dong et al., 2025, arXiv 2507.19849 §3.2; algorithms.md §2).
+
+Per prompt the group holds M trajectories. N start from the prompt; the other M - N slots go to
+branches: after a turn that ended in a tool call, an active trajectory forks with probability
+clamp(τ + w·ΔH, 0, 1), where ΔH = H_now - H_init is the entropy of the segment it just wrote
+minus that of its first segment. A branch is an exact copy (tokens, masks, tool counter) that then
+continues on its own; it shares the prefix with its parent, which `parent` / `branch_at` record.
+When every trajectory of a prompt has finished with slots still free, one fresh trajectory starts
+from the prompt per iteration (global fill-in).
+
+Segment entropy Ĥ = Σ over the first k tokens of the segment of the token entropy, / ln|V|. The
+engine gives the exact entropy of the full distribution (`entropy: exact`, the default); `topk`
+truncates each token's distribution to its top `top_logprobs` entries as the reference code does.
+Initial entropies live with the trajectories of one call, so nothing carries over between batches
+(the reference code keeps a dictionary across calls, which makes later batches' H_init stale).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+from forkrl.rollout.agent import Episode, advance, finish, new_episode
+from forkrl.rollout.samplers import register_sampler
+
+
+def branch_count(delta_h: float, draws: list[float], tau: float, weight: float, free: int) -> int:
+    """How many branches one trajectory spawns: one per draw u with u - w·ΔH <= τ (i.e. with
+    probability clamp(τ + w·ΔH, 0, 1)), at most `free`."""
+    n = sum(1 for u in draws if u - weight * delta_h <= tau)
+    return max(min(n, free), 0)
+
+
+def segment_entropy(entropies: list[float], k: int, vocab_size: int,
+                    top_logprobs: list[list[tuple[int, float]]] | None = None) -> float:
+    """Ĥ over the first k tokens of a segment, normalised by ln|V|. With top_logprobs, each token's
+    entropy is -Σ p log p over its listed candidates only (the reference's truncated estimate)."""
+    if top_logprobs is not None:
+        values = [-sum(math.exp(lp) * lp for _, lp in cands) for cands in top_logprobs[:k]]
+    else:
+        values = [e for e in entropies[:k] if not math.isnan(e)]
+    return sum(values) / math.log(vocab_size)
+
+
+@register_sampler("arpo")
+class ARPOSampler:
+    def __init__(self, initial: int | None = None, branches_per_step: int = 1, tau: float = 0.5,
+                 entropy_weight: float = 0.2, entropy_tokens: int = 20, entropy: str = "exact",
+                 top_logprobs: int = 10, max_iterations: int = 64):
+        if entropy not in ("exact", "topk"):
+            raise ValueError(f"entropy must be 'exact' or 'topk', got {entropy!r}")
+        self.initial = initial                    # N; default M // 2 (the paper's 8 of 16)
+        self.branches_per_step = branches_per_step  # Z = beam_size - 1
+        self.tau, self.weight = tau, entropy_weight
+        self.entropy_tokens, self.entropy = entropy_tokens, entropy
+        self.top_logprobs = top_logprobs
+        self.max_iterations = max_iterations
+
+    def sample(self, engine, prompts, params, seed, ctx):
+        if ctx.env is None:
+            raise ValueError("the arpo sampler branches after tool calls: enable env (tools) in the recipe")
+        import dataclasses
+        M = params.n
+        N = min(self.initial if self.initial is not None else max(M // 2, 1), M)
+        if self.entropy == "topk":
+            params = dataclasses.replace(params, logprobs=self.top_logprobs)
+        rng = random.Random(seed)
+        vocab = getattr(ctx.tokenizer, "vocab_size", None) or len(ctx.tokenizer)
+        groups: list[list[Episode]] = [[new_episode(p) for _ in range(N)] for p in prompts]
+        parents: dict[int, Episode] = {}
+        branches = fills = 0
+        for it in range(self.max_iterations):
+            live = [e for g in groups for e in g if not e.done]
+            if not live:
+                break
+            advance(engine, ctx.env, ctx.tokenizer, live, params, (seed * 1_000_003 + it) % 2 ** 62, ctx.version)
+            for e in live:
+                e.h_now = segment_entropy(e.last_segment, self.entropy_tokens, vocab, e.last_top)
+                if e.h_init is None:  # a trajectory's first segment, or a branch's first own one
+                    e.h_init = e.h_now
+            ran = {id(e) for e in live}
+            for g in groups:
+                # branch the trajectories that are still going (they just received a tool result)
+                for e in [e for e in g if not e.done and id(e) in ran]:
+                    free = M - len(g)
+                    if free <= 0:
+                        break
+                    draws = [rng.random() for _ in range(self.branches_per_step)]
+                    k = branch_count(e.h_now - e.h_init, draws, self.tau, self.weight, free)
+                    for _ in range(k):
+                        child = e.fork()
+                        parents[id(child)] = e
+                        g.append(child)
+                        branches += 1
+                if all(e.done for e in g) and len(g) < M:  # global fill-in
+                    g.append(new_episode(g[0].traj.prompt_ids))
+                    fills += 1
+        out = []
+        for g in groups:
+            index = {id(e): i for i, e in enumerate(g)}
+            trajs = finish(g[:M])
+            for e, t in zip(g[:M], trajs):
+                p = parents.get(id(e))
+                t.parent = index.get(id(p)) if p is not None else None
+                if t.parent is None:
+                    t.branch_at = None
+            out.append(trajs)
+        return out, {"arpo/branches": float(branches), "arpo/fill_ins": float(fills)}

@@ -1,0 +1,255 @@
+"""LATR: lookahead tree-based rollouts (Xing et al., 2025, arXiv 2510.24302; algorithms.md §10).
+
+Per prompt, n_kt = round(n·η) group members come from a tree, the rest from ordinary sampling;
+η follows `mix_ratio_schedule` over training progress.
+
+Tree phase. Chains advance by their top-1 token. At a step where a chain's top-m candidates hold a
+v_j (j ≥ 2) with p_j > τ_abs and p_1 − p_j < τ_rel, a new branch starts: the chain's prefix plus v_j.
+Candidates are taken in (step, chain) order while the prompt has fewer than n_kt live branches.
+A branch born at step b is compared with its parent's continuation at steps b + r, r in
+`filter_steps`, and removed when the two suffixes since b are too similar: suffix-match score >
+τ_sm, ROUGE-L > τ_rouge, or normalised edit distance < τ_ed (each criterion optional). Branches
+that ended (EOS) are not compared. The phase ends at the first step where the prompt holds at
+least (0.98 − decay·step/max_tokens)·n_kt branches and none is still inside a pruning window, or
+at `force_return_step`; every branch then finishes with ordinary sampling from its tree prefix.
+
+Because tree-phase chains move greedily, a chain's continuation is fixed once it is born, so the
+sampler extends chains a chunk of tokens at a time (the prefix cache makes an extension or a fork
+prefill one token) and replays the steps over them. Members record `parent` and `branch_at`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from forkrl.rollout.samplers import register_sampler
+from forkrl.rollout.types import GenerationRequest, Trajectory
+
+
+def suffix_match(a: list[int], b: list[int]) -> float:
+    """Length of the longest suffix of one sequence found contiguously in the other, / len(a)."""
+    if not a:
+        return 0.0
+
+    def longest(x, y):
+        best = 0
+        for n in range(1, len(x) + 1):
+            tail = x[-n:]
+            if any(y[i:i + n] == tail for i in range(len(y) - n + 1)):
+                best = n
+            else:
+                break
+        return best
+
+    return max(longest(a, b), longest(b, a)) / len(a)
+
+
+def rouge_l(a: list[int], b: list[int]) -> float:
+    """ROUGE-L F1 from the longest common subsequence."""
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b):
+            cur[j + 1] = prev[j] + 1 if x == y else max(prev[j + 1], cur[j])
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def edit_distance(a: list[int], b: list[int]) -> float:
+    """Levenshtein distance / the longer length (0 = identical, 1 = nothing in common)."""
+    if not a and not b:
+        return 0.0
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1] / max(len(a), len(b))
+
+
+def valid_candidates(top: list[tuple[int, float]], tau_abs: float, tau_rel: float) -> list[int]:
+    """Alternative tokens v_j (j ≥ 2) worth a branch: p_j > τ_abs and p_1 − p_j < τ_rel."""
+    if len(top) < 2:
+        return []
+    p1 = math.exp(top[0][1])
+    return [v for v, lp in top[1:] if math.exp(lp) > tau_abs and p1 - math.exp(lp) < tau_rel]
+
+
+def schedule_value(schedule: dict, step: int) -> float:
+    """Piecewise-constant schedule {from_step: value} (LATR's mix_ratio_schedule); before the first
+    key, the first value."""
+    points = sorted((int(k), float(v)) for k, v in schedule.items())
+    value = points[0][1]
+    for k, v in points:
+        if step >= k:
+            value = v
+    return value
+
+
+@dataclasses.dataclass(eq=False)
+class _Branch:
+    tokens: list[int]                # tree-phase tokens after the prompt (greedy, extended lazily)
+    logprobs: list[float]
+    entropies: list[float]
+    top: list                        # top-m candidates per token (None for a branch's forced first token)
+    born: int                        # step of its first own token (0 for the root)
+    parent: _Branch | None = None
+    eos_at: int | None = None        # number of tokens when the chain emitted EOS
+    pruned: bool = False
+
+    def absorb(self, c) -> None:
+        self.tokens += c.token_ids
+        self.logprobs += c.logprobs
+        self.entropies += c.entropies
+        self.top += c.top_logprobs or [None] * len(c.token_ids)
+        if c.finish == "eos":
+            self.eos_at = len(self.tokens)
+
+    def ended_by(self, step: int) -> bool:
+        return self.eos_at is not None and self.eos_at <= step + 1
+
+
+@register_sampler("latr")
+class LATRSampler:
+    def __init__(self, max_branch_per_token: int = 2, tau_abs: float = 0.15, tau_rel: float = 0.25,
+                 filter_steps: tuple[int, ...] = (20, 30, 50), tau_suffix: float | None = 0.2,
+                 tau_rouge: float | None = 0.5, tau_edit: float | None = None,
+                 mix_ratio_schedule: dict | None = None,
+                 return_threshold_decay: float = 0.05, force_return_step: int = 1024):
+        self.m = max_branch_per_token
+        self.tau_abs, self.tau_rel = tau_abs, tau_rel
+        self.filter_steps = tuple(sorted(filter_steps))
+        self.tau_suffix, self.tau_rouge, self.tau_edit = tau_suffix, tau_rouge, tau_edit
+        self.schedule = mix_ratio_schedule or {0: 1.0, 100: 0.75, 200: 0.5, 300: 0.25}
+        self.decay = return_threshold_decay
+        self.force_return_step = force_return_step
+
+    def too_similar(self, a: list[int], b: list[int]) -> bool:
+        return ((self.tau_suffix is not None and suffix_match(a, b) > self.tau_suffix)
+                or (self.tau_rouge is not None and rouge_l(a, b) > self.tau_rouge)
+                or (self.tau_edit is not None and edit_distance(a, b) < self.tau_edit))
+
+    def sample(self, engine, prompts, params, seed, ctx):
+        if ctx.env is not None:
+            raise ValueError("the latr sampler is single-turn; use arpo for tool-using rollouts")
+        n = params.n
+        eta = schedule_value(self.schedule, ctx.step)
+        n_kt = min(max(round(n * eta), 0), n)
+        horizon = min(self.force_return_step, params.max_tokens)
+        tree_params = dataclasses.replace(params, temperature=0.0, n=1, logprobs=self.m, stop=list(params.stop))
+        self.pruned = 0
+        trees = [self._grow(engine, p, n_kt, horizon, tree_params) for p in prompts] if n_kt > 1 else \
+            [[] for _ in prompts]
+        # finish every surviving branch (and the i.i.d. members) with ordinary sampling
+        requests, owners = [], []
+        for i, (p, branches) in enumerate(zip(prompts, trees)):
+            for br in branches:
+                if br.eos_at is None and len(br.tokens) < params.max_tokens:
+                    requests.append(GenerationRequest(p + br.tokens, dataclasses.replace(
+                        params, n=1, max_tokens=params.max_tokens - len(br.tokens))))
+                    owners.append((i, br))
+            if n - len(branches) > 0:
+                requests.append(GenerationRequest(p, dataclasses.replace(params, n=n - len(branches))))
+                owners.append((i, None))
+        outs = engine.generate(requests, seed=seed) if requests else []
+        rest: dict[int, object] = {}
+        iid: dict[int, list] = {}
+        for (i, br), comps in zip(owners, outs):
+            if br is None:
+                iid[i] = comps
+            else:
+                rest[id(br)] = comps[0]
+        groups, branch_points = [], 0
+        for i, (p, branches) in enumerate(zip(prompts, trees)):
+            index = {id(b): k for k, b in enumerate(branches)}
+            members = []
+            for br in branches:
+                c = rest.get(id(br))
+                t = Trajectory(prompt_ids=list(p), tokens=br.tokens + (c.token_ids if c else []),
+                               logprobs=br.logprobs + (c.logprobs if c else []),
+                               entropies=br.entropies + (c.entropies if c else []),
+                               loss_mask=[1] * (len(br.tokens) + (len(c.token_ids) if c else 0)), group="",
+                               finish=c.finish if c else ("eos" if br.eos_at is not None else "length"),
+                               text=engine.tokenizer.decode(br.tokens + (c.token_ids if c else []),
+                                                            skip_special_tokens=True))
+                t.policy_version = [ctx.version] * len(t.tokens)
+                parent, shared = br.parent, br.born
+                while parent is not None and id(parent) not in index:  # a pruned parent: its own parent
+                    parent, shared = parent.parent, min(shared, parent.born)  # shares the shorter prefix
+                if parent is not None:
+                    t.parent, t.branch_at = index[id(parent)], shared
+                    branch_points += 1
+                members.append(t)
+            members += [Trajectory.from_completion(p, c, group="", version=ctx.version) for c in iid.get(i, [])]
+            groups.append(members)
+        return groups, {"latr/tree_members": float(sum(len(b) for b in trees)), "latr/eta": eta,
+                        "latr/pruned": float(self.pruned)}
+
+    def _grow(self, engine, prompt: list[int], capacity: int, horizon: int, params) -> list[_Branch]:
+        """The tree phase for one prompt; returns the live branches (root first), cut to the step
+        where the phase ended. Chains are extended `chunk` greedy tokens at a time, when the step
+        reaches their end; their states stay in the engine's prefix cache, so an extension or a
+        fork prefills one token."""
+        chunk = 16
+        root = _Branch([], [], [], [], born=0)
+        branches = [root]
+        window = self.filter_steps[-1] if self.filter_steps else 0
+
+        def extend(step: int) -> None:
+            need = [b for b in branches if b.eos_at is None and len(b.tokens) <= step < horizon]
+            if not need:
+                return
+            reqs = [GenerationRequest(prompt + b.tokens, dataclasses.replace(
+                params, max_tokens=min(chunk, horizon - len(b.tokens))), keep_kv=True) for b in need]
+            for b, (c,) in zip(need, engine.generate(reqs)):
+                b.absorb(c)
+
+        step = 0
+        while step < horizon:
+            extend(step)
+            for br in branches:  # pruning checks due at this step
+                if br.parent is None or br.pruned or br.ended_by(step) or br.parent.ended_by(step):
+                    continue
+                due = step - br.born in self.filter_steps and len(br.parent.tokens) >= step
+                if due and self.too_similar(br.tokens[br.born:step], br.parent.tokens[br.born:step]):
+                    br.pruned = True
+                    self.pruned += 1
+            branches = [b for b in branches if not b.pruned]
+            in_window = any(b.parent is not None and step - b.born < window and not b.ended_by(step)
+                            for b in branches)
+            threshold = (0.98 - self.decay * step / max(horizon, 1)) * capacity
+            if step > 0 and len(branches) >= threshold and not in_window:
+                break
+            if all(b.ended_by(step - 1) or len(b.tokens) <= step for b in branches):
+                break  # every chain has ended
+            # new branches at this step, in chain order, while capacity lasts
+            spawned = []
+            for b in branches:
+                if step >= len(b.top) or b.top[step] is None or b.ended_by(step - 1):
+                    continue
+                for v in valid_candidates(b.top[step], self.tau_abs, self.tau_rel):
+                    if len(branches) + len(spawned) >= capacity:
+                        break
+                    lp = next(lp for tok, lp in b.top[step] if tok == v)
+                    child = _Branch(b.tokens[:step] + [v], b.logprobs[:step] + [lp],
+                                    b.entropies[:step] + [b.entropies[step]], b.top[:step] + [None],
+                                    born=step, parent=b)
+                    if v in engine.eos_ids:
+                        child.eos_at = step + 1
+                    spawned.append(child)
+            branches += spawned
+            step += 1
+        cut = step + 1
+        for b in branches:  # the tree phase ends after `cut` tokens; sampling takes over from there
+            if len(b.tokens) > cut:
+                b.tokens, b.logprobs, b.entropies, b.top = b.tokens[:cut], b.logprobs[:cut], b.entropies[:cut], b.top[:cut]
+            if b.eos_at is not None and b.eos_at > cut:
+                b.eos_at = None
+        return branches

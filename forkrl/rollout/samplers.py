@@ -1,0 +1,101 @@
+"""Samplers decide how a step's sampling budget is spent; every one returns, per prompt, a group of
+`Trajectory` objects (with `parent` / `branch_at` where they share a prefix), so any sampler
+combines with any loss.
+
+- `independent`: n i.i.d. samples per prompt (multi-turn with tools when an env is given).
+- `arpo`: entropy-adaptive branching after tool results (ARPO, algorithms.md §2), in `arpo.py`.
+- `latr`: branching at uncertain tokens with lookahead pruning (LATR, §10), in `latr.py`.
+
+`run_sampler` wraps a call with the budget accounting that makes samplers comparable at equal cost:
+trajectories, branch points, decoded / prefilled / cache-served tokens, tool calls, wall time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from forkrl.algos.registry import Registry
+from forkrl.rollout.types import GenerationRequest, SamplingParams, Trajectory
+
+SAMPLERS = Registry("sampler")
+
+
+def register_sampler(name: str):
+    return SAMPLERS.register(name)
+
+
+@dataclass
+class SamplerContext:
+    """What a sampler may use besides the engine: the tool env (None: single-turn), the tokenizer,
+    the policy version stamped on new tokens and the training step (schedules)."""
+    env: Any = None
+    tokenizer: Any = None
+    version: int = 0
+    step: int = 0
+
+
+@dataclass
+class RolloutBudget:
+    trajectories: int = 0
+    branch_points: int = 0
+    decoded_tokens: int = 0
+    prefilled_tokens: int = 0
+    cached_tokens: int = 0
+    tool_calls: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self, prefix: str = "sampler/") -> dict[str, float]:
+        n = max(self.trajectories, 1)
+        out = {f"{prefix}trajectories": float(self.trajectories), f"{prefix}branch_points": float(self.branch_points),
+               f"{prefix}decoded_tokens": float(self.decoded_tokens),
+               f"{prefix}prefilled_tokens": float(self.prefilled_tokens),
+               f"{prefix}cached_tokens": float(self.cached_tokens), f"{prefix}tool_calls": float(self.tool_calls),
+               f"{prefix}seconds": self.seconds,
+               f"{prefix}tokens_per_trajectory": (self.decoded_tokens + self.prefilled_tokens) / n}
+        out.update({f"{prefix}{k}": v for k, v in self.extra.items()})
+        return out
+
+
+def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParams, seed: int,
+                ctx: SamplerContext | None = None) -> tuple[list[list[Trajectory]], RolloutBudget]:
+    """Calls `sampler.sample` and measures what it spent through the engine's counters."""
+    ctx = ctx or SamplerContext()
+    s0 = (engine.stats.decode_tokens, engine.stats.prefill_tokens, engine.stats.cached_tokens)
+    start = time.perf_counter()
+    groups, extra = sampler.sample(engine, prompts, params, seed, ctx)
+    trajs = [t for g in groups for t in g]
+    budget = RolloutBudget(trajectories=len(trajs), branch_points=sum(t.parent is not None for t in trajs),
+                           decoded_tokens=engine.stats.decode_tokens - s0[0],
+                           prefilled_tokens=engine.stats.prefill_tokens - s0[1],
+                           cached_tokens=engine.stats.cached_tokens - s0[2],
+                           tool_calls=sum(len(t.tool_calls) for t in trajs),
+                           seconds=time.perf_counter() - start, extra=extra)
+    return groups, budget
+
+
+@register_sampler("independent")
+class IndependentSampler:
+    """`params.n` independent samples per prompt; with a tool env, independent multi-turn episodes."""
+
+    def __init__(self):
+        pass
+
+    def sample(self, engine, prompts, params, seed, ctx):
+        if ctx.env is not None:
+            from forkrl.rollout.agent import multi_turn_rollout
+            trajs = multi_turn_rollout(engine, ctx.env, ctx.tokenizer, prompts, [""] * len(prompts),
+                                       [None] * len(prompts), params, seed, version=ctx.version)
+            return [trajs[i * params.n:(i + 1) * params.n] for i in range(len(prompts))], {}
+        outs = engine.generate([GenerationRequest(p, params) for p in prompts], seed=seed)
+        return [[Trajectory.from_completion(p, c, group="", version=ctx.version) for c in o]
+                for p, o in zip(prompts, outs)], {}
+
+
+def build_sampler(name: str, params: dict | None = None):
+    cls = SAMPLERS.get(name)
+    try:
+        return cls(**(params or {}))
+    except TypeError as e:
+        raise ValueError(f"rollout.sampler_params for {name!r}: {e}") from None

@@ -1,0 +1,213 @@
+"""Samplers: ARPO's branching rule and slot accounting on a scripted engine and tool, LATR's branch
+rule, similarity measures and pruning on a deterministic engine, tree advantages by hand, and every
+sampler through the trainer on the tiny model."""
+import math
+import random
+
+import pytest
+import torch
+
+from forkrl.algos import ADVANTAGES
+from forkrl.rollout import SamplerContext, SamplingParams, build_sampler, run_sampler
+from forkrl.rollout.arpo import branch_count, segment_entropy
+from forkrl.rollout.engine import EngineStats
+from forkrl.rollout.latr import edit_distance, rouge_l, suffix_match, valid_candidates
+from forkrl.rollout.types import Completion, Trajectory
+from forkrl.train.learner import pack
+from tests.test_envs import CharTokenizer, ScriptedEngine, _env
+
+
+class VocabTokenizer(CharTokenizer):
+    vocab_size = 256
+
+
+class EntropyScript(ScriptedEngine):
+    """Scripted turns whose tokens carry a per-turn entropy."""
+    def __init__(self, turns, entropies):
+        super().__init__(turns)
+        self.entropies, self.stats, self.eos_ids = entropies, EngineStats(), [0]
+
+    def generate(self, requests, seed=None):
+        out = super().generate(requests, seed)
+        for r, (c,) in zip(requests, out):
+            c.entropies = [self.entropies[min(self._turn(r), len(self.entropies) - 1)]] * len(c.token_ids)
+            self.stats.decode_tokens += len(c.token_ids)
+        return out
+
+
+def test_arpo_branch_rule_by_hand():
+    # P(branch) = clamp(tau + w dH, 0, 1): u - w dH <= tau
+    assert branch_count(0.5, [0.55, 0.65, 0.1], tau=0.5, weight=0.2, free=5) == 2   # threshold 0.6
+    assert branch_count(0.5, [0.55, 0.65, 0.1], tau=0.5, weight=0.2, free=1) == 1   # slots cap it
+    assert branch_count(-3.0, [0.01], tau=0.5, weight=0.2, free=5) == 0             # 0.01 + 0.6 > 0.5
+    # exact entropy: sum over the first k tokens / ln|V|; top-k: -sum p log p over the listed candidates
+    assert segment_entropy([1.0, 2.0, 3.0], k=2, vocab_size=100) == pytest.approx(3.0 / math.log(100))
+    top = [[(1, math.log(0.5)), (2, math.log(0.5))]]
+    assert segment_entropy([9.0], k=20, vocab_size=100, top_logprobs=top) == pytest.approx(math.log(2) / math.log(100))
+
+
+TURNS = ["a<echo>x</echo>", "b<echo>y</echo>", "<answer>1</answer>"]
+
+
+def _arpo(params, engine, M, seed=0):
+    sampler = build_sampler("arpo", params)
+    ctx = SamplerContext(env=_env(max_turns=4), tokenizer=VocabTokenizer())
+    return run_sampler(sampler, engine, [[ord(c) for c in "Q?"]], SamplingParams(max_tokens=100, n=M), seed, ctx)
+
+
+def test_arpo_branches_when_entropy_rises_after_a_tool_result():
+    # tau = 0, w = 1: branch iff u <= dH. Turn 1 sets H_init (dH = 0: no branch); turn 2's tokens
+    # are far more uncertain (dH = 20 * (3 - 1) / ln 256 = 7.2): every live trajectory branches.
+    engine = EntropyScript(TURNS, entropies=[1.0, 3.0, 1.0])
+    (group,), budget = _arpo({"initial": 2, "tau": 0.0, "entropy_weight": 1.0}, engine, M=4)
+    assert len(group) == 4 and [t.parent for t in group] == [None, None, 0, 1]
+    after_turn2 = group[0].tool_calls[1].span[1]   # the end of the second tool result
+    for child in group[2:]:
+        parent = group[child.parent]
+        assert child.branch_at == after_turn2 and child.tokens[:after_turn2] == parent.tokens[:after_turn2]
+        assert child.finish == "answer" and child.loss_mask[:after_turn2] == parent.loss_mask[:after_turn2]
+    assert budget.branch_points == 2 and budget.extra["arpo/branches"] == 2
+    # the shared prefix becomes one token key per position in the packed batch
+    for t in group:
+        t.group = "g"
+    origin = pack(group, 0).token_origin
+    assert torch.equal(origin[2, :after_turn2], origin[0, :after_turn2])
+    assert not torch.equal(origin[2, after_turn2:len(group[2].tokens)], origin[0, after_turn2:len(group[2].tokens)])
+
+
+def test_arpo_slots_never_exceed_m_and_follow_the_seeded_draws():
+    for seed in range(5):
+        engine = EntropyScript(TURNS, entropies=[1.0, 1.5, 1.0])
+        params = {"initial": 2, "tau": 0.3, "entropy_weight": 0.5, "branches_per_step": 3}
+        (group,), budget = _arpo(params, engine, M=5, seed=seed)
+        assert len(group) <= 5
+        # replay the rule with the same draws: turn 1 (dH = 0) then turn 2 (dH = 20 * 0.5 / ln 256)
+        rng, live, count, expected = random.Random(seed), 2, 2, 0
+        for dh in (0.0, 20 * 0.5 / math.log(256)):
+            born = 0
+            for _ in range(live):
+                if count >= 5:
+                    break
+                k = branch_count(dh, [rng.random() for _ in range(3)], 0.3, 0.5, 5 - count)
+                count, born = count + k, born + k
+            expected, live = expected + born, live + born
+        assert budget.extra["arpo/branches"] == expected, seed
+
+
+def test_arpo_fills_in_fresh_trajectories_when_every_path_ends():
+    engine = EntropyScript(["<answer>1</answer>"], entropies=[1.0])
+    (group,), budget = _arpo({"initial": 1, "tau": 0.5}, engine, M=4)
+    assert len(group) == 4 and all(t.parent is None for t in group)
+    assert budget.extra["arpo/fill_ins"] == 3 and budget.extra["arpo/branches"] == 0
+
+
+def test_latr_branch_rule_and_similarity_measures_by_hand():
+    top = [(1, math.log(0.5)), (2, math.log(0.3)), (3, math.log(0.1))]
+    assert valid_candidates(top, tau_abs=0.15, tau_rel=0.25) == [2]       # 0.3 > 0.15 and 0.5 - 0.3 < 0.25
+    assert valid_candidates(top, tau_abs=0.15, tau_rel=0.1) == []         # 0.2 >= 0.1
+    assert suffix_match([1, 2, 3, 4], [9, 3, 4, 8]) == 0.5                # suffix [3, 4] occurs in b
+    assert suffix_match([1, 2, 3, 4], [5, 6, 7, 8]) == 0.0
+    # LCS([1,2,3,4], [1,3,4,5]) = 3: precision 3/4, recall 3/4
+    assert rouge_l([1, 2, 3, 4], [1, 3, 4, 5]) == pytest.approx(0.75)
+    assert edit_distance([1, 2, 3, 4], [1, 2, 4]) == pytest.approx(1 / 4)
+
+
+class FunctionEngine:
+    """Greedy, deterministic: the next token after `ids` is f(ids); its top-2 candidates are f(ids)
+    (p = 0.5) and f(ids) + 1 (p = 0.4), so every step offers a valid branch at tau_abs 0.15, tau_rel 0.25."""
+    def __init__(self, f):
+        self.f, self.stats, self.eos_ids = f, EngineStats(), [0]
+        self.tokenizer = CharTokenizer()
+
+    def generate(self, requests, seed=None):
+        out = []
+        for r in requests:
+            ids, new, top = list(r.prompt_ids), [], []
+            self.stats.prefill_tokens += 1
+            for _ in range(r.params.max_tokens):
+                v = self.f(ids)
+                top.append([(v, math.log(0.5)), (v + 1, math.log(0.4))])
+                ids.append(v)
+                new.append(v)
+            self.stats.decode_tokens += len(new)
+            out.append([Completion(new, [math.log(0.5)] * len(new), [1.0] * len(new), "length", "",
+                                   top if r.params.logprobs else None) for _ in range(r.params.n)])
+        return out
+
+
+def _latr(f, **params):
+    sampler = build_sampler("latr", {"filter_steps": [3], "tau_suffix": 0.5, "tau_rouge": None, **params})
+    engine = FunctionEngine(f)
+    return run_sampler(sampler, engine, [[65, 66]], SamplingParams(max_tokens=10, n=4), 0,
+                       SamplerContext(step=1))
+
+
+def test_latr_prunes_branches_that_repeat_their_parent():
+    # the continuation ignores the context: a branch differs from its parent in one token only
+    (group,), budget = _latr(lambda ids: 100 + len(ids))
+    # e.g. born at step 0: [103, 103, 104] vs the parent's [102, 103, 104] three steps later: the
+    # suffix [103, 104] recurs, score 2/3 > 0.5, pruned; the freed slot goes to a later fork
+    assert budget.extra["latr/pruned"] >= 3 and len(group) == 4
+    # the continuation depends on the whole context: branches stay apart and are kept
+    (group,), budget = _latr(lambda ids: 100 + sum(ids) % 50)
+    tree = [t for t in group if t.parent is not None]
+    assert budget.extra["latr/tree_members"] == 4 and len(tree) == 3 and budget.extra["latr/pruned"] == 0
+    for t in tree:  # each branch is its parent's prefix, then the alternative token
+        parent = group[t.parent]
+        assert t.tokens[:t.branch_at] == parent.tokens[:t.branch_at]
+        assert t.tokens[t.branch_at] == parent.tokens[t.branch_at] + 1
+    assert len(group) == 4 and len({tuple(t.tokens) for t in group}) == 4
+
+
+def test_latr_mix_ratio_schedule_sets_the_tree_share():
+    sampler = build_sampler("latr", {"mix_ratio_schedule": {0: 1.0, 100: 0.5}})
+    engine = FunctionEngine(lambda ids: 100 + sum(ids) % 50)
+    (group,), budget = run_sampler(sampler, engine, [[65, 66]], SamplingParams(max_tokens=6, n=4), 0,
+                                   SamplerContext(step=150))
+    assert budget.extra["latr/eta"] == 0.5 and budget.extra["latr/tree_members"] <= 2 and len(group) == 4
+
+
+def test_hard_and_depthwise_tree_advantages_by_hand():
+    def traj(tokens, parent=None, at=None, reward=0.0):
+        return Trajectory([9, 9], tokens, [0.0] * len(tokens), [0.0] * len(tokens), [1] * len(tokens), "g",
+                          parent=parent, branch_at=at, reward=reward)
+    # a: root; b branches from a after 3 tokens; c from b after 5; d: an independent root
+    group = [traj([1, 2, 3, 4, 5, 6], reward=1.0), traj([1, 2, 3, 7, 8, 9], 0, 3), traj([1, 2, 3, 7, 8, 5], 1, 5, 1.0),
+             traj([4, 4, 4, 4])]
+    b = pack(group, 0)
+    adv, _ = ADVANTAGES["tree_hard"](b.rewards, b.group_ids, b.loss_mask, origin=b.token_origin)
+    # GRPO: rewards (1, 0, 1, 0), std 0.5774 -> A = +-0.866. Shared by a, b, c: (0.866 - 0.866 + 0.866) / 3
+    assert adv[0, :3].tolist() == pytest.approx([0.2887] * 3, abs=1e-4)
+    assert adv[1, 3:5].tolist() == pytest.approx([0.0, 0.0], abs=1e-4)          # shared by b and c
+    assert adv[1, 5].item() == pytest.approx(-0.866, abs=1e-3) and adv[3, :4].tolist() == pytest.approx([-0.866] * 4, abs=1e-3)
+    adv, m = ADVANTAGES["branch_depth"](b.rewards, b.group_ids, b.loss_mask, origin=b.token_origin)
+    # depth 0: nodes {a,b,c prefix: 2/3, d: 0} -> +-0.7071; depth 1: {a's rest: 1, b-c shared: 0.5};
+    # depth 2: {b's last: 0, c's last: 1}
+    z = 1 / math.sqrt(2)
+    assert adv[0].tolist() == pytest.approx([z] * 6, abs=1e-4)
+    assert adv[1].tolist() == pytest.approx([z, z, z, -z, -z, -z], abs=1e-4)
+    assert adv[2].tolist() == pytest.approx([z, z, z, -z, -z, z], abs=1e-4)
+    assert adv[3, :4].tolist() == pytest.approx([-z] * 4, abs=1e-4) and m["tree/max_depth"] == 2
+
+
+def test_a_stale_parent_index_does_not_merge_different_tokens():
+    a = Trajectory([9], [1, 2, 3], [0.0] * 3, [0.0] * 3, [1] * 3, "g")
+    b = Trajectory([9], [1, 5, 3], [0.0] * 3, [0.0] * 3, [1] * 3, "g", parent=0, branch_at=2)  # prefix differs
+    origin = pack([a, b], 0).token_origin
+    assert origin[1].tolist() == [3, 4, 5]
+
+
+@pytest.mark.parametrize("sampler,params", [
+    ("latr", {"tau_abs": 0.0, "tau_rel": 1.0, "filter_steps": [2]}),
+    ("independent", {}),
+])
+def test_samplers_train_through_the_trainer(tmp_path, sampler, params):
+    from forkrl.train import Trainer
+    from tests.test_trainer import _cfg, _rows
+    cfg = _cfg(tmp_path, train={"steps": 2}, rollout={"sampler": sampler, "sampler_params": params},
+               algo={"advantage": "tree_hard"})
+    Trainer(cfg).train()
+    rows = _rows(cfg)
+    assert all(r["sampler/trajectories"] == 32 for r in rows)
+    if sampler == "latr":
+        assert all(r["sampler/branch_points"] > 0 for r in rows)
