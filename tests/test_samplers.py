@@ -200,6 +200,7 @@ def test_a_stale_parent_index_does_not_merge_different_tokens():
 @pytest.mark.parametrize("sampler,params", [
     ("latr", {"tau_abs": 0.0, "tau_rel": 1.0, "filter_steps": [2]}),
     ("independent", {}),
+    ("april", {"over_sampling": 1.5}),
 ])
 def test_samplers_train_through_the_trainer(tmp_path, sampler, params):
     from forkrl.train import Trainer
@@ -211,3 +212,98 @@ def test_samplers_train_through_the_trainer(tmp_path, sampler, params):
     assert all(r["sampler/trajectories"] == 32 for r in rows)
     if sampler == "latr":
         assert all(r["sampler/branch_points"] > 0 for r in rows)
+
+
+def test_engine_stop_when_returns_partial_completions_that_resume_exactly(tiny):
+    from forkrl.rollout import GenerationRequest, TorchEngine
+    model, tok = tiny
+    engine = TorchEngine(model, tok, prefix_cache_mb=0)
+    a, b = tok("A short one.")["input_ids"], tok("A long one, which we stop early.")["input_ids"]
+    greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n)
+    full = engine.generate([GenerationRequest(b, greedy(10))])[0][0]
+    outs = engine.generate([GenerationRequest(a, greedy(3)), GenerationRequest(b, greedy(10))],
+                           stop_when=lambda finished: finished[0] >= 1)
+    assert outs[0][0].finish == "length" and outs[1][0].finish == "abort" and len(outs[1][0].token_ids) == 3
+    partial = outs[1][0]
+    rest = engine.generate([GenerationRequest(b + partial.token_ids, greedy(7))])[0][0]
+    assert partial.token_ids + rest.token_ids == full.token_ids
+    assert partial.logprobs + rest.logprobs == pytest.approx(full.logprobs, abs=1e-4)
+
+
+class LockstepEngine:
+    """Decodes all rows one token per step, like TorchEngine, honouring stop_when. A row's first
+    token is random (seeded per call); every later token is a function of the context, and the
+    row ends (EOS = 0) after 1 + first % 9 tokens: long-tailed lengths that resume deterministically."""
+    def __init__(self, prompt_len):
+        self.prompt_len, self.stats, self.eos_ids, self.calls = prompt_len, EngineStats(), [0], 0
+        self.tokenizer = CharTokenizer()
+
+    @staticmethod
+    def full(first):
+        return [first] + [(first * 7 + i) % 200 + 1 for i in range(1, first % 9)] + [0]
+
+    def generate(self, requests, seed=None, stop_when=None):
+        rng = random.Random(seed)
+        rows = [(i, list(r.prompt_ids[self.prompt_len:]), r.params.max_tokens) for i, r in enumerate(requests)]
+        done = [None] * len(rows)
+        new = [[] for _ in rows]
+        finished = [0] * len(rows)
+        step = 0
+        while any(d is None for d in done):
+            ended = []
+            for j, (i, partial, max_tokens) in enumerate(rows):
+                if done[j] is not None:
+                    continue
+                so_far = partial + new[j]
+                first = so_far[0] if so_far else rng.randrange(10, 200)
+                new[j].append(self.full(first)[len(so_far)])
+                self.stats.decode_tokens += 1
+                if new[j][-1] == 0:
+                    done[j] = "eos"
+                elif len(new[j]) >= max_tokens:
+                    done[j] = "length"
+                if done[j] is not None:
+                    ended.append(j)
+                    finished[i] += 1
+            step += 1
+            if ended and stop_when is not None and stop_when(finished):
+                done = [d or "abort" for d in done]
+        return [[Completion(ids, [-1.0] * len(ids), [1.0] * len(ids), d, "")] for ids, d in zip(new, done)]
+
+
+def test_april_returns_complete_groups_and_trains_every_token_once():
+    sampler = build_sampler("april", {"over_sampling": 2.0})
+    engine = LockstepEngine(prompt_len=1)
+    returned, ids = [], set()
+    for step in range(1, 7):
+        fresh = sampler.prompts_wanted(2)
+        prompts = [[100 + 10 * step + k] for k in range(fresh)]
+        ctx = SamplerContext(version=step, step=step, samples=[f"p{p[0]}" for p in prompts], groups=2)
+        groups, budget = run_sampler(sampler, engine, prompts, SamplingParams(max_tokens=12, n=3), step, ctx)
+        assert len(groups) == 2 and all(len(g) == 3 for g in groups)
+        assert len(sampler.buffer) + 2 <= 4                    # B' = 4 groups in flight
+        for g in groups:
+            for t in g:
+                assert id(t) not in ids                         # never returned twice
+                ids.add(id(t))
+                assert t.finish in ("eos", "length") and t.sample == g[0].sample
+                # token for token the sequence an uninterrupted generation writes, whatever step it resumed at
+                assert t.tokens == LockstepEngine.full(t.tokens[0])[:12]
+                assert len(t.policy_version) == len(t.tokens) and t.policy_version == sorted(t.policy_version)
+                returned.append(t)
+    assert any(len(set(t.policy_version)) > 1 for t in returned)  # some were resumed across a weight update
+    # every decoded token belongs to exactly one trajectory: returned or still waiting in the buffer
+    waiting = sum(len(t.tokens) for g in sampler.buffer for t in g.members)
+    assert engine.stats.decode_tokens == sum(len(t.tokens) for t in returned) + waiting
+
+
+def test_april_leaves_unfinished_groups_for_the_next_step():
+    prompts = [[k] for k in range(8)]
+    sampler = build_sampler("april", {"over_sampling": 2.0})
+    engine = LockstepEngine(1)
+    groups, budget = run_sampler(sampler, engine, prompts, SamplingParams(max_tokens=12, n=4), 0,
+                                 SamplerContext(samples=list(range(8)), groups=4))
+    # generation stopped when the 4th group completed: the rest wait with their partial tokens
+    assert len(groups) == 4 and len(sampler.buffer) == 4
+    assert any(not g.complete and any(t.tokens for t in g.members) for g in sampler.buffer)
+    assert budget.extra["april/buffered_groups"] == 4

@@ -15,6 +15,7 @@ Same seed and same batch composition give the same samples.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +109,13 @@ class TorchEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, requests: list[GenerationRequest], seed: int | None = None) -> list[list[Completion]]:
-        """Sample `params.n` completions for each request; returns them per request, in order."""
+    def generate(self, requests: list[GenerationRequest], seed: int | None = None,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> list[list[Completion]]:
+        """Sample `params.n` completions for each request; returns them per request, in order.
+
+        stop_when(finished) is asked after every decode step with the number of finished completions
+        of each request so far; when it answers True, generation stops and every unfinished
+        completion comes back as it is, with finish "abort" (APRIL's partial rollouts)."""
         import time
 
         start = time.perf_counter()
@@ -120,12 +126,23 @@ class TorchEngine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
         out: list[list[Completion]] = [[] for _ in requests]
+        finished = [0] * len(requests)
+        aborted = False
         was_training = self.model.training
         self.model.eval()
         try:
             for b in range(0, len(rows), self.max_batch_size):
                 batch = rows[b:b + self.max_batch_size]
-                for (i, *_), comp in zip(batch, self._run_batch(batch, generator)):
+                if aborted:
+                    comps = [Completion([], [], [], "abort") for _ in batch]
+                else:
+                    def check(done_rows: list[int], batch=batch) -> bool:
+                        for j in done_rows:
+                            finished[batch[j][0]] += 1
+                        return stop_when is not None and stop_when(finished)
+                    comps = self._run_batch(batch, generator, check)
+                    aborted = any(c.finish == "abort" for c in comps)
+                for (i, *_), comp in zip(batch, comps):
                     out[i].append(comp)
         finally:
             self.model.train(was_training)
@@ -133,7 +150,7 @@ class TorchEngine:
         return out
 
     @torch.inference_mode()
-    def _run_batch(self, rows, generator) -> list[Completion]:
+    def _run_batch(self, rows, generator, check=None) -> list[Completion]:
         device = self.device
         params: list[SamplingParams] = [r[2] for r in rows]
         prompts = [list(r[1]) for r in rows]
@@ -194,6 +211,10 @@ class TorchEngine:
                     finish[r] = "length"
                 else:
                     keep.append(j)
+            if check is not None and len(keep) < len(alive) and check([r for j, r in enumerate(alive) if j not in keep]):
+                for j in keep:
+                    finish[alive[j]] = "abort"
+                keep = []
             if self.prefix_cache is not None:
                 for j, r in enumerate(alive):
                     if finish[r] is not None and keep_kv[r] and len(gen_ids[r]) > 1:

@@ -5,6 +5,9 @@ combines with any loss.
 - `independent`: n i.i.d. samples per prompt (multi-turn with tools when an env is given).
 - `arpo`: entropy-adaptive branching after tool results (ARPO, algorithms.md §2), in `arpo.py`.
 - `latr`: branching at uncertain tokens with lookahead pruning (LATR, §10), in `latr.py`.
+- `april`: over-provisioned requests, stop when enough groups finished, unfinished ones resume
+  next step (APRIL, §6), in `april.py`. It asks for its own number of fresh prompts
+  (`prompts_wanted`) and keeps state across steps (`state`, checkpointed).
 
 `run_sampler` wraps a call with the budget accounting that makes samplers comparable at equal cost:
 trajectories, branch points, decoded / prefilled / cache-served tokens, tool calls, wall time.
@@ -28,11 +31,15 @@ def register_sampler(name: str):
 @dataclass
 class SamplerContext:
     """What a sampler may use besides the engine: the tool env (None: single-turn), the tokenizer,
-    the policy version stamped on new tokens and the training step (schedules)."""
+    the policy version stamped on new tokens, the training step (schedules), the task samples behind
+    the prompts (a sampler that returns groups from earlier calls sets `Trajectory.sample` itself)
+    and the number of groups the step wants (None: one per prompt)."""
     env: Any = None
     tokenizer: Any = None
     version: int = 0
     step: int = 0
+    samples: list | None = None
+    groups: int | None = None
 
 
 @dataclass

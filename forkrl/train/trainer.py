@@ -80,6 +80,7 @@ class Trainer:
         self.env = self._build_env() if cfg.env.enabled else None
         self.sampler = build_sampler(cfg.rollout.sampler, cfg.rollout.sampler_params)
         self.step_budget: dict[str, float] = {}
+        self.groups_wanted: int | None = None
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             self.ref_model = copy.deepcopy(model).eval()
@@ -141,6 +142,13 @@ class Trainer:
         return [trajs[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
     # -- data ----------------------------------------------------------------------------------
+    def fresh_prompts(self, groups: int) -> list[Sample]:
+        """Prompts for a rollout that must return `groups` groups: as many, unless the sampler keeps
+        groups across steps and asks for its own number (APRIL)."""
+        self.groups_wanted = groups
+        wanted = getattr(self.sampler, "prompts_wanted", None)
+        return self.next_prompts(wanted(groups) if wanted is not None else groups)
+
     def next_prompts(self, k: int) -> list[Sample]:
         """The next k training samples: a fresh seeded shuffle every epoch, position in `data_pos`."""
         n = len(self.task.train)
@@ -165,12 +173,14 @@ class Trainer:
                                 max_tokens=r.max_new_tokens, n=n or r.samples_per_prompt, stop=list(r.stop),
                                 adaptive_temperature=adaptive)
         prompt_ids = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
-        ctx = SamplerContext(env=self.env, tokenizer=self.tokenizer, version=self.step_idx, step=self.step_idx + 1)
+        ctx = SamplerContext(env=self.env, tokenizer=self.tokenizer, version=self.step_idx, step=self.step_idx + 1,
+                             samples=samples, groups=self.groups_wanted or len(samples))
         groups, budget = run_sampler(self.sampler, self.engine, prompt_ids, params, seed, ctx)
         for k, v in budget.metrics().items():  # summed over the step's rollout calls (dynamic sampling)
             self.step_budget[k] = self.step_budget.get(k, 0.0) + v
         out = []
-        for j, (s, members) in enumerate(zip(samples, groups)):
+        for j, members in enumerate(groups):
+            s = members[0].sample if members and members[0].sample is not None else samples[j]
             for t in members:
                 t.group, t.sample = f"{tag}/{j}:{s.id}", s
                 out.append(t)
@@ -271,7 +281,7 @@ class Trainer:
         from forkrl.rollout.agent import roc_penalty
         r, roc = self.cfg.rollout, self.cfg.rollout.resample_on_correct
         n = r.samples_per_prompt
-        trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}",
+        trajs = self.rollout(self.fresh_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}",
                              n=n * roc.oversample)
         self.score(trajs)
         gen = torch.Generator().manual_seed(self._seed(step, 5))
@@ -295,14 +305,14 @@ class Trainer:
         if r.resample_on_correct.enabled:
             return self._resample_on_correct(step)
         if not ds.enabled:
-            trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}")
+            trajs = self.rollout(self.fresh_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}")
             self.score(trajs)
             return trajs, trajs, {}
         kept: list[Trajectory] = []
         all_trajs: list[Trajectory] = []
         n_groups, gen_batches = 0, 0
         while n_groups < r.prompts_per_step and (ds.max_gen_batches == 0 or gen_batches < ds.max_gen_batches):
-            trajs = self.rollout(self.next_prompts(r.prompts_per_step), self._seed(step, gen_batches),
+            trajs = self.rollout(self.fresh_prompts(r.prompts_per_step), self._seed(step, gen_batches),
                                  f"s{step}b{gen_batches}")
             self.score(trajs)
             gen_batches += 1
@@ -460,7 +470,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"data_pos": self.data_pos, "nonfinite_streak": self.nonfinite_streak}
         methods = {"learner": self.learner.state, "sampler": self.sampler_stats,
-                   "replay": self.replay.state_dict() if self.replay is not None else None}
+                   "replay": self.replay.state_dict() if self.replay is not None else None,
+                   "rollout_sampler": getattr(self.sampler, "state", None)}
         return save_checkpoint(self.out, self.step_idx, self.model, self.optimizer, self.scheduler, state,
                                methods=methods)
 
@@ -474,6 +485,8 @@ class Trainer:
         methods = state.get("methods", {})
         self.learner.state = methods.get("learner", {})
         self.sampler_stats = methods.get("sampler", {})
+        if methods.get("rollout_sampler") is not None:
+            self.sampler.state = methods["rollout_sampler"]
         if self.replay is not None and methods.get("replay"):
             self.replay.load_state_dict(methods["replay"])
         log.info("resumed from %s (step %d)", path, self.step_idx)
