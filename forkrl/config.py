@@ -83,6 +83,14 @@ class ResampleOnCorrectConfig(Section):
     min_each: int = Field(2, ge=0)
 
 
+class DarsConfig(Section):
+    """DARS (algorithms.md §12.1): more rollouts for prompts the first round found hard."""
+    enabled: bool = False
+    schedule: Literal["et", "hw"] = "et"   # equal treatment | hardness-weighted
+    n_max: int = Field(32, gt=0)           # total rollouts per prompt at most (reference: 32 ET, 64 HW)
+    std_normalized: bool = False           # the released configs use no std division (advantage: drgrpo)
+
+
 class RolloutConfig(Section):
     engine: Literal["torch"] = "torch"
     prompts_per_step: int = Field(8, gt=0)
@@ -97,6 +105,7 @@ class RolloutConfig(Section):
     sampler_params: dict[str, Any] = Field(default_factory=dict)
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
     resample_on_correct: ResampleOnCorrectConfig = Field(default_factory=ResampleOnCorrectConfig)
+    dars: DarsConfig = Field(default_factory=DarsConfig)
 
     @model_validator(mode="after")
     def _known_sampler(self):

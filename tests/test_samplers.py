@@ -307,3 +307,30 @@ def test_april_leaves_unfinished_groups_for_the_next_step():
     assert len(groups) == 4 and len(sampler.buffer) == 4
     assert any(not g.complete and any(t.tokens for t in g.members) for g in sampler.buffer)
     assert budget.extra["april/buffered_groups"] == 4
+
+
+def test_dars_schedules_by_hand():
+    from forkrl.rollout.dars import dars_extra
+    # ET, N = 8, accuracy 1/8: S = 2(1/8)(7/8) = 0.21875, T* = 4 -> (4 - 1.75) / 0.21875 = 10.29 -> 11
+    assert dars_extra(1 / 8, 8, "et") == 11
+    # HW: target 2(7/8)4 = 7 -> (7 - 1.75) / 0.21875 = 24 exactly
+    assert dars_extra(1 / 8, 8, "hw", n_max=64) == 24
+    # accuracy 0 reads as 0.5/N = 1/16: (4 - 0.9375) / 0.1171875 = 26.1 -> 27, capped at N_max - N = 24
+    assert dars_extra(0.0, 8, "et", n_max=32) == 24
+    # with std normalisation: S = 2 sqrt(a(1-a)) = 0.6614, T* = 8 -> (8 - 5.29) / 0.6614 = 4.1 -> 5
+    assert dars_extra(1 / 8, 8, "et", std_normalized=True) == 5
+    assert dars_extra(0.5, 8, "et") == 0 and dars_extra(0.9, 8, "hw") == 0
+
+
+def test_dars_adds_rollouts_to_hard_groups_and_drops_unlearnable_ones(tmp_path):
+    from forkrl.train import Trainer
+    from tests.test_trainer import _cfg
+    # the random model never answers the file task correctly: every group is hard (accuracy 0) and
+    # gets min(27, N_max - N) = 4 more; merged, still all wrong, so each is dropped
+    cfg = _cfg(tmp_path, train={"steps": 1}, rollout={"prompts_per_step": 2, "samples_per_prompt": 4,
+                                                      "dars": {"enabled": True, "n_max": 8}})
+    trainer = Trainer(cfg)
+    trainer.train()
+    m = trainer.history[0]
+    assert m["dars/extra_rollouts"] == 8 and m["dars/boosted_prompts"] == 2 and m["dars/dropped_groups"] == 2
+    assert m["sampler/trajectories"] == 16

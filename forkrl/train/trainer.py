@@ -307,6 +307,8 @@ class Trainer:
         if not ds.enabled:
             trajs = self.rollout(self.fresh_prompts(r.prompts_per_step), self._seed(step, 0), f"s{step}")
             self.score(trajs)
+            if r.dars.enabled:
+                return self._dars(step, trajs)
             return trajs, trajs, {}
         kept: list[Trajectory] = []
         all_trajs: list[Trajectory] = []
@@ -328,6 +330,31 @@ class Trainer:
             log.warning("step %d: dynamic sampling kept %d of %d groups after %d generation batches",
                         step, n_groups, r.prompts_per_step, gen_batches)
         return kept, all_trajs, {"dapo/gen_batches": gen_batches, "dapo/kept_groups": n_groups}
+
+    def _dars(self, step: int, first: list[Trajectory]) -> tuple[list[Trajectory], list[Trajectory], dict]:
+        """DARS' second round (algorithms.md §12.1): ΔN more rollouts for each low-accuracy prompt,
+        merged into its group; groups whose merged accuracy is 0 or 1 are dropped."""
+        from forkrl.rollout.dars import dars_extra
+        d = self.cfg.rollout.dars
+        groups = {g: [t for t in first if t.group == g] for g in dict.fromkeys(t.group for t in first)}
+        extra: dict[str, int] = {}
+        for g, members in groups.items():
+            acc = sum(t.correct >= 1 for t in members) / len(members)
+            extra[g] = dars_extra(acc, len(members), d.schedule, d.n_max, d.std_normalized)
+        added: list[Trajectory] = []
+        for k in sorted(set(extra.values()) - {0}):  # one generation call per distinct count
+            names = [g for g in groups if extra[g] == k]
+            more = self.rollout([groups[g][0].sample for g in names], self._seed(step, 500 + k), f"s{step}dars{k}", n=k)
+            self.score(more)
+            for t in more:  # join the first-round group of the same prompt
+                t.group = next(g for g in names if groups[g][0].sample is t.sample)
+            added += more
+        merged = first + added
+        kept = [t for t in merged
+                if 0 < sum(x.correct >= 1 for x in merged if x.group == t.group) < sum(x.group == t.group for x in merged)]
+        stats = {"dars/extra_rollouts": float(len(added)), "dars/boosted_prompts": float(sum(v > 0 for v in extra.values())),
+                 "dars/dropped_groups": float(len({t.group for t in merged}) - len({t.group for t in kept}))}
+        return kept, merged, stats
 
     def _seed(self, step: int, sub: int) -> int:
         return (self.cfg.seed * 1_000_003 + step * 1009 + sub) % 2 ** 62
