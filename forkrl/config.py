@@ -89,6 +89,7 @@ class DarsConfig(Section):
     schedule: Literal["et", "hw"] = "et"   # equal treatment | hardness-weighted
     n_max: int = Field(32, gt=0)           # total rollouts per prompt at most (reference: 32 ET, 64 HW)
     std_normalized: bool = False           # the released configs use no std division (advantage: drgrpo)
+    metric: Literal["correct", "reward"] = "correct"  # accuracy = mean of this; groups where it does not vary are dropped
 
 
 class RolloutConfig(Section):

@@ -34,7 +34,8 @@ def test_recipe_runs_three_steps_on_tiny_random(path, tmp_path):
         "eval.at_start=false", "eval.every=0", "algo.dynamic_sampling.max_gen_batches=2", "log.progress=false",
         "log.tensorboard=false", "algo.overlong.buffer=4",
         # a reward the random model's samples differ on, so groups have variance and every step trains
-        'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]', "algo.dynamic_sampling.metric=reward"])
+        'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]', "algo.dynamic_sampling.metric=reward",
+        "rollout.dars.metric=reward"])
     summary = Trainer(cfg).train()
     assert summary["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

@@ -338,8 +338,9 @@ class Trainer:
         d = self.cfg.rollout.dars
         groups = {g: [t for t in first if t.group == g] for g in dict.fromkeys(t.group for t in first)}
         extra: dict[str, int] = {}
+        value = (lambda t: float(t.correct >= 1)) if d.metric == "correct" else (lambda t: t.reward)
         for g, members in groups.items():
-            acc = sum(t.correct >= 1 for t in members) / len(members)
+            acc = sum(value(t) for t in members) / len(members)
             extra[g] = dars_extra(acc, len(members), d.schedule, d.n_max, d.std_normalized)
         added: list[Trajectory] = []
         for k in sorted(set(extra.values()) - {0}):  # one generation call per distinct count
@@ -350,8 +351,8 @@ class Trainer:
                 t.group = next(g for g in names if groups[g][0].sample is t.sample)
             added += more
         merged = first + added
-        kept = [t for t in merged
-                if 0 < sum(x.correct >= 1 for x in merged if x.group == t.group) < sum(x.group == t.group for x in merged)]
+        varied = {g for g in {t.group for t in merged} if len({value(t) for t in merged if t.group == g}) > 1}
+        kept = [t for t in merged if t.group in varied]
         stats = {"dars/extra_rollouts": float(len(added)), "dars/boosted_prompts": float(sum(v > 0 for v in extra.values())),
                  "dars/dropped_groups": float(len({t.group for t in merged}) - len({t.group for t in kept}))}
         return kept, merged, stats
