@@ -334,3 +334,38 @@ def test_dars_adds_rollouts_to_hard_groups_and_drops_unlearnable_ones(tmp_path):
     m = trainer.history[0]
     assert m["dars/extra_rollouts"] == 8 and m["dars/boosted_prompts"] == 2 and m["dars/dropped_groups"] == 2
     assert m["sampler/trajectories"] == 16
+
+
+def test_etmr_forks_at_the_highest_entropy_positions_and_fills_the_group():
+    from forkrl.rollout.etmr import fork_points
+    ent = [0.1, 2.0, 0.5, 3.0, float("nan"), 1.0]
+    mask = [1, 1, 1, 1, 0, 1]
+    assert fork_points(ent, mask, 2, set()) == [1, 3]
+    assert fork_points(ent, mask, 2, {3}) == [1, 5]
+    assert fork_points(ent, mask, 2, set(), start=2) == [3, 5]
+    engine = FunctionEngine(lambda ids: 100 + sum(ids) % 50)
+    engine.generate_orig = engine.generate
+
+    def with_entropy(requests, seed=None):  # entropy rises along the sequence: forks land late
+        out = engine.generate_orig(requests, seed)
+        for (c, *rest) in out:
+            for x in (c, *rest):
+                x.entropies = [float(i) for i in range(len(x.token_ids))]
+        return out
+    engine.generate = with_entropy
+    sampler = build_sampler("etmr", {"chains": 2, "forks": 2, "branches": 1})
+    (group,), budget = run_sampler(sampler, engine, [[65, 66]], SamplingParams(max_tokens=8, n=6), 0, SamplerContext())
+    assert len(group) == 6 and [t.parent for t in group] == [None, None, 0, 0, 1, 1]
+    assert [t.branch_at for t in group[2:]] == [6, 7, 6, 7]     # the two highest-entropy positions of each chain
+    for t in group[2:]:
+        assert t.tokens[:t.branch_at] == group[t.parent].tokens[:t.branch_at] and len(t.tokens) == 8
+
+
+def test_majority_vote_reward_needs_no_labels():
+    from forkrl.tasks import Sample, Task
+    task = Task("t", [Sample("a", "q1", None), Sample("b", "q2", None)], [], verifier=lambda s, c: 0.0)
+    task.answer_of = lambda c: c.split()[-1] if c.split() else None
+    a, b = Sample("a", "q1", None), Sample("b", "q2", None)
+    completions = ["so 5", "it is 5", "maybe 6", "", "7", "8"]
+    samples = [a, a, a, a, b, b]
+    assert task.majority_vote_reward([], completions, sample=samples) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]

@@ -32,11 +32,13 @@ def build_task(cfg, seed: int = 0) -> Task:
             fn, name = task.correct_reward, "correct"
         elif r.name == "tool_answer":
             fn, name = task.tool_answer_reward, "tool_answer"
+        elif r.name == "majority_vote":
+            fn, name = task.majority_vote_reward, "majority_vote"
         elif r.name in BUILTIN_REWARDS:
             fn, name = BUILTIN_REWARDS[r.name], r.name
         else:
             raise ValueError(f"task.rewards: unknown built-in reward {r.name!r}; built-ins: "
-                             f"{['correct', 'tool_answer', *BUILTIN_REWARDS]}, or give `function: module:function`")
+                             f"{['correct', 'tool_answer', 'majority_vote', *BUILTIN_REWARDS]}, or give `function: module:function`")
         if r.params:
             fn = functools.partial(fn, **r.params)
         rewards.append(WeightedReward(name, fn, r.weight))

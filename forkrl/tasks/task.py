@@ -119,6 +119,19 @@ class Task:
         samples = columns["sample"]
         return [float(self.verifier(s, c)) for s, c in zip(samples, completions)]
 
+    def majority_vote_reward(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        """TTRL's label-free reward (algorithms.md §11): among the completions of the same prompt in
+        this batch, the most common extracted answer is the pseudo-label; a completion scores 1 when
+        its answer is that label, else 0 (no answer: 0). Ties go to the answer seen first."""
+        from collections import Counter
+        answers = [self.answer_of(c) for c in completions]
+        keys = [s.id for s in columns["sample"]]
+        label: dict = {}
+        for key in dict.fromkeys(keys):
+            votes = Counter(a for a, k in zip(answers, keys) if k == key and a is not None)
+            label[key] = votes.most_common(1)[0][0] if votes else None
+        return [float(a is not None and a == label[k]) for a, k in zip(answers, keys)]
+
     def tool_answer_reward(self, prompts: list[str], completions: list[str], *, format_penalty: float = -1.0,
                            tool_bonus: float = 0.1, tool_tags: tuple[str, ...] = ("python", "search", "calculator"),
                            answer_tag: str = "answer", **columns) -> list[float]:
