@@ -18,7 +18,7 @@ METHOD_METRIC = {
     "entropy_target": "policy/entropy", "tools_quickstart": "tools/use_frac", "tools_search": "tools/use_frac",
     "grpo_roc": "roc/pool", "sft_tools": "sft/nll", "arpo": "sampler/arpo/branches", "latr": "sampler/latr/eta",
     "april": "sampler/april/returned_groups", "dars": "dars/extra_rollouts", "brorl": "sampler/trajectories",
-    "etmr": "sampler/etmr/leaves",
+    "etmr": "sampler/etmr/leaves", "aepo": "sampler/aepo/global_per_prompt",
 }
 
 

@@ -369,3 +369,28 @@ def test_majority_vote_reward_needs_no_labels():
     completions = ["so 5", "it is 5", "maybe 6", "", "7", "8"]
     samples = [a, a, a, a, b, b]
     assert task.majority_vote_reward([], completions, sample=samples) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_aepo_budget_split_and_consecutive_branch_penalty():
+    from forkrl.rollout.arpo import sigmoid
+    sampler = build_sampler("aepo", {"beta": 2.0})
+    # m = k·σ(β(H_root − H̄_tool)): equal entropies split evenly; a more uncertain question gets more global samples
+    assert sampler.global_share(1.0, None) == 0.5 and sampler.global_share(1.0, 1.0) == 0.5
+    assert sampler.global_share(1.5, 1.0) == pytest.approx(sigmoid(1.0))
+    # tau = 1, w = 0: without the penalty every live trajectory branches at every tool result (entropy
+    # rising each turn); with penalty 1 a path that branched on rising entropy cannot branch again.
+    # A high H̄_tool from "earlier batches" makes m = 1 global trajectory, so slots never bind here.
+    turns = ["a<echo>x</echo>"] * 4 + ["<answer>1</answer>"]
+    counts = {}
+    for penalty in (0.0, 1.0):
+        engine = EntropyScript(turns, entropies=[1.0, 2.0, 3.0, 4.0, 1.0])
+        s = build_sampler("aepo", {"tau": 1.0, "entropy_weight": 0.0, "penalty": penalty, "max_iterations": 5})
+        s.state = {"tool_entropy": 100.0}
+        ctx = SamplerContext(env=_env(max_turns=6, max_tool_calls=5), tokenizer=VocabTokenizer())
+        (group,), b = run_sampler(s, engine, [[ord(c) for c in "Q?"]], SamplingParams(max_tokens=200, n=64), 0, ctx)
+        assert b.extra["aepo/global_per_prompt"] == 1 and len(group) <= 64
+        counts[penalty] = b.extra["aepo/branches"]
+    # free: 1 -> 2 -> 4 -> 8 members over three tool results. Held: the root branches (streak 1), the
+    # streak blocks both paths at the next result (and resets), both branch again at the third: 3
+    assert counts == {0.0: 7, 1.0: 3}
+    assert s.tool_entropy < 100.0                                 # H̄_tool moved towards this batch's

@@ -16,6 +16,7 @@ Initial entropies live with the trajectories of one call, so nothing carries ove
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -41,6 +42,23 @@ def segment_entropy(entropies: list[float], k: int, vocab_size: int,
     return sum(values) / math.log(vocab_size)
 
 
+def assemble(groups: list[list[Episode]], parents: dict[int, Episode], M: int) -> list[list]:
+    """The first M episodes of each group as trajectories, with `parent` as an index into the group
+    (a branch whose parent did not make the cut becomes a root)."""
+    out = []
+    for g in groups:
+        g = [e for e in g if e.traj.tokens][:M]  # a fill-in added as the iterations ran out never ran
+        index = {id(e): i for i, e in enumerate(g)}
+        trajs = finish(g)
+        for e, t in zip(g, trajs):
+            p = parents.get(id(e))
+            t.parent = index.get(id(p)) if p is not None else None
+            if t.parent is None:
+                t.branch_at = None
+        out.append(trajs)
+    return out
+
+
 @register_sampler("arpo")
 class ARPOSampler:
     def __init__(self, initial: int | None = None, branches_per_step: int = 1, tau: float = 0.5,
@@ -58,7 +76,6 @@ class ARPOSampler:
     def sample(self, engine, prompts, params, seed, ctx):
         if ctx.env is None:
             raise ValueError("the arpo sampler branches after tool calls: enable env (tools) in the recipe")
-        import dataclasses
         M = params.n
         N = min(self.initial if self.initial is not None else max(M // 2, 1), M)
         if self.entropy == "topk":
@@ -94,14 +111,106 @@ class ARPOSampler:
                 if all(e.done for e in g) and len(g) < M:  # global fill-in
                     g.append(new_episode(g[0].traj.prompt_ids))
                     fills += 1
-        out = []
-        for g in groups:
-            index = {id(e): i for i, e in enumerate(g)}
-            trajs = finish(g[:M])
-            for e, t in zip(g[:M], trajs):
-                p = parents.get(id(e))
-                t.parent = index.get(id(p)) if p is not None else None
-                if t.parent is None:
-                    t.branch_at = None
-            out.append(trajs)
+        out = assemble(groups, parents, M)
         return out, {"arpo/branches": float(branches), "arpo/fill_ins": float(fills)}
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@register_sampler("aepo")
+class AEPOSampler(ARPOSampler):
+    """AEPO's entropy-balanced rollout (arXiv 2510.14545 §3 b steps 1-2; algorithms.md §3), on top of
+    ARPO's branching.
+
+    1. Entropy pre-monitoring: each prompt first gets one trajectory; the entropy of its first
+       segment is H_root. The prompt's number of global (from-the-prompt) trajectories is then
+       m = round(k·σ(β(H_root − H̄_tool))), in [1, k], where H̄_tool is the mean entropy of the
+       segments written right after tool results (the previous batches', kept across calls; before
+       any, H̄_tool = H_root, so m = k/2 as in ARPO). The other k − m slots go to branches.
+    2. Consecutive-branch penalty: the branch probability becomes (τ + w·ΔH)·(1 − P̂(l)), where l
+       counts the consecutive high-entropy (ΔH > 0) branchings already taken along the path and
+       P̂(l) = min(1, penalty·l). The spec leaves P̂'s shape UNVERIFIED: linear, penalty 0.5 here.
+    """
+
+    def __init__(self, beta: float = 1.0, penalty: float = 0.5, tool_entropy_momentum: float = 0.9, **arpo):
+        super().__init__(**arpo)
+        self.beta, self.penalty, self.momentum = beta, penalty, tool_entropy_momentum
+        self.tool_entropy: float | None = None    # H̄_tool across calls
+
+    @property
+    def state(self) -> dict:
+        return {"tool_entropy": self.tool_entropy}
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.tool_entropy = value.get("tool_entropy")
+
+    def global_share(self, h_root: float, h_tool: float | None) -> float:
+        return sigmoid(self.beta * (h_root - (h_root if h_tool is None else h_tool)))
+
+    def sample(self, engine, prompts, params, seed, ctx):
+        if ctx.env is None:
+            raise ValueError("the aepo sampler branches after tool calls: enable env (tools) in the recipe")
+        if self.entropy == "topk":
+            params = dataclasses.replace(params, logprobs=self.top_logprobs)
+        M = params.n
+        rng = random.Random(seed)
+        vocab = getattr(ctx.tokenizer, "vocab_size", None) or len(ctx.tokenizer)
+        groups: list[list[Episode]] = [[new_episode(p)] for p in prompts]
+        parents: dict[int, Episode] = {}
+        streak: dict[int, int] = {}       # consecutive high-entropy branchings along an episode's path
+        planned = [1] * len(prompts)      # global trajectories decided per prompt
+        post_tool: list[float] = []
+        branches = fills = 0
+        for it in range(self.max_iterations):
+            live = [e for g in groups for e in g if not e.done]
+            if not live:
+                break
+            advance(engine, ctx.env, ctx.tokenizer, live, params, (seed * 1_000_003 + it) % 2 ** 62, ctx.version)
+            for e in live:
+                e.h_now = segment_entropy(e.last_segment, self.entropy_tokens, vocab, e.last_top)
+                if e.h_init is None:
+                    e.h_init = e.h_now
+                elif e.tool_calls:  # a segment written after a tool result
+                    post_tool.append(e.h_now)
+            ran = {id(e) for e in live}
+            for i, g in enumerate(groups):
+                if it == 0:  # pre-monitoring: the first segment of the first trajectory is H_root
+                    m = round(M * self.global_share(g[0].h_init, self.tool_entropy))
+                    planned[i] = min(max(m, 1), M)
+                    g += [new_episode(g[0].traj.prompt_ids) for _ in range(planned[i] - 1)]
+                    continue
+                for e in [e for e in g if not e.done and id(e) in ran]:
+                    free = M - len(g)
+                    if free <= 0:
+                        break
+                    dh = e.h_now - e.h_init
+                    l = streak.get(id(e), 0)
+                    scale = 1.0 - min(1.0, self.penalty * l)
+                    draws = [rng.random() for _ in range(self.branches_per_step)]
+                    # (τ + w·ΔH)·(1 − P̂(l)) as a threshold on u: u <= scale·(τ + w·ΔH)
+                    k = sum(1 for u in draws if u <= scale * (self.tau + self.weight * dh))
+                    k = max(min(k, free), 0)
+                    for _ in range(k):
+                        child = e.fork()
+                        parents[id(child)] = e
+                        streak[id(child)] = l + 1 if dh > 0 else 0
+                        g.append(child)
+                        branches += 1
+                    if k and dh > 0:
+                        streak[id(e)] = l + 1
+                    elif not k:
+                        streak[id(e)] = 0
+                if all(e.done for e in g) and len(g) < M:
+                    g.append(new_episode(g[0].traj.prompt_ids))
+                    fills += 1
+        if post_tool:
+            mean = sum(post_tool) / len(post_tool)
+            self.tool_entropy = mean if self.tool_entropy is None else (
+                self.momentum * self.tool_entropy + (1 - self.momentum) * mean)
+        out = assemble(groups, parents, M)
+        return out, {"aepo/branches": float(branches), "aepo/fill_ins": float(fills),
+                     "aepo/global_per_prompt": sum(planned) / max(len(planned), 1),
+                     "aepo/tool_entropy": self.tool_entropy if self.tool_entropy is not None else math.nan}
