@@ -190,6 +190,9 @@ class AlgoConfig(Section):
     sample_selector_params: dict[str, Any] = Field(default_factory=dict)
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     agg_const: float | None = None      # Dr. GRPO's C; default rollout.max_new_tokens
+    # tree samplers: a token several branches share is trained once (in its first row) instead of once
+    # per row; pair with advantage tree_hard or branch_depth, which give it the shared advantage
+    train_shared_prefix_once: bool = False
     kl_coef: float = Field(0.0, ge=0)   # 0: no reference model is loaded
     kl_estimator: Literal["k1", "abs", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+"] = "low_var_kl"
     entropy_coef: float = 0.0
@@ -199,6 +202,14 @@ class AlgoConfig(Section):
     entropy_target: EntropyTargetConfig = Field(default_factory=EntropyTargetConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     flawed_positive: FlawedPositiveConfig = Field(default_factory=FlawedPositiveConfig)
+
+    @model_validator(mode="after")
+    def _shared_prefix_needs_token_aggregation(self):
+        if self.train_shared_prefix_once and self.agg == "seq-mean-token-mean":
+            raise ValueError("algo.train_shared_prefix_once needs a token-level aggregation (token-mean, "
+                             "seq-mean-token-sum, seq-mean-token-sum-norm): seq-mean-token-mean would re-weight a "
+                             "branch's remaining tokens by how much of it is shared")
+        return self
 
     @field_validator("advantage", "loss", "token_selector", "sample_selector")
     @classmethod

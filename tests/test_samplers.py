@@ -201,15 +201,18 @@ def test_a_stale_parent_index_does_not_merge_different_tokens():
     ("latr", {"tau_abs": 0.0, "tau_rel": 1.0, "filter_steps": [2]}),
     ("independent", {}),
     ("april", {"over_sampling": 1.5}),
+    ("etmr", {"chains": 2, "forks": 3}),
 ])
 def test_samplers_train_through_the_trainer(tmp_path, sampler, params):
     from forkrl.train import Trainer
     from tests.test_trainer import _cfg, _rows
     cfg = _cfg(tmp_path, train={"steps": 2}, rollout={"sampler": sampler, "sampler_params": params},
-               algo={"advantage": "tree_hard"})
+               algo={"advantage": "tree_hard", "train_shared_prefix_once": sampler == "etmr"})
     Trainer(cfg).train()
     rows = _rows(cfg)
     assert all(r["sampler/trajectories"] == 32 for r in rows)
+    if sampler == "etmr":  # forks share their chain's prefix, which is trained once
+        assert all(r["tree/deduplicated_tokens"] > 0 and r["tree/shared_token_frac"] > 0 for r in rows)
     if sampler == "latr":
         assert all(r["sampler/branch_points"] > 0 for r in rows)
 
@@ -394,3 +397,14 @@ def test_aepo_budget_split_and_consecutive_branch_penalty():
     # streak blocks both paths at the next result (and resets), both branch again at the third: 3
     assert counts == {0.0: 7, 1.0: 3}
     assert s.tool_entropy < 100.0                                 # H̄_tool moved towards this batch's
+
+
+def test_shared_prefix_trained_once():
+    from forkrl.train.learner import first_occurrence
+    group = [Trajectory([9], [1, 2, 3, 4], [0.0] * 4, [0.0] * 4, [1] * 4, "g"),
+             Trajectory([9], [1, 2, 7, 8], [0.0] * 4, [0.0] * 4, [1] * 4, "g", parent=0, branch_at=2)]
+    first = first_occurrence(pack(group, 0).token_origin)
+    assert first.tolist() == [[True] * 4, [False, False, True, True]]
+    from forkrl.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="token-level aggregation"):
+        build_config({"algo": {"train_shared_prefix_once": True, "agg": "seq-mean-token-mean"}})

@@ -134,6 +134,19 @@ def token_origin(trajectories: list[Trajectory], L: int) -> Tensor:
     return origin
 
 
+def first_occurrence(origin: Tensor) -> Tensor:
+    """[B, L] True where a token key appears for the first time in row-major order (and on padding)."""
+    flat = origin.flatten()
+    valid = flat >= 0
+    _, inverse = torch.unique(flat[valid], return_inverse=True)
+    pos = torch.arange(len(flat))[valid]
+    first = torch.full((int(inverse.max()) + 1 if len(inverse) else 0,), len(flat), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+    out = torch.ones_like(flat, dtype=torch.bool)
+    out[pos] = first[inverse] == pos
+    return out.view_as(origin)
+
+
 def _decoder_and_head(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
@@ -346,6 +359,10 @@ class Learner:
             keep = call(self.token_selector, batch.sampling_entropy, batch.loss_mask,
                         available={"adv": adv, "progress": progress}, params=a.token_selector_params)
             batch.train_mask = batch.loss_mask * keep.to(batch.loss_mask.dtype)
+        if a.train_shared_prefix_once and batch.token_origin is not None:
+            first = first_occurrence(batch.token_origin)
+            metrics["tree/deduplicated_tokens"] = float((batch.train_mask * (~first)).sum())
+            batch.train_mask = batch.train_mask * first.to(batch.train_mask.dtype)
         return batch, adv, metrics
 
     def update(self, trajectories: list[Trajectory], step: int, replay_coef: float = 1.0) -> dict[str, float]:
