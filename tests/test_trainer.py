@@ -55,7 +55,12 @@ STATEFUL = {  # methods whose state crosses steps: EPO's entropy history, SPEAR'
 }
 
 
-@pytest.mark.parametrize("sections", [{"algo": {"kl_coef": 0.01}}, STATEFUL], ids=["grpo_kl", "stateful_methods"])
+# APRIL keeps groups in flight across steps (here the 2 complete groups beyond the 4 returned)
+APRIL = {"rollout": {"sampler": "april", "sampler_params": {"over_sampling": 1.5}}}
+
+
+@pytest.mark.parametrize("sections", [{"algo": {"kl_coef": 0.01}}, STATEFUL, APRIL],
+                         ids=["grpo_kl", "stateful_methods", "april_buffer"])
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, sections):
     straight = _cfg(tmp_path, "straight", train={"steps": 4, "checkpoint_every": 2, "mini_batches": 2}, **sections)
     Trainer(straight).train()

@@ -59,7 +59,7 @@ class RolloutBudget:
                f"{prefix}decoded_tokens": float(self.decoded_tokens),
                f"{prefix}prefilled_tokens": float(self.prefilled_tokens),
                f"{prefix}cached_tokens": float(self.cached_tokens), f"{prefix}tool_calls": float(self.tool_calls),
-               f"{prefix}seconds": self.seconds,
+               "time/sampler_s": self.seconds,
                f"{prefix}tokens_per_trajectory": (self.decoded_tokens + self.prefilled_tokens) / n}
         out.update({f"{prefix}{k}": v for k, v in self.extra.items()})
         return out
