@@ -145,8 +145,7 @@ class LATRSampler:
         horizon = min(self.force_return_step, params.max_tokens)
         tree_params = dataclasses.replace(params, temperature=0.0, n=1, logprobs=self.m, stop=list(params.stop))
         self.pruned = 0
-        trees = [self._grow(engine, p, n_kt, horizon, tree_params) for p in prompts] if n_kt > 1 else \
-            [[] for _ in prompts]
+        trees = self._grow(engine, prompts, n_kt, horizon, tree_params) if n_kt > 1 else [[] for _ in prompts]
         # finish every surviving branch (and the i.i.d. members) with ordinary sampling
         requests, owners = [], []
         for i, (p, branches) in enumerate(zip(prompts, trees)):
@@ -192,64 +191,65 @@ class LATRSampler:
         return groups, {"latr/tree_members": float(sum(len(b) for b in trees)), "latr/eta": eta,
                         "latr/pruned": float(self.pruned)}
 
-    def _grow(self, engine, prompt: list[int], capacity: int, horizon: int, params) -> list[_Branch]:
-        """The tree phase for one prompt; returns the live branches (root first), cut to the step
-        where the phase ended. Chains are extended `chunk` greedy tokens at a time, when the step
-        reaches their end; their states stay in the engine's prefix cache, so an extension or a
-        fork prefills one token."""
+    def _grow(self, engine, prompts: list[list[int]], capacity: int, horizon: int, params) -> list[list[_Branch]]:
+        """The tree phase of every prompt, in lockstep; returns each prompt's live branches (root
+        first), cut to the step where its phase ended. Chains are extended `chunk` greedy tokens at
+        a time when the step reaches their end, all prompts' chains in one engine call; their states
+        stay in the engine's prefix cache, so an extension or a fork prefills one token."""
         chunk = 16
-        root = _Branch([], [], [], [], born=0)
-        branches = [root]
+        trees = [[_Branch([], [], [], [], born=0)] for _ in prompts]
+        cut: list[int | None] = [None] * len(prompts)   # set when a prompt's tree phase ends
         window = self.filter_steps[-1] if self.filter_steps else 0
-
-        def extend(step: int) -> None:
-            need = [b for b in branches if b.eos_at is None and len(b.tokens) <= step < horizon]
-            if not need:
-                return
-            reqs = [GenerationRequest(prompt + b.tokens, dataclasses.replace(
-                params, max_tokens=min(chunk, horizon - len(b.tokens))), keep_kv=True) for b in need]
-            for b, (c,) in zip(need, engine.generate(reqs)):
-                b.absorb(c)
-
-        step = 0
-        while step < horizon:
-            extend(step)
-            for br in branches:  # pruning checks due at this step
-                if br.parent is None or br.pruned or br.ended_by(step) or br.parent.ended_by(step):
-                    continue
-                due = step - br.born in self.filter_steps and len(br.parent.tokens) >= step
-                if due and self.too_similar(br.tokens[br.born:step], br.parent.tokens[br.born:step]):
-                    br.pruned = True
-                    self.pruned += 1
-            branches = [b for b in branches if not b.pruned]
-            in_window = any(b.parent is not None and step - b.born < window and not b.ended_by(step)
-                            for b in branches)
-            threshold = (0.98 - self.decay * step / max(horizon, 1)) * capacity
-            if step > 0 and len(branches) >= threshold and not in_window:
+        for step in range(horizon + 1):
+            need = [(i, b) for i, branches in enumerate(trees) if cut[i] is None for b in branches
+                    if b.eos_at is None and len(b.tokens) <= step < horizon]
+            if need:
+                reqs = [GenerationRequest(prompts[i] + b.tokens, dataclasses.replace(
+                    params, max_tokens=min(chunk, horizon - len(b.tokens))), keep_kv=True) for i, b in need]
+                for (_, b), (c,) in zip(need, engine.generate(reqs)):
+                    b.absorb(c)
+            for i in range(len(prompts)):
+                if cut[i] is None:
+                    self._tree_step(trees, i, step, capacity, horizon, window, engine.eos_ids, cut)
+            if all(c is not None for c in cut):
                 break
-            if all(b.ended_by(step - 1) or len(b.tokens) <= step for b in branches):
-                break  # every chain has ended
-            # new branches at this step, in chain order, while capacity lasts
-            spawned = []
-            for b in branches:
-                if step >= len(b.top) or b.top[step] is None or b.ended_by(step - 1):
-                    continue
-                for v in valid_candidates(b.top[step], self.tau_abs, self.tau_rel):
-                    if len(branches) + len(spawned) >= capacity:
-                        break
-                    lp = next(lp for tok, lp in b.top[step] if tok == v)
-                    child = _Branch(b.tokens[:step] + [v], b.logprobs[:step] + [lp],
-                                    b.entropies[:step] + [b.entropies[step]], b.top[:step] + [None],
-                                    born=step, parent=b)
-                    if v in engine.eos_ids:
-                        child.eos_at = step + 1
-                    spawned.append(child)
-            branches += spawned
-            step += 1
-        cut = step + 1
-        for b in branches:  # the tree phase ends after `cut` tokens; sampling takes over from there
-            if len(b.tokens) > cut:
-                b.tokens, b.logprobs, b.entropies, b.top = b.tokens[:cut], b.logprobs[:cut], b.entropies[:cut], b.top[:cut]
-            if b.eos_at is not None and b.eos_at > cut:
-                b.eos_at = None
-        return branches
+        for i, branches in enumerate(trees):
+            end = (cut[i] if cut[i] is not None else horizon) + 1
+            for b in branches:  # the tree phase ends after `end` tokens; sampling takes over from there
+                if len(b.tokens) > end:
+                    b.tokens, b.logprobs, b.entropies, b.top = b.tokens[:end], b.logprobs[:end], b.entropies[:end], b.top[:end]
+                if b.eos_at is not None and b.eos_at > end:
+                    b.eos_at = None
+        return trees
+
+    def _tree_step(self, trees, i, step, capacity, horizon, window, eos_ids, cut) -> None:
+        """One step of prompt i's tree: prune, maybe end the phase, then fork."""
+        branches = trees[i]
+        for br in branches:  # pruning checks due at this step
+            if br.parent is None or br.pruned or br.ended_by(step) or br.parent.ended_by(step):
+                continue
+            due = step - br.born in self.filter_steps and len(br.parent.tokens) >= step
+            if due and self.too_similar(br.tokens[br.born:step], br.parent.tokens[br.born:step]):
+                br.pruned = True
+                self.pruned += 1
+        branches = trees[i] = [b for b in branches if not b.pruned]
+        in_window = any(b.parent is not None and step - b.born < window and not b.ended_by(step) for b in branches)
+        threshold = (0.98 - self.decay * step / max(horizon, 1)) * capacity
+        if step >= horizon or (step > 0 and len(branches) >= threshold and not in_window) or \
+                all(b.ended_by(step - 1) or len(b.tokens) <= step for b in branches):
+            cut[i] = step
+            return
+        spawned = []  # new branches at this step, in chain order, while capacity lasts
+        for b in branches:
+            if step >= len(b.top) or b.top[step] is None or b.ended_by(step - 1):
+                continue
+            for v in valid_candidates(b.top[step], self.tau_abs, self.tau_rel):
+                if len(branches) + len(spawned) >= capacity:
+                    break
+                lp = next(lp for tok, lp in b.top[step] if tok == v)
+                child = _Branch(b.tokens[:step] + [v], b.logprobs[:step] + [lp], b.entropies[:step] + [b.entropies[step]],
+                                b.top[:step] + [None], born=step, parent=b)
+                if v in eos_ids:
+                    child.eos_at = step + 1
+                spawned.append(child)
+        branches += spawned

@@ -34,7 +34,7 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int = 512 * 2**20, block: int = 16, candidates: int = 8):
+    def __init__(self, max_bytes: int = 512 * 2**20, block: int = 16, candidates: int = 64):
         self.max_bytes = max_bytes
         self.block = block
         self.candidates = candidates     # entries compared token by token after the block walk
@@ -58,20 +58,24 @@ class PrefixCache:
         `tokens`, at most `max_len` long; (0, None) when nothing matches."""
         limit = len(tokens) if max_len is None else min(max_len, len(tokens))
         holders: list[int] = []
+        depth = 0
         for key in self._block_keys(tokens[:limit]):
             found = self.index.get(key)
             if not found:
                 break
-            holders = found
+            holders, depth = found, depth + 1
+        # every holder shares the first `depth` blocks; the longest continuation past them wins
+        base = depth * self.block
         best, best_n = None, 0
-        for entry_id in holders[-self.candidates:]:  # the entries sharing the deepest block: the longest match wins
+        for entry_id in holders[-self.candidates:]:
             entry = self.entries[entry_id]
-            n, stop = 0, min(limit, len(entry.tokens))
+            n, stop = base, min(limit, len(entry.tokens))
             while n < stop and entry.tokens[n] == tokens[n]:
                 n += 1
             if n > best_n:
                 best, best_n = entry_id, n
-        if best is None:  # nothing stored, or only a hash collision
+        # the block keys are hashes: check the whole match, so a collision cannot return wrong states
+        if best is None or self.entries[best].tokens[:best_n] != tokens[:best_n]:
             return 0, None
         self.entries.move_to_end(best)
         return best_n, self.entries[best].kv[:, :, :, :best_n]
