@@ -33,7 +33,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from forkrl.config import load_config
-    from forkrl.rollout import SamplerContext, SamplingParams, build_sampler, run_sampler
+    from forkrl.rollout import (
+        SamplerContext,
+        SamplingParams,
+        build_sampler,
+        run_sampler,
+    )
     from forkrl.train import Trainer
 
     cfg = load_config("configs/april.yaml", ["log.progress=false", "log.tensorboard=false",

@@ -22,7 +22,13 @@ import torch
 
 def compare(config: str, sampler: str, args) -> dict:
     from forkrl.config import load_config
-    from forkrl.rollout import RolloutBudget, SamplerContext, SamplingParams, build_sampler, run_sampler
+    from forkrl.rollout import (
+        RolloutBudget,
+        SamplerContext,
+        SamplingParams,
+        build_sampler,
+        run_sampler,
+    )
     from forkrl.train import Trainer
 
     cfg = load_config(config, ["log.progress=false", "log.tensorboard=false", f"output_dir=/tmp/forkrl-bench-{sampler}"])

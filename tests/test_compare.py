@@ -41,7 +41,8 @@ def test_compare_two_recipes_over_two_seeds(tmp_path, capsys):
     assert main(argv) == 0
     md = (out / "compare.md").read_text()
     assert "| grpo_tiny | 2 |" in md and "| drgrpo_tiny | 2 |" in md and " ± " in md
-    rows = list(csv.DictReader(open(out / "compare.csv")))
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["recipe"] for r in rows] == ["grpo_tiny", "drgrpo_tiny"]
     for r in rows:
         assert 0 <= float(r["held-out accuracy mean"]) <= 1 and float(r["tokens sampled mean"]) > 0

@@ -380,7 +380,8 @@ class Learner:
             old_logp = None  # one update: the policy before it is the policy in its own forward
         ref_logp = self._no_grad_logprobs(self.ref_model, batch) if a.kl_coef > 0 else None
         turn = per_turn_index(batch.loss_mask)
-        probe = self._entropy_probe(batch, gen)
+        # its own generator: turning the probe on or off must not move the methods' random choices
+        probe = self._entropy_probe(batch, torch.Generator().manual_seed(self.seed * 1_000_003 + step + 17))
         probe_before = (response_log_softmax(self.model, probe, temperature=self.temperature)
                         if probe is not None else None)
 

@@ -395,6 +395,9 @@ class Trainer:
         self.engine.stats.decode_tokens = 0
         self.scoring_seconds = 0.0
         self.step_budget: dict[str, float] = {}
+        # a step reuses only the prefixes it computed itself: what evaluation left in the cache must not
+        # change training (nor differ between a resumed run and one that never stopped)
+        self.engine.weights_updated()
         if self.env is not None:
             self.env.on_step(self.learner.progress(step))
         trajs, generated, stats = self.collect(step)
