@@ -31,7 +31,8 @@ def compare(config: str, sampler: str, args) -> dict:
     )
     from forkrl.train import Trainer
 
-    cfg = load_config(config, ["log.progress=false", "log.tensorboard=false", f"output_dir=/tmp/forkrl-bench-{sampler}"])
+    cfg = load_config(config, ["log.progress=false", "log.tensorboard=false", f"output_dir=/tmp/forkrl-bench-{sampler}",
+                               *([f"model.name={args.model}"] if args.model else [])])
     trainer = Trainer(cfg)
     r = cfg.rollout
     params = SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, n=args.n, stop=list(r.stop))
@@ -73,12 +74,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="batches of --prompts distinct prompts")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["latr", "arpo"], default=None)
+    ap.add_argument("--model", default=None, help="another policy (a run's final/ folder) instead of the recipe's")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "prompts_per_round": args.prompts, "n": args.n, "rounds": args.rounds}
+              "torch": torch.__version__, "model": args.model or "recipe's (embedded)", "prompts_per_round": args.prompts, "n": args.n, "rounds": args.rounds}
     if args.only in (None, "latr"):
         result["latr"] = compare("configs/latr.yaml", "latr", args)
     if args.only in (None, "arpo"):

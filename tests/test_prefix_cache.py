@@ -125,3 +125,11 @@ def test_weight_updates_clear_the_cache(tiny):
     before = cached.stats.prefill_tokens
     cached.generate([GenerationRequest(ids, SamplingParams(max_tokens=2))], seed=0)
     assert cached.stats.prefill_tokens - before == len(ids)
+
+
+def test_a_sequence_that_extends_a_stored_one_replaces_it():
+    cache = PrefixCache(block=4)
+    cache.insert(list(range(8)), _kv(8))
+    assert cache.insert(list(range(12)), _kv(12))          # the next turn of the same episode
+    assert len(cache) == 1 and cache.bytes == _kv(12).numel() * 4
+    assert cache.lookup(list(range(8)) + [50])[0] == 8

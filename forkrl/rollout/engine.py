@@ -292,7 +292,7 @@ class TorchEngine:
         where = row_mask.nonzero().flatten()
         if len(where) != len(tokens) or len(tokens) < self.prefix_cache.block:
             return
-        if self.prefix_cache.lookup(tokens)[0] == len(tokens):
+        if self.prefix_cache.match(tokens)[1] == len(tokens):
             return  # already stored (or inside a longer stored sequence)
         kv = torch.stack([torch.stack([layer.keys[row][:, where], layer.values[row][:, where]])
                           for layer in cache.layers])

@@ -56,6 +56,14 @@ class PrefixCache:
     def lookup(self, tokens: list[int], max_len: int | None = None) -> tuple[int, torch.Tensor | None]:
         """(length, states [layers, 2, heads, length, head_dim]) of the longest stored prefix of
         `tokens`, at most `max_len` long; (0, None) when nothing matches."""
+        best, n = self.match(tokens, max_len)
+        if best is None:
+            return 0, None
+        self.entries.move_to_end(best)
+        return n, self.entries[best].kv[:, :, :, :n]
+
+    def match(self, tokens: list[int], max_len: int | None = None) -> tuple[int | None, int]:
+        """(entry id, matched length) of the entry sharing the longest prefix with `tokens`."""
         limit = len(tokens) if max_len is None else min(max_len, len(tokens))
         holders: list[int] = []
         depth = 0
@@ -76,18 +84,19 @@ class PrefixCache:
                 best, best_n = entry_id, n
         # the block keys are hashes: check the whole match, so a collision cannot return wrong states
         if best is None or self.entries[best].tokens[:best_n] != tokens[:best_n]:
-            return 0, None
-        self.entries.move_to_end(best)
-        return best_n, self.entries[best].kv[:, :, :, :best_n]
+            return None, 0
+        return best, best_n
 
     def insert(self, tokens: list[int], kv: torch.Tensor) -> bool:
         """Store the states of `tokens` (kv: [layers, 2, heads, len(tokens), head_dim]). Returns False
         when it is shorter than a block, already covered by a stored entry, or larger than the budget."""
         if len(tokens) < self.block or kv.shape[3] != len(tokens):
             return False
-        n, _ = self.lookup(tokens)
+        best, n = self.match(tokens)
         if n == len(tokens):
             return False
+        if best is not None and n == len(self.entries[best].tokens):
+            self._evict(best)  # the new sequence extends this one (a turn after the last): keep the longer
         entry = _Entry(list(tokens), kv.contiguous())
         if entry.nbytes > self.max_bytes:
             return False
@@ -102,8 +111,12 @@ class PrefixCache:
         self.bytes += entry.nbytes
         return True
 
-    def _evict(self) -> None:
-        entry_id, entry = self.entries.popitem(last=False)
+    def _evict(self, entry_id: int | None = None) -> None:
+        """Remove one entry: the given one, or the least recently used."""
+        if entry_id is None:
+            entry_id, entry = self.entries.popitem(last=False)
+        else:
+            entry = self.entries.pop(entry_id)
         self.bytes -= entry.nbytes
         for key in entry.keys:
             holders = self.index[key]
