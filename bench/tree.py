@@ -32,7 +32,7 @@ def compare(config: str, sampler: str, args) -> dict:
     from forkrl.train import Trainer
 
     cfg = load_config(config, ["log.progress=false", "log.tensorboard=false", f"output_dir=/tmp/forkrl-bench-{sampler}",
-                               *([f"model.name={args.model}"] if args.model else [])])
+                               *([f"model.name={args.model}"] if args.model else []), *args.set])
     trainer = Trainer(cfg)
     r = cfg.rollout
     params = SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, n=args.n, stop=list(r.stop))
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="batches of --prompts distinct prompts")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["latr", "arpo"], default=None)
+    ap.add_argument("--set", action="append", default=[], help="config override for both recipes, key=value")
     ap.add_argument("--model", default=None, help="another policy (a run's final/ folder) instead of the recipe's")
     args = ap.parse_args()
     if args.threads:

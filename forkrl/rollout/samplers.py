@@ -106,3 +106,21 @@ def build_sampler(name: str, params: dict | None = None):
         return cls(**(params or {}))
     except TypeError as e:
         raise ValueError(f"rollout.sampler_params for {name!r}: {e}") from None
+
+
+@register_sampler("broad")
+class BroadSampler(IndependentSampler):
+    """BroRL's broadened exploration (arXiv 2510.01180; algorithms.md §12.3): many rollouts per prompt
+    (`n`, default: rollout.samples_per_prompt) instead of more steps. The engine prefills each prompt
+    once for all of them; `broad/prefill_shared_tokens` counts the prompt tokens that sharing saved."""
+
+    def __init__(self, n: int | None = None):
+        self.n = n
+
+    def sample(self, engine, prompts, params, seed, ctx):
+        import dataclasses
+        if self.n is not None:
+            params = dataclasses.replace(params, n=self.n)
+        groups, extra = super().sample(engine, prompts, params, seed, ctx)
+        extra["broad/prefill_shared_tokens"] = float(sum((params.n - 1) * len(p) for p in prompts))
+        return groups, extra
