@@ -105,13 +105,19 @@ def test_advantages_are_finite_and_zero_off_the_mask(name, seed, rows, cols):
     rewards = torch.randint(0, 2, (rows,), generator=g).float()
     groups = torch.arange(rows) // 2
     from forkrl.algos import call
-    adv, _ = call(ADVANTAGES[name], rewards, groups, mask, available={"entropy": entropy}, params={})
+    # token keys for the tree estimators: row r shares its first k_r tokens with row 0 (a branch)
+    origin = torch.arange(rows * cols).view(rows, cols)
+    for r in range(1, rows):
+        k = int(torch.randint(0, cols + 1, (1,), generator=g))
+        origin[r, :k] = origin[0, :k]
+    available = {"entropy": entropy, "origin": origin}
+    adv, _ = call(ADVANTAGES[name], rewards, groups, mask, available=available, params={})
     assert torch.isfinite(adv).all() and (adv[mask == 0] == 0).all()
     # equal rewards in a group: no signal, except EMPG's future-clarity bonus (zeta f), which does not
     # come from the outcome. (A group of one keeps A = R by verl's convention, so one group here.)
     if name != "empg":
         one_group = torch.zeros(rows, dtype=torch.long)
-        flat, _ = call(ADVANTAGES[name], torch.ones(rows), one_group, mask, available={"entropy": entropy}, params={})
+        flat, _ = call(ADVANTAGES[name], torch.ones(rows), one_group, mask, available=available, params={})
         assert (flat == 0).all()
 
 
