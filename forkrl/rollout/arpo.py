@@ -73,6 +73,22 @@ class ARPOSampler:
         self.top_logprobs = top_logprobs
         self.max_iterations = max_iterations
 
+    def turn(self, engine, ctx, groups, params, seed, vocab) -> tuple[list[Episode], list[Episode]]:
+        """One turn of every live episode, then each one's segment entropy Ĥ. Returns the episodes
+        that ran and, of those, the ones past their first segment (H_init was already set)."""
+        live = [e for g in groups for e in g if not e.done]
+        if not live:
+            return [], []
+        advance(engine, ctx.env, ctx.tokenizer, live, params, seed, ctx.version)
+        later = []
+        for e in live:
+            e.h_now = segment_entropy(e.last_segment, self.entropy_tokens, vocab, e.last_top)
+            if e.h_init is None:  # a trajectory's first segment, or a branch's first own one
+                e.h_init = e.h_now
+            else:
+                later.append(e)
+        return live, later
+
     def sample(self, engine, prompts, params, seed, ctx):
         if ctx.env is None:
             raise ValueError("the arpo sampler branches after tool calls: enable env (tools) in the recipe")
@@ -86,14 +102,9 @@ class ARPOSampler:
         parents: dict[int, Episode] = {}
         branches = fills = 0
         for it in range(self.max_iterations):
-            live = [e for g in groups for e in g if not e.done]
+            live, _ = self.turn(engine, ctx, groups, params, (seed * 1_000_003 + it) % 2 ** 62, vocab)
             if not live:
                 break
-            advance(engine, ctx.env, ctx.tokenizer, live, params, (seed * 1_000_003 + it) % 2 ** 62, ctx.version)
-            for e in live:
-                e.h_now = segment_entropy(e.last_segment, self.entropy_tokens, vocab, e.last_top)
-                if e.h_init is None:  # a trajectory's first segment, or a branch's first own one
-                    e.h_init = e.h_now
             ran = {id(e) for e in live}
             for g in groups:
                 # branch the trajectories that are still going (they just received a tool result)
@@ -165,16 +176,10 @@ class AEPOSampler(ARPOSampler):
         post_tool: list[float] = []
         branches = fills = 0
         for it in range(self.max_iterations):
-            live = [e for g in groups for e in g if not e.done]
+            live, later = self.turn(engine, ctx, groups, params, (seed * 1_000_003 + it) % 2 ** 62, vocab)
             if not live:
                 break
-            advance(engine, ctx.env, ctx.tokenizer, live, params, (seed * 1_000_003 + it) % 2 ** 62, ctx.version)
-            for e in live:
-                e.h_now = segment_entropy(e.last_segment, self.entropy_tokens, vocab, e.last_top)
-                if e.h_init is None:
-                    e.h_init = e.h_now
-                elif e.tool_calls:  # a segment written after a tool result
-                    post_tool.append(e.h_now)
+            post_tool += [e.h_now for e in later if e.tool_calls]  # segments written after a tool result
             ran = {id(e) for e in live}
             for i, g in enumerate(groups):
                 if it == 0:  # pre-monitoring: the first segment of the first trajectory is H_root
