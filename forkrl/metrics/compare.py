@@ -6,16 +6,16 @@ A run directory is what the trainer writes: summary.json (the final evaluation) 
 """
 from __future__ import annotations
 
-import base64
 import csv
 import html
-import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from forkrl.metrics.report import figures_html, png_bytes
 
 # (column, where it is read from, format); "after:" keys come from the final evaluation in summary.json,
 # "last:" keys from the last training step that logged them
@@ -155,19 +155,16 @@ def write_comparison(results: list[RunResult], out_dir: str | Path, description:
         fig = _curves_figure(results, metric, title)
         if fig is None:
             continue
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        data = png_bytes(fig)
         plt.close(fig)
-        name = metric.replace("/", "_")
-        (png_dir / f"{name}.png").write_bytes(buf.getvalue())
-        figures.append((title, buf.getvalue()))
+        (png_dir / f"{metric.replace('/', '_')}.png").write_bytes(data)
+        figures.append((title, data))
     head, *body = md.strip().splitlines()
     cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
     table_html = ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells(head)) + "</tr>"
                   + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(line)) + "</tr>"
                             for line in body[1:]) + "</table>")
-    imgs = "".join(f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
-                   f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, d in figures)
+    imgs = figures_html(figures)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>forkrl compare</title>
 <style>

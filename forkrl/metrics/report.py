@@ -44,10 +44,16 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
+
+
+def figures_html(figures: list[tuple[str, bytes]]) -> str:
+    """(caption, PNG bytes) pairs as <figure> elements with the images embedded."""
+    return "".join(f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
+                   f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, d in figures)
 
 
 def _law_figure(rows, plt):
@@ -107,11 +113,11 @@ def write_report(run_dir: str | Path, samples_per_step: int = 1, max_steps_shown
         ax.set_title(title)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        figures.append((name, title, _png(fig)))
+        figures.append((name, title, png_bytes(fig)))
         plt.close(fig)
     fig, law = _law_figure(rows, plt)
     if fig is not None:
-        figures.append(("entropy_law", "Entropy–reward law", _png(fig)))
+        figures.append(("entropy_law", "Entropy–reward law", png_bytes(fig)))
         plt.close(fig)
     for name, _, data in figures:
         (png_dir / f"{name}.png").write_bytes(data)
@@ -134,8 +140,7 @@ def write_report(run_dir: str | Path, samples_per_step: int = 1, max_steps_shown
                 f"{law.ceiling:.3f} ± {law.ceiling_se:.3f} ({law.n} evaluations).</p>" if law else
                 "<p>The entropy–reward law needs three held-out evaluations at different entropies "
                 "(set <code>eval.every</code>).</p>")
-    imgs = "".join(f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
-                   f"<figcaption>{html.escape(t)}</figcaption></figure>" for _, t, d in figures)
+    imgs = figures_html([(t, d) for _, t, d in figures])
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>forkrl report: {html.escape(run.name)}</title>
 <style>
