@@ -1,14 +1,17 @@
-"""TorchEngine vs Hugging Face `generate` on the embedded model, in one run on one machine.
+"""TorchEngine vs Hugging Face `generate` on the embedded model, in one run on one machine, and both
+against the machine's measured bf16 matmul bound.
 
-    python bench/rollout.py [--batch 32] [--new-tokens 64] [--dtype float32] [--threads N] [--repeats 3]
+    python bench/rollout.py [--dtypes bfloat16 float32] [--batches 32 128] [--new-tokens 64 256] [--threads N]
 
-Two scenarios, each timed alternately (engine, generate, engine, ...) after a warm-up, median reported:
-  fixed:  --batch distinct chat prompts, end-of-sequence disabled, exactly --new-tokens per sequence
-          (both do the same work: this measures the decode loop itself)
-  rl:     --batch/8 prompts x 8 samples at temperature 1 with end-of-sequence honoured, as in an RL step
-          (generate uses num_return_sequences=8; the engine shares each prompt's prefill across its
-          samples and drops finished rows)
-Prints JSON with tokens/s for each and the ratio.
+Every cell (dtype x batch x new tokens) samples `batch` distinct chat prompts at temperature 1 with
+end-of-sequence disabled, so both systems produce exactly batch x new-tokens tokens (the same work).
+Each cell runs a short warm-up of both, then alternates engine and generate (3 timed runs when a run
+is at most 8k tokens, else 1) and reports the median. Same dtype on both sides: `generate` runs a model
+loaded in that dtype, the engine keeps its sampling weights in that dtype.
+
+The bound: a 2048^3 bf16 matmul's GFLOP/s divided by the FLOPs a decoded token costs in matmuls
+(2 x the weights it multiplies: every linear layer and the output head), i.e. the tokens/s the
+machine could decode if every step were one perfectly efficient matmul. Prints JSON.
 """
 from __future__ import annotations
 
@@ -21,13 +24,27 @@ import time
 import torch
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def matmul_weights(model) -> int:
+    """Weights a decoded token multiplies: every nn.Linear (the tied output head included once)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[32, 128])
+    ap.add_argument("--new-tokens", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -35,62 +52,61 @@ def main() -> None:
     from forkrl.models import load_policy
     from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine
 
-    model, tok = load_policy("smollm2-135m", dtype=args.dtype)
-    model.eval()
+    models = {dt: load_policy("smollm2-135m", dtype=dt) for dt in args.dtypes}
+    tok = next(iter(models.values()))[1]
     tok.padding_side = "left"
-    questions = [f"What is {a} plus {b}? Explain step by step." for a, b in zip(range(3, 300, 3), range(7, 600, 5))]
+    questions = [f"What is {a} plus {b}? Explain step by step." for a, b in zip(range(3, 900, 3), range(7, 1800, 5))]
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=False) for q in questions]
 
-    def chat(q):
-        return tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=False)
+    gflops = matmul_gflops(torch.bfloat16)
+    model_f32 = models.get("float32", models[args.dtypes[0]])[0]
+    flops_per_token = 2 * matmul_weights(model_f32)
+    bound = gflops * 1e9 / flops_per_token
+    result = {"bench": "rollout", "model": "smollm2-135m", "threads": torch.get_num_threads(),
+              "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, "
+                         f"{torch.backends.cpu.get_cpu_capability()}",
+              "torch": torch.__version__, "bf16_matmul_gflops": round(gflops, 1),
+              "matmul_flops_per_token": flops_per_token, "bf16_bound_tokens_per_s": round(bound, 1), "cells": []}
 
-    engine = TorchEngine(model, tok, max_batch_size=args.batch)
-    eos_ids = engine.eos_ids
+    for dt in args.dtypes:
+        model, _ = models[dt]
+        model.eval()
+        engine = TorchEngine(model, tok, max_batch_size=max(args.batches), prefix_cache_mb=0, dtype=dt)
+        engine.eos_ids = [-1]  # end-of-sequence disabled: exactly new_tokens per sequence
+        for batch in args.batches:
+            prompts = chats[:batch]
+            enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
+            for new in args.new_tokens:
+                def run_engine(n=new, prompts=prompts):
+                    params = SamplingParams(temperature=1.0, max_tokens=n)
+                    out = engine.generate([GenerationRequest(p, params) for p in prompts], seed=0)
+                    return sum(len(c.token_ids) for o in out for c in o)
 
-    def scenario(name, prompts, n, honour_eos):
-        params = SamplingParams(temperature=1.0, max_tokens=args.new_tokens, n=n)
-        enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
-        counts = {}
+                def run_hf(n=new, enc=enc):
+                    with torch.inference_mode():
+                        out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                             max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)
+                    return out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])
 
-        def run_engine():
-            engine.eos_ids = eos_ids if honour_eos else [-1]
-            out = engine.generate([GenerationRequest(p, params) for p in prompts], seed=0)
-            counts["engine"] = sum(len(c.token_ids) for o in out for c in o)
-
-        def run_hf():
-            extra = {} if honour_eos else {"min_new_tokens": args.new_tokens}
-            with torch.inference_mode():
-                out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                     max_new_tokens=args.new_tokens, num_return_sequences=n,
-                                     pad_token_id=tok.pad_token_id, **extra)
-            new = out[:, enc["input_ids"].shape[1]:]
-            # tokens up to and including the first end-of-sequence token
-            ended = torch.isin(new, torch.tensor(eos_ids)) if honour_eos else torch.zeros_like(new, dtype=torch.bool)
-            first = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, torch.full((len(new),), new.shape[1]))
-            counts["hf"] = int(first.sum())
-
-        run_engine(), run_hf()  # warm-up
-        times = {"engine": [], "hf": []}
-        for _ in range(args.repeats):
-            for key, fn in (("engine", run_engine), ("hf", run_hf)):
-                t = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        return {
-            f"{name}/torch_engine_tokens_per_s": round(counts["engine"] / med["engine"], 1),
-            f"{name}/hf_generate_tokens_per_s": round(counts["hf"] / med["hf"], 1),
-            f"{name}/speedup": round((counts["engine"] / med["engine"]) / (counts["hf"] / med["hf"]), 3),
-            f"{name}/mean_new_tokens": {"engine": counts["engine"] / (len(prompts) * n),
-                                        "hf": counts["hf"] / (len(prompts) * n)},
-        }
-
-    result = {"bench": "rollout", "model": "smollm2-135m", "dtype": args.dtype, "batch": args.batch,
-              "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"{torch.backends.cpu.get_cpu_capability()}", "torch": torch.__version__}
-    result.update(scenario("fixed", [chat(q) for q in questions[:args.batch]], 1, honour_eos=False))
-    result.update(scenario("rl", [chat(q) for q in questions[:max(args.batch // 8, 1)]], 8, honour_eos=True))
+                run_engine(8), run_hf(8)  # warm-up
+                repeats = 3 if batch * new <= 8192 else 1
+                times = {"engine": [], "hf": []}
+                counts = {}
+                for _ in range(repeats):
+                    for key, fn in (("engine", run_engine), ("hf", run_hf)):
+                        start = time.perf_counter()
+                        counts[key] = fn()
+                        times[key].append(time.perf_counter() - start)
+                assert counts["engine"] == counts["hf"] == batch * new, counts
+                eng = counts["engine"] / statistics.median(times["engine"])
+                hf = counts["hf"] / statistics.median(times["hf"])
+                cell = {"dtype": dt, "batch": batch, "new_tokens": new, "repeats": repeats,
+                        "torch_engine_tokens_per_s": round(eng, 1), "hf_generate_tokens_per_s": round(hf, 1),
+                        "speedup": round(eng / hf, 2), "engine_share_of_bf16_bound": round(eng / bound, 3)}
+                result["cells"].append(cell)
+                print(json.dumps(cell), flush=True)
+        result[f"weight_sync_s/{dt}"] = round(engine.runner.sync() if engine.runner else 0.0, 3)
     print(json.dumps(result, indent=1))
 
 

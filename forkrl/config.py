@@ -100,7 +100,9 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, gt=0)
     stop: list[str] = Field(default_factory=list)
-    max_batch_size: int = Field(64, gt=0)
+    max_batch_size: int = Field(64, gt=0)       # sequences decoded together (the engine's KV-cache slots)
+    # the sampling weights' dtype: auto = bfloat16 where the CPU/GPU has native bf16, else the model's
+    engine_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = "auto"
     prefix_cache_mb: float = Field(512, ge=0)   # key/value states of earlier prefixes kept for reuse; 0 = off
     sampler: str = "independent"                 # how the budget is spent: independent | arpo | latr
     sampler_params: dict[str, Any] = Field(default_factory=dict)

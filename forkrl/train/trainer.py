@@ -76,7 +76,7 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
         self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
-                                  prefix_cache_mb=cfg.rollout.prefix_cache_mb)
+                                  prefix_cache_mb=cfg.rollout.prefix_cache_mb, dtype=cfg.rollout.engine_dtype)
         self.env = self._build_env() if cfg.env.enabled else None
         self.sampler = build_sampler(cfg.rollout.sampler, cfg.rollout.sampler_params)
         self.step_budget: dict[str, float] = {}
@@ -393,6 +393,7 @@ class Trainer:
         step = self.step_idx + 1
         t0 = time.perf_counter()
         self.engine.stats.decode_tokens = 0
+        sync0 = self.engine.stats.sync_seconds
         self.scoring_seconds = 0.0
         self.step_budget: dict[str, float] = {}
         # a step reuses only the prefixes it computed itself: what evaluation left in the cache must not
@@ -445,6 +446,8 @@ class Trainer:
                         "budget/tool_calls": float(totals["tool_calls"]), "time/total_s": totals["seconds"]})
         metrics.update({
             "time/sampling_s": t_sample, "time/scoring_s": t_score, "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
+            # copying the updated weights into the engine's sampling weights (part of sampling_s)
+            "time/weight_sync_s": self.engine.stats.sync_seconds - sync0,
             "throughput/sampling_tokens_per_s": decoded / max(t_sample, 1e-9),
             "throughput/training_tokens_per_s": metrics.get("train/tokens", 0.0) / max(t_learn, 1e-9),
             "memory/peak_rss_gb": peak_rss_gb(),

@@ -1,0 +1,168 @@
+"""The engine's fast path (LlamaRunner, continuous batching, bf16 sampling weights) changes nothing it
+should not: the same tokens, log-probs and entropies as the Hugging Face reference path, whatever
+the slot count; weight updates reach the sampling weights; bf16 stays within bf16 tolerance."""
+import copy
+
+import pytest
+import torch
+
+from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine
+from forkrl.rollout.engine import resolve_dtype
+from forkrl.rollout.runner import LlamaRunner
+
+PROMPTS = ["Hello there, how are you?", "2 + 2 =", "Write one word.", "Count to five slowly, please, one by one"]
+
+
+def _requests(tok, **params):
+    lengths = [7, 3, 12, 9]
+    return [GenerationRequest(tok(p)["input_ids"], SamplingParams(max_tokens=m, **params))
+            for p, m in zip(PROMPTS, lengths)]
+
+
+def _close(a, b, tol=2e-4):
+    assert a.token_ids == b.token_ids
+    assert a.finish == b.finish
+    assert a.logprobs == pytest.approx(b.logprobs, abs=tol)
+    assert a.entropies == pytest.approx(b.entropies, abs=tol)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 64])
+def test_fast_path_matches_the_reference_path(tiny, slots):
+    """Greedy and seeded sampling, n > 1, rows of different lengths; with fewer slots than rows the
+    engine refills and compacts slots as rows finish, and every row still gets exactly its tokens."""
+    model, tok = tiny
+    reference = TorchEngine(model, tok, fast=False, prefix_cache_mb=0)
+    fast = TorchEngine(model, tok, max_batch_size=slots, prefix_cache_mb=0)
+    assert fast.runner is not None and reference.runner is None
+    greedy = _requests(tok, temperature=0.0, n=2)
+    for a, b in zip(fast.generate(greedy), reference.generate(greedy)):
+        for x, y in zip(a, b):
+            _close(x, y)
+    assert fast.stats.decode_tokens == reference.stats.decode_tokens == 2 * (7 + 3 + 12 + 9)
+
+
+def test_same_seed_same_samples_with_refills(tiny):
+    """Same seed and batch composition: same samples, also when rows wait for slots."""
+    model, tok = tiny
+    reqs = _requests(tok, temperature=1.0, n=3)
+    fast = TorchEngine(model, tok, max_batch_size=5, prefix_cache_mb=0)
+    a, b = fast.generate(reqs, seed=5), fast.generate(reqs, seed=5)
+    assert [c.token_ids for o in a for c in o] == [c.token_ids for o in b for c in o]
+    assert [len(c.token_ids) for o in a for c in o] == [7] * 3 + [3] * 3 + [12] * 3 + [9] * 3
+    c = fast.generate(reqs, seed=6)
+    assert [x.token_ids for o in a for x in o] != [x.token_ids for o in c for x in o]
+
+
+def test_stop_strings_eos_and_abort_on_the_fast_path(tiny):
+    model, tok = tiny
+    fast = TorchEngine(model, tok, max_batch_size=2)
+    prompt = tok("2 + 2 =")["input_ids"]
+    (base,), = fast.generate([GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=8))])
+    stop = tok.decode(base.token_ids[2:4])
+    assert stop.strip() and stop not in tok.decode(base.token_ids[:3])
+    (stopped,), = fast.generate([GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=8, stop=[stop]))])
+    assert stopped.finish == "stop" and stopped.token_ids == base.token_ids[:4]
+    # stop_when: abort as soon as one completion of request 0 finished; 3 rows, 2 slots
+    reqs = [GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=2)),
+            GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=8)),
+            GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=8))]
+    out = fast.generate(reqs, stop_when=lambda finished: finished[0] >= 1)
+    assert out[0][0].finish == "length" and len(out[0][0].token_ids) == 2
+    assert out[1][0].finish == "abort" and out[1][0].token_ids == base.token_ids[:2]
+    assert out[2][0].finish == "abort" and out[2][0].token_ids == []   # never admitted
+
+
+def test_weight_updates_reach_the_sampling_weights(tiny):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    engine = TorchEngine(m, tok, prefix_cache_mb=0)
+    reqs = _requests(tok, temperature=0.0)
+    before = engine.generate(reqs)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    engine.weights_updated()
+    syncs = engine.stats.syncs
+    after = engine.generate(reqs)
+    assert engine.stats.syncs == syncs + 1 and engine.stats.sync_seconds > 0
+    fresh = TorchEngine(m, tok, fast=False, prefix_cache_mb=0).generate(reqs)
+    for x, y in zip(after, fresh):
+        _close(x[0], y[0])
+    assert [o[0].token_ids for o in after] != [o[0].token_ids for o in before]
+
+
+def test_lora_adapters_are_merged_into_the_sampling_weights(tiny):
+    from peft import LoraConfig, get_peft_model
+    model, tok = tiny
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # B = 0 at init would hide a missing merge
+    fast = TorchEngine(peft_model, tok, prefix_cache_mb=0)
+    assert fast.runner is not None
+    reqs = _requests(tok, temperature=0.0)
+    for a, b in zip(fast.generate(reqs), TorchEngine(peft_model, tok, fast=False).generate(reqs)):
+        for x, y in zip(a, b):
+            _close(x, y)
+
+
+def test_auto_dtype_is_bf16_only_where_it_pays(tiny):
+    model, _ = tiny
+    assert resolve_dtype("auto", model) == torch.float32   # 2 layers x 64: all overhead, no bf16
+    assert resolve_dtype(None, model) == torch.float32
+    assert resolve_dtype("bfloat16", model) == torch.bfloat16
+    with pytest.raises(ValueError, match="engine dtype must be one of"):
+        resolve_dtype("int8", model)
+
+
+def test_runner_prefill_and_decode_match_a_full_forward(tiny):
+    """Ragged prefill after a cached start, then decode, on non-contiguous slots."""
+    model, tok = tiny
+    runner = LlamaRunner(model, torch.float32)
+    runner.reserve(4, 32)
+    a, b = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[3])["input_ids"]
+    runner.forward(torch.tensor([3]), torch.tensor([a[:2]]), torch.tensor([0]), torch.tensor([2]))
+    ids = torch.zeros((2, len(b)), dtype=torch.long)
+    ids[0, :len(a) - 2] = torch.tensor(a[2:])
+    ids[1] = torch.tensor(b)
+    logits = runner.forward(torch.tensor([3, 1]), ids, torch.tensor([2, 0]), torch.tensor([len(a) - 2, len(b)]))
+    with torch.no_grad():
+        ref = [model(torch.tensor([p])).logits[0, -1] for p in (a, b)]
+    for got, want in zip(logits, ref):
+        assert (got - want).abs().max() < 1e-4
+    nxt = runner.forward(torch.tensor([3, 1]), torch.tensor([[5], [6]]), torch.tensor([len(a), len(b)]),
+                         torch.tensor([1, 1]))
+    with torch.no_grad():
+        ref = [model(torch.tensor([p + [t]])).logits[0, -1] for p, t in ((a, 5), (b, 6))]
+    for got, want in zip(nxt, ref):
+        assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_bf16_engine_stays_within_bf16_tolerance_of_float32():
+    """Embedded model: bf16 sampling weights vs a float32 forward of the same tokens. Log-probs and
+    entropies agree to bf16 precision, and each greedy bf16 token is the float32 argmax or a near tie."""
+    from forkrl.models import load_policy
+    model, tok = load_policy("smollm2-135m")
+    questions = ["What is 3 + 4?", "Name a colour.", "Write a haiku about the sea.", "What is 12 times 3?"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for q in questions]
+    engine = TorchEngine(model, tok, dtype="bfloat16")
+    assert engine.runner.dtype == torch.bfloat16
+    for temperature in (0.0, 1.0):
+        outs = engine.generate([GenerationRequest(p, SamplingParams(temperature=temperature, max_tokens=24))
+                                for p in prompts], seed=0)
+        for p, (c,) in zip(prompts, outs):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1:-1].float()
+            logp = torch.log_softmax(logits, -1)
+            ref_lp = logp.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            ref_ent = -(logp.exp() * logp).sum(-1)
+            lp_err = (torch.tensor(c.logprobs) - ref_lp).abs()
+            ent_err = (torch.tensor(c.entropies) - ref_ent).abs()
+            assert lp_err.mean() < 0.05 and lp_err.max() < 0.3, lp_err
+            assert ent_err.mean() < 0.05 and ent_err.max() < 0.3, ent_err
+            if temperature == 0.0:
+                gap = logp.max(-1).values - ref_lp  # 0 where the bf16 token is the float32 argmax
+                assert (gap < 0.1).all(), gap
