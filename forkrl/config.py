@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -262,10 +263,16 @@ class TrainConfig(Section):
     epochs: int = Field(1, gt=0)                 # PPO epochs per rollout batch
     mini_batches: int = Field(1, gt=0)           # optimizer steps per epoch
     micro_batch_size: int = Field(16, gt=0)      # at most this many sequences per forward/backward
-    micro_batch_tokens: int = Field(1024, gt=0)  # and at most ~this many (padded) tokens, bounding activations
+    # and at most ~this many tokens (prompts once + responses, as packed); "auto": what fits in
+    # activation_memory_gb by the learner's per-token estimate (Learner.activation_bytes_per_token)
+    micro_batch_tokens: PositiveInt | Literal["auto"] = "auto"
+    activation_memory_gb: float = Field(2.0, gt=0)
+    gradient_checkpointing: bool = False         # recompute each decoder layer in backward: ~1/10 the activations, ~1.3x the compute
     old_logprobs: Literal["sampling", "recompute"] = "recompute"
     logprob_chunk: int = Field(256, gt=0)        # tokens per chunk of the vocabulary projection
-    bf16_autocast: bool = False                  # CPU: only worth it with AVX-512 BF16 / AMX units
+    # bf16 matmuls with float32 master weights; "auto": on where the CPU/GPU has native bf16 units
+    # (AVX-512 BF16 / AMX) and the model has >= 10M parameters, as rollout.engine_dtype=auto
+    bf16_autocast: bool | Literal["auto"] = "auto"
     checkpoint_every: int = Field(0, ge=0)       # 0: only at the end and on Ctrl-C
     max_nonfinite: int = Field(3, gt=0)          # stop after this many non-finite losses in a row
 

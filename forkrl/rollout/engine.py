@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from forkrl.cpu import tune_allocator
 from forkrl.models.loader import cache_kwarg
 from forkrl.rollout.prefix_cache import PrefixCache
 from forkrl.rollout.runner import LlamaRunner, unsupported_reason
@@ -192,6 +193,8 @@ class TorchEngine:
     def __init__(self, model, tokenizer, max_batch_size: int = 64, prefix_cache_mb: float = 512,
                  dtype: str | None = None, fast: bool = True):
         self.model = model
+        if next(model.parameters()).device.type == "cpu":
+            tune_allocator()
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()

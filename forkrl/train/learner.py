@@ -152,6 +152,11 @@ def _decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def _autocast(enabled: bool):
+    """bf16 autocast on the model's device (float32 master weights stay as they are)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor, Tensor]:
     logits = head(h).float() * inv_temp
     logp_all = torch.log_softmax(logits, dim=-1)
@@ -160,34 +165,81 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
     return logp, entropy
 
 
+@dataclass
+class PackedRows:
+    """Responses packed into rows behind their prompt, for one forward without padding waste.
+
+    Row layout: [prompt | response a | response b | ...], all responses of one prompt, filled up to
+    the longest (prompt + response) of the batch, so a packed row is never longer than an unpacked
+    one would be. A 4D mask lets each response see the prompt and its own earlier tokens only, and
+    positions restart after the prompt for each response, so every response computes exactly what it
+    would alone; the prompt runs once per row and gets the gradient of every response in it.
+    """
+    ids: Tensor       # [R, C]
+    positions: Tensor # [R, C]
+    mask: Tensor      # [R, 1, C, C] bool: key j visible to query i
+    before: Tensor    # [N] flat index into R*C of the state before each loss_mask token (row-major)
+    padding: float    # share of the R*C positions that are padding
+
+
+def pack_rows(batch: PackedBatch) -> PackedRows:
+    valid = batch.loss_mask > 0
+    L = valid.shape[1]
+    # response tokens that matter: up to the last one the loss reads
+    need = (valid * torch.arange(1, L + 1)).max(-1).values.tolist()
+    plen = batch.prompt_mask.sum(-1).tolist()
+    pidx = batch.prompt_index.tolist()
+    cap = max(plen[p] + n for p, n in zip(pidx, need))
+    rows: list[list[int]] = []          # per row: prompt, then trajectory indices
+    place: dict[int, tuple[int, int]] = {}  # trajectory -> (row, offset of its first token)
+    open_row: dict[int, tuple[int, int]] = {}  # prompt -> (row, used length)
+    for b, (p, n) in enumerate(zip(pidx, need)):
+        if n == 0:
+            continue
+        r, used = open_row.get(p, (-1, cap + 1))
+        if used + n > cap:
+            r, used = len(rows), plen[p]
+            rows.append([p])
+        rows[r].append(b)
+        place[b] = (r, used)
+        open_row[p] = (r, used + n)
+    R, C = max(len(rows), 1), cap
+    ids = torch.full((R, C), int(batch.resp_ids[0, 0]) if batch.resp_ids.numel() else 0, dtype=torch.long)
+    pos = torch.zeros((R, C), dtype=torch.long)
+    seg = torch.full((R, C), -2, dtype=torch.long)      # -1 prompt, b response b, -2 padding
+    for r, (p, *members) in enumerate(rows):
+        n_p = plen[p]
+        ids[r, :n_p] = batch.prompt_ids[p, -n_p:]
+        pos[r, :n_p] = torch.arange(n_p)
+        seg[r, :n_p] = -1
+        for b in members:
+            _, off = place[b]
+            n = need[b]
+            ids[r, off:off + n] = batch.resp_ids[b, :n]
+            pos[r, off:off + n] = n_p + torch.arange(n)
+            seg[r, off:off + n] = b
+    causal = torch.ones((C, C), dtype=torch.bool).tril()
+    qs, ks = seg.unsqueeze(2), seg.unsqueeze(1)
+    mask = (causal & ((ks == qs) | (ks == -1))).unsqueeze(1)  # padding sees itself: no empty softmax row
+    before = []
+    for b, t in valid.nonzero().tolist():
+        r, off = place[b]
+        before.append(r * C + (plen[rows[r][0]] - 1 if t == 0 else off + t - 1))
+    padding = float((seg == -2).sum()) / (R * C)
+    return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding)
+
+
 def _response_hidden(model, batch: PackedBatch, autocast: bool = False) -> tuple[Tensor, Tensor, Tensor, object]:
     """Hidden state before each response token where loss_mask is set, [N, d], with those tokens [N],
-    the [B, L] mask that selects them, and the output head.
-
-    Two forwards: the distinct prompts, whose KV cache is then gathered per response (a
-    differentiable index, so prompt activations get the gradient of every response sharing them),
-    and the responses on top of it.
-    """
-    from transformers import DynamicCache
-
+    the [B, L] mask that selects them, and the output head. One forward over `pack_rows(batch)`."""
     decoder, head = _decoder_and_head(model)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    L = batch.resp_ids.shape[1]
-    with ctx:
-        cache = DynamicCache()
-        kv = {cache_kwarg(decoder): cache}
-        ppos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        prompt_out = decoder(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=ppos,
-                             **kv, use_cache=True).last_hidden_state
-        cache.batch_select_indices(batch.prompt_index)
-        mask = torch.cat([batch.prompt_mask[batch.prompt_index], batch.resp_mask], dim=1)
-        rpos = ppos[batch.prompt_index, -1:] + 1 + torch.arange(L)
-        resp_out = decoder(input_ids=batch.resp_ids, attention_mask=mask, position_ids=rpos,
-                           **kv, use_cache=True).last_hidden_state
-    # the state before token j predicts it: the prompt's last state for j = 0, else response state j - 1
-    hidden = torch.cat([prompt_out[batch.prompt_index, -1:], resp_out[:, :-1]], dim=1)
+    packed = pack_rows(batch)
+    with _autocast(autocast):
+        out = decoder(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                      use_cache=False).last_hidden_state
     valid = batch.loss_mask > 0
-    return hidden[valid], batch.resp_ids[valid], valid, head
+    hidden = out.reshape(-1, out.shape[-1])[packed.before]
+    return hidden, batch.resp_ids[valid], valid, head
 
 
 def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = 1024,
@@ -199,14 +251,15 @@ def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     B, L = batch.resp_ids.shape
     inv_temp = 1.0 / temperature if temperature > 0 else 1.0
     lp_parts, ent_parts = [], []
-    for s in range(0, h.shape[0], chunk):
-        hc, tc = h[s:s + chunk], targets[s:s + chunk]
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_project, head, hc, tc, inv_temp, use_reentrant=False)
-        else:
-            lp, ent = _project(head, hc, tc, inv_temp)
-        lp_parts.append(lp)
-        ent_parts.append(ent)
+    with _autocast(autocast):  # the head is a fifth of the model's matmuls: same precision as the rest
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            if torch.is_grad_enabled():
+                lp, ent = checkpoint(_project, head, hc, tc, inv_temp, use_reentrant=False)
+            else:
+                lp, ent = _project(head, hc, tc, inv_temp)
+            lp_parts.append(lp)
+            ent_parts.append(ent)
     logp = torch.zeros((B, L), dtype=torch.float32)
     entropy = torch.zeros((B, L), dtype=torch.float32)
     if lp_parts:
@@ -245,25 +298,56 @@ def entropy_change(before: Tensor, after: Tensor) -> dict[str, float]:
     return out
 
 
+def t_autocast(setting, model) -> bool:
+    """train.bf16_autocast resolved: "auto" is on exactly where rollout.engine_dtype=auto picks bf16."""
+    if setting != "auto":
+        return bool(setting)
+    from forkrl.rollout.engine import resolve_dtype
+    return next(model.parameters()).dtype == torch.float32 and resolve_dtype("auto", model) == torch.bfloat16
+
+
+def activation_bytes_per_token(model, checkpointing: bool = False, autocast: bool = False) -> int:
+    """Activation memory a trained token holds until backward, estimated from the model's shape.
+
+    Per decoder layer autograd keeps, in float32: the residual input and the two norm outputs, q, k, v,
+    the attention output and its projection (about 7 x hidden + 2 x kv width), and the MLP's gate, up,
+    activation and product (4 x intermediate); autocast adds bf16 copies of the matmul inputs (2 bytes
+    x (4 x hidden + intermediate)). With checkpointing a layer keeps only its input, plus one layer's
+    full set while it is recomputed. Against the bytes autograd actually saves on SmolLM2-135M
+    (tests/test_learner_memory.py) it is within 1.5x either way.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    c = base.config
+    d = c.hidden_size
+    inter = getattr(c, "intermediate_size", 4 * d)
+    kv = getattr(c, "num_key_value_heads", c.num_attention_heads) * (getattr(c, "head_dim", None) or d // c.num_attention_heads)
+    per_layer = 4 * (7 * d + 2 * kv + 4 * inter) + (2 * (4 * d + inter) if autocast else 0)
+    layers = c.num_hidden_layers
+    return 4 * d * layers + per_layer if checkpointing else per_layer * layers
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
 
 def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int) -> list[Tensor]:
-    """Split `rows` (in order) into micro-batches of at most `max_rows` sequences whose padded size,
-    rows x longest (prompt + response), stays within `max_tokens` (a single longer row goes alone)."""
-    prompt_len = batch.prompt_mask.sum(-1)[batch.prompt_index]
+    """Split `rows` (in order) into micro-batches of at most `max_rows` sequences and about `max_tokens`
+    tokens: each distinct prompt once plus every response (what `pack_rows` runs; a single longer row
+    goes alone)."""
+    prompt_len = batch.prompt_mask.sum(-1).tolist()
     pos = torch.arange(1, batch.loss_mask.shape[1] + 1)
-    resp_len = ((batch.loss_mask > 0) * pos).max(-1).values
-    cost = (prompt_len + resp_len).tolist()
-    out, current, longest = [], [], 0
+    resp_len = ((batch.loss_mask > 0) * pos).max(-1).values.tolist()
+    prompt_of = batch.prompt_index.tolist()
+    out, current, tokens, prompts = [], [], 0, set()
     for r in rows.tolist():
-        new_longest = max(longest, cost[r])
-        if current and (len(current) >= max_rows or (len(current) + 1) * new_longest > max_tokens):
+        cost = resp_len[r] + (0 if prompt_of[r] in prompts else prompt_len[prompt_of[r]])
+        if current and (len(current) >= max_rows or tokens + cost > max_tokens):
             out.append(torch.tensor(current))
-            current, new_longest = [], cost[r]
+            current, tokens, prompts = [], 0, set()
+            cost = resp_len[r] + prompt_len[prompt_of[r]]
         current.append(r)
-        longest = new_longest
+        tokens += cost
+        prompts.add(prompt_of[r])
     if current:
         out.append(torch.tensor(current))
     return out
@@ -292,19 +376,24 @@ class Learner:
         self.loss_fn = LOSSES.get(a.loss)
         self.token_selector = TOKEN_SELECTORS.get(a.token_selector) if a.token_selector else None
         self.sample_selector = SELECTORS.get(a.sample_selector) if a.sample_selector else None
+        self.autocast = t_autocast(cfg.train.bf16_autocast, model)
+        mb = cfg.train.micro_batch_tokens
+        self.micro_tokens = mb if mb != "auto" else max(64, int(
+            cfg.train.activation_memory_gb * 2**30 / activation_bytes_per_token(
+                model, cfg.train.gradient_checkpointing, self.autocast)))
         self.state: dict = {}  # the loss's state across steps (e.g. EPO's per-turn entropy history); checkpointed
         self.last_seq_adv: list[float] = []  # per input trajectory, its mean advantage (SPEAR's buffer reads it)
 
     def _logprobs(self, model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         t = self.cfg.train
         return response_logprobs(model, batch, temperature=self.temperature, chunk=t.logprob_chunk,
-                                 autocast=t.bf16_autocast)
+                                 autocast=self.autocast)
 
     @torch.no_grad()
     def _no_grad_logprobs(self, model, batch: PackedBatch) -> Tensor:
         t = self.cfg.train
         full = torch.zeros_like(batch.sampling_logp)
-        for idx in micro_batches(batch, torch.arange(len(batch)), t.micro_batch_size, t.micro_batch_tokens):
+        for idx in micro_batches(batch, torch.arange(len(batch)), t.micro_batch_size, self.micro_tokens):
             sub = batch.select(idx)
             lp, _ = self._logprobs(model, sub)
             full[idx, :lp.shape[1]] = lp
@@ -420,7 +509,7 @@ class Learner:
                     coef = replay_coef if is_replay else 1.0
                     norm = AggNorm(tokens=float(batch.train_mask[part].sum().clamp(min=1)), seqs=float(len(part)),
                                    const=float(a.agg_const or self.max_new_tokens))
-                    for micro in micro_batches(batch, part, t.micro_batch_size, t.micro_batch_tokens):
+                    for micro in micro_batches(batch, part, t.micro_batch_size, self.micro_tokens):
                         sub = batch.select(micro)
                         L = sub.resp_ids.shape[1]
                         logp, entropy = self._logprobs(self.model, sub)

@@ -74,6 +74,8 @@ class Trainer:
         if model is None:
             model, tokenizer = load_policy(cfg.model.name, dtype=cfg.model.dtype, lora=cfg.model.lora, seed=cfg.seed)
         self.model, self.tokenizer = model, tokenizer
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
         self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
                                   prefix_cache_mb=cfg.rollout.prefix_cache_mb, dtype=cfg.rollout.engine_dtype)
