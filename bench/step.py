@@ -46,7 +46,7 @@ def quickstart_task():
     return build_task(cfg.task, seed=0)
 
 
-def run_forkrl(steps: int, precision: str) -> dict:
+def run_forkrl(steps: int, precision: str, overrides: list[str] = ()) -> dict:
     import torch
 
     from forkrl.config import load_config
@@ -57,7 +57,7 @@ def run_forkrl(steps: int, precision: str) -> dict:
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
         f"rollout.max_new_tokens={NEW_TOKENS}", f"train.lr={LR}", f"train.steps={steps + 1}",
         f"rollout.engine_dtype={'bfloat16' if bf16 else 'float32'}", f"train.bf16_autocast={str(bf16).lower()}",
-        "output_dir=runs/bench_step", "log.progress=false", "log.entropy_probe_tokens=0"])
+        "output_dir=runs/bench_step", "log.progress=false", "log.entropy_probe_tokens=0", *overrides])
     trainer = Trainer(cfg)
     trainer.engine.eos_ids = [-1]  # exactly NEW_TOKENS per completion, as on the TRL side
     times, parts = [], []
@@ -122,22 +122,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl/bin/python"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra forkrl config overrides")
     ap.add_argument("--side", choices=["forkrl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        run = run_forkrl if args.side == "forkrl" else run_trl
-        print("RESULT " + json.dumps(run(args.steps, args.precision[0])), flush=True)
+        out = run_forkrl(args.steps, args.precision[0], args.set) if args.side == "forkrl" else run_trl(args.steps, args.precision[0])
+        print("RESULT " + json.dumps(out), flush=True)
         return
     if not Path(args.trl_python).exists():
         sys.exit(f"no TRL environment at {args.trl_python}: run `bash bench/setup_trl.sh` first")
     result = {"bench": "step", "model": "smollm2-135m", "task": "chain_sum (quickstart)",
               "completions": PROMPTS * SAMPLES, "new_tokens": NEW_TOKENS,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": []}
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "forkrl_overrides": args.set, "runs": []}
     for precision in args.precision:
         pair = {}
         for side, python in (("forkrl", sys.executable), ("trl", args.trl_python)):
+            extra = ["--set", *args.set] if side == "forkrl" and args.set else []
             proc = subprocess.run([python, __file__, "--side", side, "--steps", str(args.steps),
-                                   "--precision", precision], cwd=ROOT, capture_output=True, text=True)
+                                   "--precision", precision, *extra], cwd=ROOT, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{side} ({precision}) failed:\n{proc.stderr[-3000:]}")

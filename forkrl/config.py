@@ -266,7 +266,7 @@ class TrainConfig(Section):
     # and at most ~this many tokens (prompts once + responses, as packed); "auto": what fits in
     # activation_memory_gb by the learner's per-token estimate (Learner.activation_bytes_per_token)
     micro_batch_tokens: PositiveInt | Literal["auto"] = "auto"
-    activation_memory_gb: float = Field(2.0, gt=0)
+    activation_memory_gb: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False         # recompute each decoder layer in backward: ~1/10 the activations, ~1.3x the compute
     old_logprobs: Literal["sampling", "recompute"] = "recompute"
     logprob_chunk: int = Field(256, gt=0)        # tokens per chunk of the vocabulary projection

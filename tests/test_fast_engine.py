@@ -166,3 +166,20 @@ def test_bf16_engine_stays_within_bf16_tolerance_of_float32():
             if temperature == 0.0:
                 gap = logp.max(-1).values - ref_lp  # 0 where the bf16 token is the float32 argmax
                 assert (gap < 0.1).all(), gap
+
+
+def test_prompts_admitted_together_run_their_shared_prefix_once(tiny):
+    """Distinct prompts with a common header (a system prompt): the header is prefilled once and
+    copied; outputs equal the reference path's, which runs every prompt in full."""
+    model, tok = tiny
+    header = tok("You are a careful assistant. Answer with one number and nothing else, please.")["input_ids"]
+    assert len(header) >= 16
+    tails = [tok(f" Question {q}: what is {q} plus {q}?")["input_ids"] for q in (3, 4, 5)]
+    reqs = [GenerationRequest(header + t, SamplingParams(temperature=0.0, max_tokens=5)) for t in tails]
+    fast = TorchEngine(model, tok, prefix_cache_mb=0)
+    outs = fast.generate(reqs)
+    shared = len(header) + min(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in zip(tails, tails[1:]))
+    assert fast.stats.prefill_tokens == sum(len(r.prompt_ids) for r in reqs) - 2 * shared
+    assert fast.stats.cached_tokens == 2 * shared
+    for a, b in zip(outs, TorchEngine(model, tok, fast=False, prefix_cache_mb=0).generate(reqs)):
+        _close(a[0], b[0])

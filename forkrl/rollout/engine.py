@@ -39,7 +39,7 @@ from forkrl.rollout.types import Completion, GenerationRequest, SamplingParams
 @dataclass
 class EngineStats:
     prefill_tokens: int = 0   # prompt tokens run through the model
-    cached_tokens: int = 0    # prompt tokens whose states came from the prefix cache
+    cached_tokens: int = 0    # prompt tokens whose states were reused (prefix cache, or a prompt admitted with it)
     decode_tokens: int = 0    # tokens sampled
     seconds: float = 0.0
     sync_seconds: float = 0.0  # copying the learner's weights into the sampling weights
@@ -155,8 +155,11 @@ def resolve_dtype(name: str | None, model) -> torch.dtype:
 
 
 def _cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX-512 BF16 or AMX). oneDNN also runs bf16 on plain AVX-512 by
+    emulation, which is slower than float32, so its own "supported" flag is not the test."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        import torch.cpu as cpu
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -375,15 +378,18 @@ class TorchEngine:
     def _admit(self, seqs: list[_Seq], slots: list[int]) -> torch.Tensor:
         """Prefill new sequences into free slots; returns their next-token logits [len(seqs), V].
 
-        Identical prompts run once and are copied to the other slots; each distinct prompt first takes
-        the longest stored prefix from the prefix cache (at least one token always runs: its state
-        gives the next-token logits)."""
-        runner, device = self.runner, self.device
+        Reuse, in order: identical prompts run once and are copied to the other slots; each distinct
+        prompt takes the longest stored prefix from the prefix cache; distinct prompts admitted
+        together that share a prefix of at least one cache block (a system prompt, a few-shot header)
+        run it once: in sorted order, each run of such prompts copies it from the run's first prompt,
+        which is prefilled first. At least one token of every prompt runs: its state gives the
+        next-token logits."""
+        runner = self.runner
         leader: dict[tuple[int, ...], int] = {}
         for k, q in enumerate(seqs):
             leader.setdefault(tuple(q.prompt), k)
         unique = sorted(set(leader.values()))
-        starts = []
+        start: dict[int, int] = {}
         for k in unique:
             prompt = seqs[k].prompt
             cached, kv = (0, None)
@@ -391,29 +397,31 @@ class TorchEngine:
                 cached, kv = self.prefix_cache.lookup(prompt, max_len=len(prompt) - 1)
             if cached:
                 runner.write(slots[k], kv)
-            starts.append(cached)
-        self.stats.cached_tokens += sum(starts)
-        logits: dict[int, torch.Tensor] = {}
-        # prompts in chunks of ~2k new tokens: the attention scores are [rows, heads, S, T]
-        chunk: list[int] = []
-        budget = 0
-        order = list(zip(unique, starts))
-        for n, (k, c) in enumerate(order):
-            chunk.append(n)
-            budget += len(seqs[k].prompt) - c
-            if budget >= 2048 or n == len(order) - 1:
-                rest = [seqs[order[m][0]].prompt[order[m][1]:] for m in chunk]
-                S = max(map(len, rest))
-                ids = torch.full((len(chunk), S), self.pad_id, dtype=torch.long)
-                for r, toks in enumerate(rest):
-                    ids[r, :len(toks)] = torch.tensor(toks)
-                out = runner.forward(torch.tensor([slots[order[m][0]] for m in chunk], device=device), ids.to(device),
-                                     torch.tensor([order[m][1] for m in chunk], device=device),
-                                     torch.tensor([len(t) for t in rest], device=device))
-                self.stats.prefill_tokens += sum(map(len, rest))
-                for r, m in enumerate(chunk):
-                    logits[order[m][0]] = out[r]
-                chunk, budget = [], 0
+            start[k] = cached
+        donor: dict[int, tuple[int, int]] = {}   # follower -> (first prompt of its run, shared tokens)
+        block = self.prefix_cache.block if self.prefix_cache is not None else 16
+        ordered = sorted(unique, key=lambda k: seqs[k].prompt)
+        root, run = None, 0
+        for prev, k in zip(ordered, ordered[1:]):
+            a, b = seqs[prev].prompt, seqs[k].prompt
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            if root is not None and min(run, n) >= block:
+                run = min(run, n)
+            elif prev not in donor:       # a donor must be prefilled before its followers
+                root, run = prev, n
+            else:
+                root, run = None, 0
+            shared = min(run, len(b) - 1)
+            if root is not None and shared >= block and shared > start[k]:
+                donor[k] = (root, shared)
+            else:
+                root, run = None, 0
+        logits = self._prefill_slots({k: start[k] for k in unique if k not in donor}, seqs, slots)
+        for k, (src, shared) in donor.items():
+            runner.copy(slots[src], slots[k], shared)
+            start[k] = shared
+        logits.update(self._prefill_slots({k: start[k] for k in donor}, seqs, slots))
+        self.stats.cached_tokens += sum(start.values())
         for k in unique:
             if self.prefix_cache is not None:
                 self._store_slot(slots[k], seqs[k].prompt)
@@ -423,6 +431,31 @@ class TorchEngine:
                 runner.copy(slots[src], slots[k], len(q.prompt))
             q.length = len(q.prompt)
         return torch.stack([logits[leader[tuple(q.prompt)]] for q in seqs])
+
+    def _prefill_slots(self, start: dict[int, int], seqs: list[_Seq], slots: list[int]) -> dict[int, torch.Tensor]:
+        """Run prompts seqs[k] from token start[k] on (the slot holds the rest), in chunks of ~2k new
+        tokens (the attention scores are [rows, heads, S, T]); next-token logits per k."""
+        device = self.device
+        logits: dict[int, torch.Tensor] = {}
+        items = list(start.items())
+        chunk: list[tuple[int, int]] = []
+        budget = 0
+        for n, (k, c) in enumerate(items):
+            chunk.append((k, c))
+            budget += len(seqs[k].prompt) - c
+            if budget >= 2048 or n == len(items) - 1:
+                rest = [seqs[k2].prompt[c2:] for k2, c2 in chunk]
+                ids = torch.full((len(chunk), max(map(len, rest))), self.pad_id, dtype=torch.long)
+                for r, toks in enumerate(rest):
+                    ids[r, :len(toks)] = torch.tensor(toks)
+                out = self.runner.forward(torch.tensor([slots[k2] for k2, _ in chunk], device=device), ids.to(device),
+                                          torch.tensor([c2 for _, c2 in chunk], device=device),
+                                          torch.tensor([len(t) for t in rest], device=device))
+                self.stats.prefill_tokens += sum(map(len, rest))
+                for r, (k2, _) in enumerate(chunk):
+                    logits[k2] = out[r]
+                chunk, budget = [], 0
+        return logits
 
     def _store_slot(self, slot: int, tokens: list[int]) -> None:
         """Keep the states of a slot's first len(tokens) tokens in the prefix cache."""
