@@ -346,6 +346,9 @@ class TorchEngine:
                     live[j] = None
             if aborted or (all(q is None for q in live) and not waiting):
                 break
+            if all(q is None for q in live):  # every row finished at once: refill from scratch
+                live, logits = [], None
+                continue
             # one decode forward over slots 0..len(live)-1: a contiguous view of the cache. Empty slots
             # run a pad token at position 0 (their output is ignored; a later prefill overwrites it)
             feed = torch.where(torch.tensor([q is not None for q in live], device=device), tok[:len(live)],
