@@ -78,9 +78,10 @@ def test_weight_updates_reach_the_sampling_weights(tiny):
     engine = TorchEngine(m, tok, prefix_cache_mb=0)
     reqs = _requests(tok, temperature=0.0)
     before = engine.generate(reqs)
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
     engine.weights_updated()
     syncs = engine.stats.syncs
     after = engine.generate(reqs)
@@ -95,16 +96,19 @@ def test_lora_adapters_are_merged_into_the_sampling_weights(tiny):
     from peft import LoraConfig, get_peft_model
     model, tok = tiny
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)  # B = 0 at init would hide a missing merge
+            if "lora_B" in name:  # B = 0 at init would hide a missing merge
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     fast = TorchEngine(peft_model, tok, prefix_cache_mb=0)
     assert fast.runner is not None
     reqs = _requests(tok, temperature=0.0)
     for a, b in zip(fast.generate(reqs), TorchEngine(peft_model, tok, fast=False).generate(reqs)):
         for x, y in zip(a, b):
-            _close(x, y)
+            # W + s B A in one matmul rounds differently from W x + s B (A x); the tiny model's
+            # logits are in the hundreds, so float32 rounding reaches ~1e-3 nats
+            _close(x, y, tol=2e-3)
 
 
 def test_auto_dtype_is_bf16_only_where_it_pays(tiny):
