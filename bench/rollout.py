@@ -78,12 +78,12 @@ def main() -> None:
             prompts = chats[:batch]
             enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
             for new in args.new_tokens:
-                def run_engine(n=new, prompts=prompts):
+                def run_engine(n=new, prompts=prompts, engine=engine):
                     params = SamplingParams(temperature=1.0, max_tokens=n)
                     out = engine.generate([GenerationRequest(p, params) for p in prompts], seed=0)
                     return sum(len(c.token_ids) for o in out for c in o)
 
-                def run_hf(n=new, enc=enc):
+                def run_hf(n=new, enc=enc, model=model):
                     with torch.inference_mode():
                         out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                              max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)

@@ -139,7 +139,7 @@ def main() -> None:
         for side, python in (("forkrl", sys.executable), ("trl", args.trl_python)):
             extra = ["--set", *args.set] if side == "forkrl" and args.set else []
             proc = subprocess.run([python, __file__, "--side", side, "--steps", str(args.steps),
-                                   "--precision", precision, *extra], cwd=ROOT, capture_output=True, text=True)
+                                   "--precision", precision, *extra], cwd=ROOT, capture_output=True, text=True, check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{side} ({precision}) failed:\n{proc.stderr[-3000:]}")

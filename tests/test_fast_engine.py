@@ -2,6 +2,7 @@
 should not: the same tokens, log-probs and entropies as the Hugging Face reference path, whatever
 the slot count; weight updates reach the sampling weights; bf16 stays within bf16 tolerance."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -182,7 +183,7 @@ def test_prompts_admitted_together_run_their_shared_prefix_once(tiny):
     reqs = [GenerationRequest(header + t, SamplingParams(temperature=0.0, max_tokens=5)) for t in tails]
     fast = TorchEngine(model, tok, prefix_cache_mb=0)
     outs = fast.generate(reqs)
-    shared = len(header) + min(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in zip(tails, tails[1:]))
+    shared = len(header) + min(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in itertools.pairwise(tails))
     assert fast.stats.prefill_tokens == sum(len(r.prompt_ids) for r in reqs) - 2 * shared
     assert fast.stats.cached_tokens == 2 * shared
     for a, b in zip(outs, TorchEngine(model, tok, fast=False, prefix_cache_mb=0).generate(reqs)):

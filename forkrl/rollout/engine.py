@@ -21,6 +21,7 @@ Same seed and same batch composition give the same samples.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -158,10 +159,21 @@ def _cpu_has_bf16() -> bool:
     """Native bf16 arithmetic (AVX-512 BF16 or AMX). oneDNN also runs bf16 on plain AVX-512 by
     emulation, which is slower than float32, so its own "supported" flag is not the test."""
     try:
-        import torch.cpu as cpu
+        from torch import cpu
         return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _sampling_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row temperature, top-p and HAPO statistics (None when no row adapts) for `sample_next`."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    hapo = None
+    if any(p.adaptive_temperature for p in params):
+        hapo = torch.tensor([p.adaptive_temperature or (0.0, 0.0, 1.0, 1.0, 1.0) for p in params],
+                            dtype=torch.float32, device=device)
+    return temperature, top_p, hapo
 
 
 @dataclass
@@ -305,12 +317,7 @@ class TorchEngine:
                 break
             rows = live  # every slot 0..len-1 holds a sequence from here on
             params = [q.params for q in rows]
-            temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-            hapo = None
-            if any(p.adaptive_temperature for p in params):
-                hapo = torch.tensor([p.adaptive_temperature or (0.0, 0.0, 1.0, 1.0, 1.0) for p in params],
-                                    dtype=torch.float32, device=device)
+            temperature, top_p, hapo = _sampling_tensors(params, device)
             tok, logp, ent = sample_next(logits, temperature, top_p, generator, hapo)
             self.stats.decode_tokens += len(rows)
             want_top = max(p.logprobs for p in params)
@@ -405,7 +412,7 @@ class TorchEngine:
         block = self.prefix_cache.block if self.prefix_cache is not None else 16
         ordered = sorted(unique, key=lambda k: seqs[k].prompt)
         root, run = None, 0
-        for prev, k in zip(ordered, ordered[1:]):
+        for prev, k in itertools.pairwise(ordered):
             a, b = seqs[prev].prompt, seqs[k].prompt
             n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             if root is not None and min(run, n) >= block:
@@ -504,12 +511,7 @@ class TorchEngine:
         unique: dict[tuple[int, ...], int] = {}
         row_prompt = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
         cache, mask, positions, logits = self._prefill([list(p) for p in unique])
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        hapo = None
-        if any(p.adaptive_temperature for p in params):
-            hapo = torch.tensor([p.adaptive_temperature or (0.0, 0.0, 1.0, 1.0, 1.0) for p in params],
-                                dtype=torch.float32, device=device)
+        temperature, top_p, hapo = _sampling_tensors(params, device)
         max_tokens = [p.max_tokens for p in params]
         stops = [p.stop for p in params]
         stop_window = [max((len(s) for s in st), default=0) + 2 for st in stops]

@@ -27,7 +27,6 @@ from forkrl.algos import (
 )
 from forkrl.algos.correction import rollout_correction_weights
 from forkrl.algos.losses import AggNorm
-from forkrl.models.loader import cache_kwarg
 from forkrl.rollout.types import Trajectory
 
 
