@@ -264,7 +264,7 @@ class TrainConfig(Section):
     mini_batches: int = Field(1, gt=0)           # optimizer steps per epoch
     micro_batch_size: int = Field(16, gt=0)      # at most this many sequences per forward/backward
     # and at most ~this many tokens (prompts once + responses, as packed); "auto": what fits in
-    # activation_memory_gb by the learner's per-token estimate (Learner.activation_bytes_per_token)
+    # activation_memory_gb by the learner's per-token estimate (learner.activation_bytes_per_token)
     micro_batch_tokens: PositiveInt | Literal["auto"] = "auto"
     activation_memory_gb: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False         # recompute each decoder layer in backward: ~1/10 the activations, ~1.3x the compute

@@ -4,8 +4,9 @@ glibc's malloc hands blocks above 128 KiB to mmap and returns them to the kernel
 large tensor (a [128, 49k] softmax, an activation) comes back as fresh pages that fault in on first
 touch: at decode batch 128 that was 60% of the sampling step. `tune_allocator` raises the mmap and
 trim thresholds so freed blocks stay in the heap and are reused (what jemalloc/tcmalloc give
-PyTorch-on-CPU deployments, without preloading a library). Peak RSS is unchanged; memory freed
-after the peak is not returned to the system until the process ends.
+PyTorch-on-CPU deployments, without preloading a library). The cost is memory: freed blocks are
+not returned to the system, and fragmentation raised peak RSS by ~0.5-0.7 GB in the RL step
+benchmark (7.3 vs 6.6 GB, for 15.6 vs 22.4 s per step).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ matmuls for a single query on CPU in bf16, and dozens of small ops per layer. Th
            gate/up fused into one matmul each, refreshed from the learner's float32 weights by `sync`
            (LoRA adapters merged in), which the engine times;
   cache    K and V as [layers, slots, kv_heads, capacity, head_dim] float32 tensors, allocated once and
-           reused across calls (grown when a call needs more); slot s holds one sequence from
+           reused across calls (reallocated when a call needs more, or far less); slot s holds one sequence from
            position 0, so a decode step attends to a plain view of the first B slots, no copies;
   math     residual stream and attention in float32, matmuls in the weight dtype; grouped-query
            attention as q [B, kv, group, d] x K [B, kv, T, d], the row's causal mask built once per step.
@@ -92,7 +92,6 @@ class LlamaRunner:
         # oneDNN's prepacked bf16 weights (what inductor's freezing uses): 1.1-1.3x faster matmuls at
         # decode batch sizes on CPU, same results; re-packed at every sync (~0.1 s for 135M weights)
         self.prepacked = self.device.type == "cpu" and dtype == torch.bfloat16 and _prepack_works()
-        self.cache_dtype = torch.float32
         self.k = self.v = torch.empty(0)
         self.layers: list[tuple] = []
         self.last_sync_seconds = self.sync()
@@ -143,17 +142,14 @@ class LlamaRunner:
                 return
         shape = (self.n_layers, slots, self.n_kv, capacity, self.head_dim)
         self.k = self.v = None  # free the old buffers before allocating new ones
-        # zeros, not empty: masked positions still enter the matmul (0 x NaN would poison it)
-        self.k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3] if self.k.dim() == 5 else 0
+        # zeros, not empty: masked positions still enter the matmul (0 x NaN would poison it). float32:
+        # a bf16 cache measured slower here (the batched matmuls convert it back on CPU)
+        self.k = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.v = torch.zeros(shape, dtype=torch.float32, device=self.device)
 
     def read(self, slot: int, length: int) -> torch.Tensor:
         """States of a slot's first `length` tokens as [layers, 2, kv_heads, length, head_dim]."""
-        return torch.stack([self.k[:, slot, :, :length], self.v[:, slot, :, :length]], dim=1).clone()
+        return torch.stack([self.k[:, slot, :, :length], self.v[:, slot, :, :length]], dim=1)
 
     def write(self, slot: int, kv: torch.Tensor) -> None:
         n = kv.shape[3]
@@ -204,8 +200,8 @@ class LlamaRunner:
             if ragged:
                 k, v = k[real], v[real]
             K, V = self.k[li], self.v[li]
-            K[w_slot, :, w_pos] = k.to(K.dtype)
-            V[w_slot, :, w_pos] = v.to(V.dtype)
+            K[w_slot, :, w_pos] = k
+            V[w_slot, :, w_pos] = v
             if contiguous:
                 Kr, Vr = K[:U, :, :T], V[:U, :, :T]
             else:
@@ -213,9 +209,9 @@ class LlamaRunner:
             # query head h reads kv head h // G (Hugging Face's repeat_kv order); the 1/sqrt(d) scale
             # is folded into the query weights at sync
             q = qk[:, :, :H].reshape(U, S, KV, G, d).permute(0, 2, 3, 1, 4).reshape(U, KV, G * S, d)
-            scores = torch.matmul(q.to(Kr.dtype), Kr.transpose(-1, -2)).float()     # [U, KV, G*S, T]
+            scores = torch.matmul(q, Kr.transpose(-1, -2))                          # [U, KV, G*S, T]
             scores.view(U, KV, G, S, T).add_(bias)
-            att = torch.matmul(torch.softmax(scores, dim=-1).to(Vr.dtype), Vr).float()  # [U, KV, G*S, d]
+            att = torch.matmul(torch.softmax(scores, dim=-1), Vr)                   # [U, KV, G*S, d]
             att = att.view(U, KV, G, S, d).permute(0, 3, 1, 2, 4).reshape(U, S, H * d)
             x = x + self._linear(att.to(self.dtype), o_w)
             h = F.rms_norm(x, (x.shape[-1],), n2, self.eps).to(self.dtype)

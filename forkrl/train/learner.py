@@ -203,7 +203,7 @@ def pack_rows(batch: PackedBatch) -> PackedRows:
         place[b] = (r, used)
         open_row[p] = (r, used + n)
     R, C = max(len(rows), 1), cap
-    ids = torch.full((R, C), int(batch.resp_ids[0, 0]) if batch.resp_ids.numel() else 0, dtype=torch.long)
+    ids = torch.zeros((R, C), dtype=torch.long)  # padding ids: any token, the mask isolates them
     pos = torch.zeros((R, C), dtype=torch.long)
     seg = torch.full((R, C), -2, dtype=torch.long)      # -1 prompt, b response b, -2 padding
     for r, (p, *members) in enumerate(rows):
@@ -297,7 +297,7 @@ def entropy_change(before: Tensor, after: Tensor) -> dict[str, float]:
     return out
 
 
-def t_autocast(setting, model) -> bool:
+def resolve_autocast(setting, model) -> bool:
     """train.bf16_autocast resolved: "auto" is on exactly where rollout.engine_dtype=auto picks bf16."""
     if setting != "auto":
         return bool(setting)
@@ -375,7 +375,7 @@ class Learner:
         self.loss_fn = LOSSES.get(a.loss)
         self.token_selector = TOKEN_SELECTORS.get(a.token_selector) if a.token_selector else None
         self.sample_selector = SELECTORS.get(a.sample_selector) if a.sample_selector else None
-        self.autocast = t_autocast(cfg.train.bf16_autocast, model)
+        self.autocast = resolve_autocast(cfg.train.bf16_autocast, model)
         mb = cfg.train.micro_batch_tokens
         self.micro_tokens = mb if mb != "auto" else max(64, int(
             cfg.train.activation_memory_gb * 2**30 / activation_bytes_per_token(
