@@ -1,4 +1,4 @@
-"""Command line: `forkrl train|sft CONFIG [key=value ...] [--resume]`, `forkrl eval CONFIG [key=value ...]`,
+"""Command line: `forkrl train|sft CONFIG [key=value ...] [--resume] [--ray]`, `forkrl eval CONFIG [key=value ...]`,
 `forkrl report RUN_DIR`, `forkrl compare RECIPE... [--task T] [--seeds S] [--budget B]`."""
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ def cmd_train(args, sft: bool = False) -> int:
     elif cfg.sft.train_path:
         raise ConfigError("sft.train_path is set: run this recipe with `forkrl sft`")
     start = time.perf_counter()
+    if getattr(args, "ray", False) or cfg.distributed.swarm.enabled:
+        from forkrl.distributed import launch  # rollout workers and learner as Ray actors
+        summary = launch(cfg, resume=args.resume)
+        if cfg.distributed.swarm.enabled:
+            print(json.dumps({"name": cfg.name, "wall_s": round(time.perf_counter() - start, 1), **summary}, indent=1))
+            return 0
+        return _report(cfg, summary, start)
     trainer = Trainer(cfg)
     try:
         summary = trainer.train(resume=args.resume)
@@ -39,6 +46,10 @@ def cmd_train(args, sft: bool = False) -> int:
         print(f"\ninterrupted; resume with: forkrl {args.command} {args.config} {' '.join(args.overrides)} --resume",
               file=sys.stderr)
         return 130
+    return _report(cfg, summary, start)
+
+
+def _report(cfg, summary: dict, start: float) -> int:
     before, after = summary.get("before", {}), summary["after"]
     result = {"name": cfg.name, "steps": summary["steps"], "wall_s": round(time.perf_counter() - start, 1),
               "held_out_accuracy_before": before.get("eval/accuracy"),
@@ -95,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 model.name=tiny-random")
         if name in ("train", "sft"):
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+        if name == "train":
+            p.add_argument("--ray", action="store_true",
+                           help="decoupled rollout workers and learner on Ray (the distributed section; pip install 'forkrl[ray]')")
         p.set_defaults(fn=fn)
     p = sub.add_parser("compare", help="train several recipes on one task, seeds and budget; tabulate mean ± 95%% CI")
     p.add_argument("recipes", nargs="+", help="YAML recipes, e.g. configs/grpo.yaml configs/dapo.yaml")

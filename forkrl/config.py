@@ -93,8 +93,17 @@ class DarsConfig(Section):
     metric: Literal["correct", "reward"] = "correct"  # accuracy = mean of this; groups where it does not vary are dropped
 
 
+class VLLMConfig(Section):
+    """rollout.engine=vllm (forkrl/rollout/vllm_engine.py; pip install 'forkrl[gpu]')."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # the rest stays for the learner on the same GPU
+    entropy_topk: int = Field(20, gt=0)          # entropies from the top-k log-probs (approximate)
+    max_model_len: int | None = Field(None, gt=0)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    enforce_eager: bool = False                  # skip CUDA graphs (faster start, slower decoding)
+
+
 class RolloutConfig(Section):
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "vllm"] = "torch"   # vllm: generation with vLLM on a GPU
     prompts_per_step: int = Field(8, gt=0)
     samples_per_prompt: int = Field(8, gt=0)
     temperature: float = Field(1.0, ge=0)
@@ -110,6 +119,7 @@ class RolloutConfig(Section):
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
     resample_on_correct: ResampleOnCorrectConfig = Field(default_factory=ResampleOnCorrectConfig)
     dars: DarsConfig = Field(default_factory=DarsConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
     @model_validator(mode="after")
     def _known_sampler(self):
@@ -329,6 +339,30 @@ class LogConfig(Section):
     entropy_probe_tokens: int = Field(128, ge=0)
 
 
+class SwarmConfig(Section):
+    """SAPO swarm sharing (algorithms.md §13.7, §24): every worker trains its own policy copy on its
+    local groups plus `external_groups` groups drawn from what the other workers shared this round."""
+    enabled: bool = False
+    shared_groups: int | None = Field(None, ge=0)  # groups each worker publishes per round; None: all of them
+    external_groups: int = Field(2, ge=0)          # groups taken from the others (rl-swarm's num_transplant_trees)
+
+
+class DistributedConfig(Section):
+    """Decoupled rollout workers and learner as Ray actors (forkrl/distributed; `forkrl train --ray`)."""
+    workers: int = Field(2, gt=0)                  # rollout workers (engine + sampler + env each)
+    # how many policy versions a trained token may lag the update that trains it; 0 = synchronous
+    max_staleness: int = Field(0, ge=0)
+    stale: Literal["drop", "requeue"] = "requeue"  # a group beyond the bound: discarded, or its prompt sampled again
+    address: str | None = None                     # a running Ray cluster ("auto", "ray://host:10001"); None: start one here
+    worker_cpus: float = Field(1.0, gt=0)
+    worker_gpus: float = Field(0.0, ge=0)
+    learner_cpus: float = Field(1.0, gt=0)
+    learner_gpus: float = Field(0.0, ge=0)
+    max_restarts: int = Field(3, ge=0)             # a dead worker is restarted this often, its prompts re-queued
+    simulated_token_delay_s: float = Field(0.0, ge=0)  # benchmarks: a worker sleeps this long per decoded token
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
@@ -342,6 +376,7 @@ class RunConfig(Section):
     env: EnvConfig = Field(default_factory=EnvConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     paper: str | None = None                     # the method's paper, for recipes
 
     @model_validator(mode="after")

@@ -17,7 +17,22 @@ from forkrl.rollout.types import (
            Trajectory,
 )
 
+
+
+def build_engine(rollout, model, tokenizer, seed: int = 0):
+    """The engine a config's `rollout` section asks for: TorchEngine, or VLLMEngine on a GPU."""
+    if rollout.engine == "vllm":
+        from forkrl.rollout.vllm_engine import VLLMEngine
+        v = rollout.vllm
+        return VLLMEngine(model, tokenizer, gpu_memory_utilization=v.gpu_memory_utilization,
+                          entropy_topk=v.entropy_topk, max_model_len=v.max_model_len, dtype=v.dtype,
+                          enforce_eager=v.enforce_eager, seed=seed)
+    return TorchEngine(model, tokenizer, max_batch_size=rollout.max_batch_size,
+                       prefix_cache_mb=rollout.prefix_cache_mb, dtype=rollout.engine_dtype)
+
+
 __all__ = [
+           "build_engine",
            "SAMPLERS",
            "Completion",
            "EngineStats",

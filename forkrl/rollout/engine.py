@@ -45,6 +45,7 @@ class EngineStats:
     seconds: float = 0.0
     sync_seconds: float = 0.0  # copying the learner's weights into the sampling weights
     syncs: int = 0
+    entropy_topk: int = 0      # 0: exact full-distribution entropies; k: sums over the top k only (VLLMEngine)
 
 
 def adapt_temperature(entropy: torch.Tensor, temperature: torch.Tensor, hapo: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ class Sample:
     prompt: str                      # the user turn
     answer: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    # where the trainer drew it in the training stream (data position), so a run can account for every
+    # prompt exactly once across workers and restarts; None outside training
+    position: int | None = None
 
 
 class RewardFunctionError(RuntimeError):

@@ -22,6 +22,17 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def load_trainable_state(model, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
+    """Copy `trainable_state` output into a model of the same architecture, in place."""
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"{source} does not match the model: unknown parameters {missing[:5]}")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+
+
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
                     methods: dict | None = None) -> Path:
     root = out_dir / "checkpoints"
@@ -52,14 +63,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    weights = load_file(str(path / "weights.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: unknown parameters {missing[:5]}")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
+    load_trainable_state(model, load_file(str(path / "weights.safetensors")), source=str(path))
     opt = torch.load(path / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])

@@ -569,6 +569,7 @@ class Learner:
         metrics.update(adv_metrics)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/sequences"] = float(batch.resp_ids.shape[0])
         metrics["train/tokens"] = float(batch.train_mask.sum())
         metrics["train/selected_token_frac"] = float(batch.train_mask.sum() / batch.loss_mask.sum().clamp(min=1))
         metrics["train/nonfinite_updates"] = float(n_skipped)

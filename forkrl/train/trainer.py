@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.tools import tool_metrics
 from forkrl.models import load_policy
-from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
+from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory, build_engine
 from forkrl.rollout.samplers import SamplerContext, build_sampler, run_sampler
 from forkrl.tasks import Sample, Task, build_task
 from forkrl.tasks.flaws import load_detector
@@ -60,6 +61,27 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # ru_maxrss is KiB on Linux
 
 
+@dataclasses.dataclass
+class RolloutBatch:
+    """What one step's sampling hands to the learner: the trajectories to train on, everything
+    generated (for the rollout metrics), the sampling metrics and the number of decoded tokens."""
+    trajectories: list[Trajectory]
+    generated: list[Trajectory]
+    metrics: dict
+    decoded_tokens: int
+
+    @classmethod
+    def merge(cls, parts: list[RolloutBatch]) -> RolloutBatch:
+        """Several workers' batches as one; counts and seconds add up (sampling seconds are summed
+        over workers, not wall time)."""
+        metrics: dict = {}
+        for p in parts:
+            for k, v in p.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        return cls([t for p in parts for t in p.trajectories], [t for p in parts for t in p.generated],
+                   metrics, sum(p.decoded_tokens for p in parts))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -77,8 +99,7 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
-        self.engine = TorchEngine(model, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
-                                  prefix_cache_mb=cfg.rollout.prefix_cache_mb, dtype=cfg.rollout.engine_dtype)
+        self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.seed)
         self.env = self._build_env() if cfg.env.enabled else None
         self.sampler = build_sampler(cfg.rollout.sampler, cfg.rollout.sampler_params)
         self.step_budget: dict[str, float] = {}
@@ -112,6 +133,10 @@ class Trainer:
         self.flaw_detector = load_detector(a.flawed_positive.detector) if a.flawed_positive.enabled else None
         self._last_generated: list[Trajectory] = []
         self.sampler_stats: dict = {}  # from the last trained batch: HAPO's entropy statistics, its policy entropy
+        # where rollouts come from: None = this process (sample_step); a decoupled run sets an object with
+        # next_batch(trainer) -> RolloutBatch and a checkpointed `state` (forkrl.distributed)
+        self.rollouts = None
+        self.seed_salt = 0  # rollout workers of one run draw different seeds at the same step
 
     def _build_env(self):
         from forkrl.envs import ToolEnv
@@ -152,16 +177,23 @@ class Trainer:
         return self.next_prompts(wanted(groups) if wanted is not None else groups)
 
     def next_prompts(self, k: int) -> list[Sample]:
-        """The next k training samples: a fresh seeded shuffle every epoch, position in `data_pos`."""
+        """The next k training samples, each stamped with its data position."""
+        return [self.sample_at(pos) for pos in self.take_positions(k)]
+
+    def take_positions(self, k: int) -> list[int]:
+        """The next k data positions. Replaced in decoupled runs (forkrl.distributed), where workers
+        take positions from a shared queue."""
+        start = self.data_pos
+        self.data_pos += k
+        return list(range(start, start + k))
+
+    def sample_at(self, pos: int) -> Sample:
+        """The training sample at a data position: a fresh seeded shuffle every epoch."""
         n = len(self.task.train)
-        out = []
-        for _ in range(k):
-            epoch, i = divmod(self.data_pos, n)
-            order = list(range(n))
-            random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
-            out.append(self.task.train[order[i]])
-            self.data_pos += 1
-        return out
+        epoch, i = divmod(pos, n)
+        order = list(range(n))
+        random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
+        return dataclasses.replace(self.task.train[order[i]], position=pos)
 
     # -- rollout and scoring -------------------------------------------------------------------
     def rollout(self, samples: list[Sample], seed: int, tag: str, temperature: float | None = None,
@@ -360,7 +392,7 @@ class Trainer:
         return kept, merged, stats
 
     def _seed(self, step: int, sub: int) -> int:
-        return (self.cfg.seed * 1_000_003 + step * 1009 + sub) % 2 ** 62
+        return (self.cfg.seed * 1_000_003 + step * 1009 + sub + self.seed_salt * 7_919_993) % 2 ** 62
 
     def _token_samples(self, k: int = 2) -> list[dict]:
         """The first k trajectories of the last step, as token strings with entropy and mask."""
@@ -392,24 +424,41 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> dict:
-        step = self.step_idx + 1
+        """One RL step: sample and score (`sample_step`), then learn from it (`learn_step`)."""
+        t0 = time.perf_counter()
+        if self.rollouts is None:
+            batch = self.sample_step(self.step_idx + 1)
+        else:
+            batch = self.rollouts.next_batch(self)
+        return self.learn_step(batch, t0)
+
+    def sample_step(self, step: int) -> RolloutBatch:
+        """Rollouts for one step, scored; what a rollout worker does in a decoupled run."""
         t0 = time.perf_counter()
         self.engine.stats.decode_tokens = 0
         sync0 = self.engine.stats.sync_seconds
         self.scoring_seconds = 0.0
-        self.step_budget: dict[str, float] = {}
+        self.step_budget = {}
         # a step reuses only the prefixes it computed itself: what evaluation left in the cache must not
         # change training (nor differ between a resumed run and one that never stopped)
         self.engine.weights_updated()
         if self.env is not None:
             self.env.on_step(self.learner.progress(step))
         trajs, generated, stats = self.collect(step)
-        t_score = self.scoring_seconds
-        t_sample = time.perf_counter() - t0 - t_score
-        decoded = self.engine.stats.decode_tokens
+        t_sample = time.perf_counter() - t0 - self.scoring_seconds
+        metrics = {**stats, **self.step_budget, "time/sampling_s": t_sample, "time/scoring_s": self.scoring_seconds,
+                   # copying the updated weights into the engine's sampling weights (part of sampling_s)
+                   "time/weight_sync_s": self.engine.stats.sync_seconds - sync0}
+        return RolloutBatch(trajs, generated, metrics, self.engine.stats.decode_tokens)
+
+    def learn_step(self, batch: RolloutBatch, t0: float | None = None) -> dict:
+        """Rollout metrics, one update on `batch.trajectories`, the run's running totals."""
+        step = self.step_idx + 1
+        t0 = time.perf_counter() if t0 is None else t0
+        trajs, generated = batch.trajectories, batch.generated
         # rollout metrics describe everything sampled this step (what the policy does), the
         # learner's metrics what it trained on
-        metrics: dict = {**stats, **self.step_budget}
+        metrics: dict = dict(batch.metrics)
         if "sampler/trajectories" in metrics:  # ratios of the step's totals, not sums of ratios
             metrics["sampler/tokens_per_trajectory"] = (metrics["sampler/decoded_tokens"] + metrics[
                 "sampler/prefilled_tokens"]) / max(metrics["sampler/trajectories"], 1)
@@ -441,16 +490,14 @@ class Trainer:
             self.nonfinite_streak = 0
         # what the run has spent so far (checkpointed with the sampler state, so resumes continue it)
         totals = self.sampler_stats.setdefault("totals", {"sampled_tokens": 0, "tool_calls": 0, "seconds": 0.0})
-        totals["sampled_tokens"] += decoded
+        totals["sampled_tokens"] += batch.decoded_tokens
         totals["tool_calls"] += sum(len(t.tool_calls) for t in generated)
         totals["seconds"] += time.perf_counter() - t0
         metrics.update({"budget/sampled_tokens": float(totals["sampled_tokens"]),
                         "budget/tool_calls": float(totals["tool_calls"]), "time/total_s": totals["seconds"]})
         metrics.update({
-            "time/sampling_s": t_sample, "time/scoring_s": t_score, "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
-            # copying the updated weights into the engine's sampling weights (part of sampling_s)
-            "time/weight_sync_s": self.engine.stats.sync_seconds - sync0,
-            "throughput/sampling_tokens_per_s": decoded / max(t_sample, 1e-9),
+            "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
+            "throughput/sampling_tokens_per_s": batch.decoded_tokens / max(metrics["time/sampling_s"], 1e-9),
             "throughput/training_tokens_per_s": metrics.get("train/tokens", 0.0) / max(t_learn, 1e-9),
             "memory/peak_rss_gb": peak_rss_gb(),
         })
@@ -507,7 +554,8 @@ class Trainer:
         state = {"data_pos": self.data_pos, "nonfinite_streak": self.nonfinite_streak}
         methods = {"learner": self.learner.state, "sampler": self.sampler_stats,
                    "replay": self.replay.state_dict() if self.replay is not None else None,
-                   "rollout_sampler": getattr(self.sampler, "state", None)}
+                   "rollout_sampler": getattr(self.sampler, "state", None),
+                   "rollouts": self.rollouts.state if self.rollouts is not None else None}
         return save_checkpoint(self.out, self.step_idx, self.model, self.optimizer, self.scheduler, state,
                                methods=methods)
 
@@ -525,6 +573,8 @@ class Trainer:
             self.sampler.state = methods["rollout_sampler"]
         if self.replay is not None and methods.get("replay"):
             self.replay.load_state_dict(methods["replay"])
+        if self.rollouts is not None and methods.get("rollouts") is not None:
+            self.rollouts.state = methods["rollouts"]
         log.info("resumed from %s (step %d)", path, self.step_idx)
         return True
 
@@ -555,7 +605,9 @@ class Trainer:
         sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None)
         sample_log = SampleLog(self.out / "samples.jsonl", self.step_idx if resumed else None)
         summary: dict = {}
-        old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        # Ctrl-C handling needs the main thread (a Ray actor may run us elsewhere)
+        main = threading.current_thread() is threading.main_thread()
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if main else None
         try:
             if cfg.eval.at_start and self.step_idx == 0:
                 before = self.evaluate()
@@ -601,7 +653,8 @@ class Trainer:
             self.save()
             summary["export"] = str(self.export())
         finally:
-            signal.signal(signal.SIGINT, old_handler)
+            if main:
+                signal.signal(signal.SIGINT, old_handler)
             for s in sinks:
                 s.close()
             sample_log.close()
