@@ -33,10 +33,14 @@ def cmd_train(args, sft: bool = False) -> int:
         raise ConfigError("sft.train_path is set: run this recipe with `forkrl sft`")
     start = time.perf_counter()
     if getattr(args, "ray", False) or cfg.distributed.swarm.enabled:
-        from forkrl.distributed import launch  # rollout workers and learner as Ray actors
+        from forkrl.distributed import (
+            launch,  # rollout workers and learner as Ray actors
+        )
         summary = launch(cfg, resume=args.resume)
         if cfg.distributed.swarm.enabled:
-            print(json.dumps({"name": cfg.name, "wall_s": round(time.perf_counter() - start, 1), **summary}, indent=1))
+            peers = [{"output_dir": f"{cfg.output_dir}/peer{i}", "held_out_accuracy_before": p["before"].get("eval/accuracy"),
+                      "held_out_accuracy_after": p["after"].get("eval/accuracy")} for i, p in enumerate(summary["peers"])]
+            print(json.dumps({"name": cfg.name, "wall_s": round(time.perf_counter() - start, 1), "peers": peers}, indent=1))
             return 0
         return _report(cfg, summary, start)
     trainer = Trainer(cfg)

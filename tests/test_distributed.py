@@ -8,7 +8,7 @@ from tests.test_trainer import _cfg
 
 ray = pytest.importorskip("ray")
 
-from forkrl.distributed.decoupled import DecoupledRun, PromptLedger  # noqa: E402
+from forkrl.distributed.decoupled import DecoupledRun, PromptLedger
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,24 @@ def test_swarm_peers_train_on_each_others_groups(tmp_path, cluster):
     r0, r1 = peers[0]["history"][0], peers[1]["history"][0]
     assert set(r0["swarm/external_questions"]) <= set(r1["swarm/local_questions"])
     assert set(r1["swarm/external_questions"]) <= set(r0["swarm/local_questions"])
+
+
+def test_the_learners_checkpoint_resumes_the_whole_job(tmp_path, cluster):
+    first = _cfg(tmp_path, "job", train={"steps": 3, "lr": 3e-2}, distributed={"workers": 2, "max_staleness": 1})
+    run = DecoupledRun(first)
+    try:
+        run.train()
+    finally:
+        run.shutdown()
+    # the job is started again (new ledger, new workers) and continues from the checkpoint to step 5
+    again = _cfg(tmp_path, "job", train={"steps": 5, "lr": 3e-2}, distributed={"workers": 2, "max_staleness": 1})
+    run = DecoupledRun(again)
+    try:
+        summary = run.train(resume=True)
+        ledger = ray.get(run.ledger.report.remote())
+    finally:
+        run.shutdown()
+    assert [v["update"] for v in summary["versions"]] == [4, 5]
+    trained = ledger["trained"]
+    assert len(trained) == len(set(trained)) == 5 * 4
+    assert sorted(trained) == list(range(20))

@@ -29,7 +29,13 @@ from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.tools import tool_metrics
 from forkrl.models import load_policy
-from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory, build_engine
+from forkrl.rollout import (
+    GenerationRequest,
+    SamplingParams,
+    TorchEngine,
+    Trajectory,
+    build_engine,
+)
 from forkrl.rollout.samplers import SamplerContext, build_sampler, run_sampler
 from forkrl.tasks import Sample, Task, build_task
 from forkrl.tasks.flaws import load_detector
