@@ -39,6 +39,8 @@ def compare(config: str, sampler: str, args) -> dict:
     methods = {"independent": build_sampler("independent"), sampler: build_sampler(sampler, r.sampler_params)}
     totals = {name: RolloutBudget() for name in methods}
     distinct = {name: 0 for name in methods}
+    lengths = {name: 0 for name in methods}   # tokens of the final trajectories
+    shared = {name: 0 for name in methods}    # of those, tokens shared with the parent (not decoded again)
     for rnd in range(args.rounds):
         samples = trainer.task.train[rnd * args.prompts:(rnd + 1) * args.prompts]
         prompts = [trainer.task.prompt_ids(s, trainer.tokenizer) for s in samples]
@@ -52,12 +54,16 @@ def compare(config: str, sampler: str, args) -> dict:
                 setattr(t, f, getattr(t, f) + getattr(b, f))
             t.seconds += b.seconds
             distinct[name] += sum(len({tuple(x.tokens) for x in g}) for g in groups)
+            lengths[name] += sum(len(x.tokens) for g in groups for x in g)
+            shared[name] += sum(x.branch_at or 0 for g in groups for x in g if x.parent is not None)
     out = {}
     for name, t in totals.items():
         out[name] = {"trajectories": t.trajectories, "distinct_trajectories": distinct[name],
                      "branch_points": t.branch_points, "decoded_tokens": t.decoded_tokens,
                      "prefilled_tokens": t.prefilled_tokens, "cache_served_tokens": t.cached_tokens,
                      "tool_calls": t.tool_calls, "seconds": round(t.seconds, 2),
+                     "mean_trajectory_tokens": round(lengths[name] / max(t.trajectories, 1), 2),
+                     "shared_prefix_tokens": shared[name],
                      "tokens_per_trajectory": round((t.decoded_tokens + t.prefilled_tokens) / max(t.trajectories, 1), 2),
                      "seconds_per_trajectory": round(t.seconds / max(t.trajectories, 1), 4)}
     base, tree = out["independent"], out[sampler]

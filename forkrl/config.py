@@ -356,8 +356,7 @@ class DistributedConfig(Section):
     address: str | None = None                     # a running Ray cluster ("auto", "ray://host:10001"); None: start one here
     worker_cpus: float = Field(1.0, gt=0)
     worker_gpus: float = Field(0.0, ge=0)
-    learner_cpus: float = Field(1.0, gt=0)
-    learner_gpus: float = Field(0.0, ge=0)
+    learner_cpus: float = Field(1.0, gt=0)            # the learner trains on the CPU (no GPU placement yet)
     max_restarts: int = Field(3, ge=0)             # a dead worker is restarted this often, its prompts re-queued
     simulated_token_delay_s: float = Field(0.0, ge=0)  # benchmarks: a worker sleeps this long per decoded token
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)

@@ -299,7 +299,7 @@ class DecoupledRun:
         self.workers = [worker_cls.options(num_cpus=d.worker_cpus, num_gpus=d.worker_gpus, max_restarts=d.max_restarts,
                                            max_task_retries=0).remote(data, i, self.ledger, unit_groups)
                         for i in range(d.workers)]
-        self.learner = ray.remote(LearnerActor).options(num_cpus=d.learner_cpus, num_gpus=d.learner_gpus).remote(
+        self.learner = ray.remote(LearnerActor).options(num_cpus=d.learner_cpus).remote(
             data, self.ledger, self.workers)
 
     def train(self, resume: bool = False) -> dict:
