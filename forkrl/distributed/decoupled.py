@@ -268,9 +268,20 @@ class LearnerActor:
     def __init__(self, cfg: dict, ledger, workers: list):
         rc = RunConfig.model_validate(cfg)
         _threads(rc.distributed.learner_cpus)
-        rc.log.progress = False
+        rc.log.progress = False  # a bar redrawn with \r does not travel through Ray's log lines: one line per step instead
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         self.trainer = Trainer(rc)
         self.trainer.rollouts = RayRollouts(rc, ledger, workers)
+        step = self.trainer.step
+
+        def logged_step() -> dict:
+            m = step()
+            log.info("step %d/%d: reward %.3f, accuracy %.3f, lag %.2f, learner waited %.1f s, %.1f s/step",
+                     self.trainer.step_idx, rc.train.steps, m.get("reward/mean", float("nan")),
+                     m.get("accuracy", float("nan")), m.get("staleness/mean", 0.0), m.get("async/wait_s", 0.0),
+                     m["time/step_s"])
+            return m
+        self.trainer.step = logged_step
 
     def train(self, resume: bool = False) -> dict:
         summary = self.trainer.train(resume=resume)
