@@ -131,3 +131,43 @@ def test_the_learners_checkpoint_resumes_the_whole_job(tmp_path, cluster):
     trained = ledger["trained"]
     assert len(trained) == len(set(trained)) == 5 * 4
     assert sorted(trained) == list(range(20))
+
+
+@pytest.mark.parametrize("stale", ["requeue", "drop"])
+def test_groups_beyond_the_bound_are_requeued_or_dropped(tmp_path, cluster, stale):
+    # APRIL carries unfinished completions into later steps: their early tokens are older versions,
+    # which max_staleness=0 does not allow to train
+    cfg = _cfg(tmp_path, f"april-{stale}", train={"steps": 6, "lr": 3e-2},
+               rollout={"sampler": "april", "sampler_params": {"over_sampling": 2.0}, "max_new_tokens": 12},
+               distributed={"workers": 2, "max_staleness": 0, "stale": stale})
+    run = DecoupledRun(cfg)
+    try:
+        summary = run.train()
+        ledger = ray.get(run.ledger.report.remote())
+    finally:
+        run.shutdown()
+    history = summary["history"]
+    assert sum(m["staleness/stale_groups"] for m in history) > 0  # the bound did bite
+    for entry in summary["versions"]:  # and nothing older than the update's own version trained
+        assert entry["token_versions"] in ([], [entry["update"] - 1])
+    trained = ledger["trained"]
+    assert len(trained) == len(set(trained))
+    if stale == "requeue":  # a stale group's prompt goes back to the queue: below the last trained
+        # position, each one is trained, waiting in the queue, or held by a worker (none lost)
+        held = {p for h in ledger["held"].values() for p in h}
+        assert set(range(max(trained) + 1)) <= set(trained) | set(ledger["requeued"]) | held
+
+
+def test_cli_trains_on_ray(tmp_path, cluster, capsys):
+    import json
+
+    from forkrl.cli import main
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": str(i)}) + "\n" for i in range(20)))
+    code = main(["train", "--ray", "configs/quickstart.yaml", "model.name=tiny-random", "train.steps=2",
+                 "task.source=file", f"task.train_path={prompts}", "task.eval_size=4", "rollout.max_new_tokens=8",
+                 "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", f"output_dir={tmp_path / 'cli'}",
+                 "log.tensorboard=false"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 2 and (tmp_path / "cli" / "final").exists()
