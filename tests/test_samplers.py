@@ -408,3 +408,18 @@ def test_shared_prefix_trained_once():
     from forkrl.config import ConfigError, build_config
     with pytest.raises(ConfigError, match="token-level aggregation"):
         build_config({"algo": {"train_shared_prefix_once": True, "agg": "seq-mean-token-mean"}})
+
+
+def test_latr_tree_does_not_depend_on_the_lookahead_chunk():
+    """How far chains are decoded ahead is a cost knob. Here parents are pruned before their
+    children's later checks fall due; comparing a child with a dead parent's tokens made the tree
+    depend on how far that parent had been decoded (1 token ahead: the check was skipped)."""
+    f = lambda ids: 100 + (sum(ids) // 3) % 4
+    trees = []
+    for chunk in (1, 3, 16):
+        (group,), budget = _latr(f, lookahead_chunk=chunk, filter_steps=[3, 6], tau_suffix=0.3)
+        trees.append(([(t.parent, t.branch_at, t.tokens) for t in group], budget.extra["latr/pruned"]))
+    assert trees[0][1] > 0
+    assert trees[0] == trees[1] == trees[2]
+    for t in (t for t in group if t.parent is not None):  # a re-parented member still shares its prefix
+        assert t.tokens[:t.branch_at] == group[t.parent].tokens[:t.branch_at]

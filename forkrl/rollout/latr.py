@@ -9,13 +9,16 @@ Candidates are taken in (step, chain) order while the prompt has fewer than n_kt
 A branch born at step b is compared with its parent's continuation at steps b + r, r in
 `filter_steps`, and removed when the two suffixes since b are too similar: suffix-match score >
 τ_sm, ROUGE-L > τ_rouge, or normalised edit distance < τ_ed (each criterion optional). Branches
-that ended (EOS) are not compared. The phase ends at the first step where the prompt holds at
-least (0.98 − decay·step/max_tokens)·n_kt branches and none is still inside a pruning window, or
-at `force_return_step`; every branch then finishes with ordinary sampling from its tree prefix.
+that ended (EOS) are not compared. A pruned branch's children are then compared with, and become
+members under, its parent, with which they share the shorter prefix. The phase ends at the first
+step where the prompt holds at least (0.98 − decay·step/max_tokens)·n_kt branches and none is still
+inside a pruning window, or at `force_return_step`; every branch then finishes with ordinary
+sampling from its tree prefix.
 
 Because tree-phase chains move greedily, a chain's continuation is fixed once it is born, so the
-sampler extends chains a chunk of tokens at a time (the prefix cache makes an extension or a fork
-prefill one token) and replays the steps over them. Members record `parent` and `branch_at`.
+sampler extends chains `lookahead_chunk` tokens at a time (the prefix cache makes an extension or a
+fork prefill one token) and replays the steps over them. The chunk changes the cost (tokens decoded
+past the phase's end are dropped; each extension is one engine call), not the tree. Members record `parent` and `branch_at`.
 """
 from __future__ import annotations
 
@@ -100,7 +103,8 @@ class _Branch:
     entropies: list[float]
     top: list                        # top-m candidates per token (None for a branch's forced first token)
     born: int                        # step of its first own token (0 for the root)
-    parent: _Branch | None = None
+    parent: _Branch | None = None    # the nearest live ancestor (a pruned parent hands its children up)
+    shared: int = 0                  # leading tokens shared with `parent` (= born until re-parented)
     eos_at: int | None = None        # number of tokens when the chain emitted EOS
     pruned: bool = False
 
@@ -122,7 +126,7 @@ class LATRSampler:
                  filter_steps: tuple[int, ...] = (20, 30, 50), tau_suffix: float | None = 0.2,
                  tau_rouge: float | None = 0.5, tau_edit: float | None = None,
                  mix_ratio_schedule: dict | None = None,
-                 return_threshold_decay: float = 0.05, force_return_step: int = 1024):
+                 return_threshold_decay: float = 0.05, force_return_step: int = 1024, lookahead_chunk: int = 4):
         self.m = max_branch_per_token
         self.tau_abs, self.tau_rel = tau_abs, tau_rel
         self.filter_steps = tuple(sorted(filter_steps))
@@ -130,6 +134,9 @@ class LATRSampler:
         self.schedule = mix_ratio_schedule or {0: 1.0, 100: 0.75, 200: 0.5, 300: 0.25}
         self.decay = return_threshold_decay
         self.force_return_step = force_return_step
+        if lookahead_chunk < 1:
+            raise ValueError(f"lookahead_chunk must be >= 1, got {lookahead_chunk}")
+        self.chunk = lookahead_chunk
 
     def too_similar(self, a: list[int], b: list[int]) -> bool:
         return ((self.tau_suffix is not None and suffix_match(a, b) > self.tau_suffix)
@@ -179,11 +186,8 @@ class LATRSampler:
                                text=engine.tokenizer.decode(br.tokens + (c.token_ids if c else []),
                                                             skip_special_tokens=True))
                 t.policy_version = [ctx.version] * len(t.tokens)
-                parent, shared = br.parent, br.born
-                while parent is not None and id(parent) not in index:  # a pruned parent: its own parent
-                    parent, shared = parent.parent, min(shared, parent.born)  # shares the shorter prefix
-                if parent is not None:
-                    t.parent, t.branch_at = index[id(parent)], shared
+                if br.parent is not None:  # live: pruning hands children up to a live ancestor
+                    t.parent, t.branch_at = index[id(br.parent)], br.shared
                     branch_points += 1
                 members.append(t)
             members += [Trajectory.from_completion(p, c, group="", version=ctx.version) for c in iid.get(i, [])]
@@ -196,7 +200,7 @@ class LATRSampler:
         first), cut to the step where its phase ended. Chains are extended `chunk` greedy tokens at
         a time when the step reaches their end, all prompts' chains in one engine call; their states
         stay in the engine's prefix cache, so an extension or a fork prefills one token."""
-        chunk = 16
+        chunk = self.chunk
         trees = [[_Branch([], [], [], [], born=0)] for _ in prompts]
         cut: list[int | None] = [None] * len(prompts)   # set when a prompt's tree phase ends
         window = self.filter_steps[-1] if self.filter_steps else 0
@@ -232,6 +236,12 @@ class LATRSampler:
             if due and self.too_similar(br.tokens[br.born:step], br.parent.tokens[br.born:step]):
                 br.pruned = True
                 self.pruned += 1
+                # its children now compare with (and hang from) its parent, with which they share the
+                # shorter prefix; a dead branch is not extended, so the tree cannot depend on how far
+                # chains had been decoded ahead (lookahead_chunk)
+                for child in branches:
+                    if child.parent is br:
+                        child.parent, child.shared = br.parent, min(child.shared, br.shared)
         branches = trees[i] = [b for b in branches if not b.pruned]
         in_window = any(b.parent is not None and step - b.born < window and not b.ended_by(step) for b in branches)
         threshold = (0.98 - self.decay * step / max(horizon, 1)) * capacity
@@ -248,7 +258,7 @@ class LATRSampler:
                     break
                 lp = next(lp for tok, lp in b.top[step] if tok == v)
                 child = _Branch(b.tokens[:step] + [v], b.logprobs[:step] + [lp], b.entropies[:step] + [b.entropies[step]],
-                                b.top[:step] + [None], born=step, parent=b)
+                                b.top[:step] + [None], born=step, parent=b, shared=step)
                 if v in eos_ids:
                     child.eos_at = step + 1
                 spawned.append(child)
