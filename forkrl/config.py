@@ -349,7 +349,8 @@ class SwarmConfig(Section):
 
 class DistributedConfig(Section):
     """Decoupled rollout workers and learner as Ray actors (forkrl/distributed; `forkrl train --ray`)."""
-    workers: int = Field(2, gt=0)                  # rollout workers (engine + sampler + env each)
+    workers: int = Field(2, gt=0)                  # rollout workers (engine + sampler + env each); each samples
+                                                   # ceil(rollout.prompts_per_step / workers) groups per batch
     # how many policy versions a trained token may lag the update that trains it; 0 = synchronous
     max_staleness: int = Field(0, ge=0)
     stale: Literal["drop", "requeue"] = "requeue"  # a group beyond the bound: discarded, or its prompt sampled again
