@@ -25,6 +25,16 @@ def _dist_cfg(tmp_path, out, steps, staleness, **extra):
                 distributed={"workers": 2, "max_staleness": staleness, **extra})
 
 
+def _train(cfg, resume=False):
+    """A decoupled run to the end: (its summary, the prompt ledger's report)."""
+    run = DecoupledRun(cfg)
+    try:
+        summary = run.train(resume=resume)
+        return summary, ray.get(run.ledger.report.remote())
+    finally:
+        run.shutdown()
+
+
 def _learning(history):
     rewards = [m["reward/mean"] for m in history]
     return sum(rewards[-4:]) / 4 - sum(rewards[:4]) / 4, rewards
@@ -33,12 +43,7 @@ def _learning(history):
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_decoupled_run_learns_within_the_staleness_bound(tmp_path, cluster, staleness):
     cfg = _dist_cfg(tmp_path, f"s{staleness}", 24, staleness)
-    run = DecoupledRun(cfg)
-    try:
-        summary = run.train()
-        ledger = ray.get(run.ledger.report.remote())
-    finally:
-        run.shutdown()
+    summary, ledger = _train(cfg)
     gain, rewards = _learning(summary["history"])
     assert gain > 0.2, " ".join(f"{r:.2f}" for r in rewards)  # as the single-process learning test
     lags = [entry["update"] - 1 - v for entry in summary["versions"] for v in entry["token_versions"]]
@@ -114,19 +119,10 @@ def test_swarm_peers_train_on_each_others_groups(tmp_path, cluster):
 
 def test_the_learners_checkpoint_resumes_the_whole_job(tmp_path, cluster):
     first = _cfg(tmp_path, "job", train={"steps": 3, "lr": 3e-2}, distributed={"workers": 2, "max_staleness": 1})
-    run = DecoupledRun(first)
-    try:
-        run.train()
-    finally:
-        run.shutdown()
+    _train(first)
     # the job is started again (new ledger, new workers) and continues from the checkpoint to step 5
     again = _cfg(tmp_path, "job", train={"steps": 5, "lr": 3e-2}, distributed={"workers": 2, "max_staleness": 1})
-    run = DecoupledRun(again)
-    try:
-        summary = run.train(resume=True)
-        ledger = ray.get(run.ledger.report.remote())
-    finally:
-        run.shutdown()
+    summary, ledger = _train(again, resume=True)
     assert [v["update"] for v in summary["versions"]] == [4, 5]
     trained = ledger["trained"]
     assert len(trained) == len(set(trained)) == 5 * 4
@@ -140,12 +136,7 @@ def test_groups_beyond_the_bound_are_requeued_or_dropped(tmp_path, cluster, stal
     cfg = _cfg(tmp_path, f"april-{stale}", train={"steps": 6, "lr": 3e-2},
                rollout={"sampler": "april", "sampler_params": {"over_sampling": 2.0}, "max_new_tokens": 12},
                distributed={"workers": 2, "max_staleness": 0, "stale": stale})
-    run = DecoupledRun(cfg)
-    try:
-        summary = run.train()
-        ledger = ray.get(run.ledger.report.remote())
-    finally:
-        run.shutdown()
+    summary, ledger = _train(cfg)
     history = summary["history"]
     assert sum(m["staleness/stale_groups"] for m in history) > 0  # the bound did bite
     for entry in summary["versions"]:  # and nothing older than the update's own version trained

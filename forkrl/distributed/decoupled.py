@@ -247,9 +247,10 @@ class RayRollouts:
         kept = [t for t in batch.trajectories if t.group not in too_old]
         stale_pos = _positions([t for t in batch.trajectories if t.group in too_old])
         trained = _positions(kept)
-        dropped = [p for p in _positions(batch.generated) if p not in set(trained) | set(stale_pos)]
+        accounted = set(trained) | set(stale_pos)
+        filtered = [p for p in _positions(batch.generated) if p not in accounted]  # e.g. by dynamic sampling
         requeue = stale_pos if self.stale == "requeue" else []
-        self.ray.get(self.ledger.finish.remote(trained, dropped + ([] if requeue else stale_pos), requeue))
+        self.ray.get(self.ledger.finish.remote(trained, filtered + ([] if requeue else stale_pos), requeue))
         lags = [version - v for t in kept for v, m in zip(t.policy_version, t.loss_mask) if m]
         versions = sorted({v for t in kept for v, m in zip(t.policy_version, t.loss_mask) if m})
         self.version_log.append({"update": version + 1, "token_versions": versions, "positions": trained})

@@ -143,6 +143,7 @@ class Trainer:
         # next_batch(trainer) -> RolloutBatch and a checkpointed `state` (forkrl.distributed)
         self.rollouts = None
         self.seed_salt = 0  # rollout workers of one run draw different seeds at the same step
+        self._epoch_order: tuple[tuple[int, int] | None, list[int]] = (None, [])  # sample_at's shuffle of the current epoch
 
     def _build_env(self):
         from forkrl.envs import ToolEnv
@@ -197,9 +198,11 @@ class Trainer:
         """The training sample at a data position: a fresh seeded shuffle every epoch."""
         n = len(self.task.train)
         epoch, i = divmod(pos, n)
-        order = list(range(n))
-        random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
-        return dataclasses.replace(self.task.train[order[i]], position=pos)
+        if self._epoch_order[0] != (epoch, n):  # one shuffle per epoch, not one per sample
+            order = list(range(n))
+            random.Random(self.cfg.seed * 7919 + epoch).shuffle(order)
+            self._epoch_order = ((epoch, n), order)
+        return dataclasses.replace(self.task.train[self._epoch_order[1][i]], position=pos)
 
     # -- rollout and scoring -------------------------------------------------------------------
     def rollout(self, samples: list[Sample], seed: int, tag: str, temperature: float | None = None,
