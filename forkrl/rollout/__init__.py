@@ -3,20 +3,19 @@ the sampling budget goes, and the data objects they fill."""
 from forkrl.rollout import april, arpo, etmr, latr  # noqa: F401  (registers the tree samplers)
 from forkrl.rollout.engine import EngineStats, TorchEngine, sample_next
 from forkrl.rollout.samplers import (
-           SAMPLERS,
-           RolloutBudget,
-           SamplerContext,
-           build_sampler,
-           run_sampler,
+    SAMPLERS,
+    RolloutBudget,
+    SamplerContext,
+    build_sampler,
+    run_sampler,
 )
 from forkrl.rollout.types import (
-           Completion,
-           GenerationRequest,
-           SamplingParams,
-           ToolCall,
-           Trajectory,
+    Completion,
+    GenerationRequest,
+    SamplingParams,
+    ToolCall,
+    Trajectory,
 )
-
 
 
 def build_engine(rollout, model, tokenizer, seed: int = 0):
@@ -32,18 +31,18 @@ def build_engine(rollout, model, tokenizer, seed: int = 0):
 
 
 __all__ = [
-           "build_engine",
-           "SAMPLERS",
-           "Completion",
-           "EngineStats",
-           "GenerationRequest",
-           "RolloutBudget",
-           "SamplerContext",
-           "SamplingParams",
-           "ToolCall",
-           "TorchEngine",
-           "Trajectory",
-           "build_sampler",
-           "run_sampler",
-           "sample_next",
+    "SAMPLERS",
+    "Completion",
+    "EngineStats",
+    "GenerationRequest",
+    "RolloutBudget",
+    "SamplerContext",
+    "SamplingParams",
+    "ToolCall",
+    "TorchEngine",
+    "Trajectory",
+    "build_engine",
+    "build_sampler",
+    "run_sampler",
+    "sample_next",
 ]

@@ -177,6 +177,17 @@ def _sampling_tensors(params: list[SamplingParams], device) -> tuple[torch.Tenso
     return temperature, top_p, hapo
 
 
+def eos_and_pad_ids(model, tokenizer) -> tuple[list[int], int]:
+    """The tokens that end a completion (the generation config's and the tokenizer's EOS) and the
+    padding id (the tokenizer's, else the first EOS); shared by every engine."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    eos_ids = sorted(eos_ids)
+    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
 @dataclass
 class _Seq:
     """One sequence in the fast path: a request's prompt and what has been sampled for it."""
@@ -216,12 +227,7 @@ class TorchEngine:
         self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        eos = model.generation_config.eos_token_id if hasattr(model, "generation_config") else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_ids = sorted(eos_ids)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.eos_ids, self.pad_id = eos_and_pad_ids(model, tokenizer)
         self.stats = EngineStats()
         self.dtype = resolve_dtype(dtype, model)
         self.fallback_reason = "fast=False" if not fast else unsupported_reason(model)

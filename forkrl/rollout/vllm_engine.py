@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from forkrl.rollout.engine import EngineStats
+from forkrl.rollout.engine import EngineStats, eos_and_pad_ids
 from forkrl.rollout.types import Completion, GenerationRequest
 
 
@@ -91,12 +91,7 @@ class VLLMEngine:
                             enforce_eager=enforce_eager, max_logprobs=max(entropy_topk, 20),
                             logprobs_mode="processed_logprobs",
                             worker_extension_cls="forkrl.rollout.vllm_engine.WeightLoader")
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_ids = sorted(eos_ids)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.eos_ids, self.pad_id = eos_and_pad_ids(model, tokenizer)
         self.stats = EngineStats(entropy_topk=entropy_topk)
         self._stale = False
         self._next_id = 0
