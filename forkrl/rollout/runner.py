@@ -26,6 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from forkrl.rollout.kernels import decode_kernel
+
 SUPPORTED = ("llama", "qwen2")
 
 
@@ -92,6 +94,9 @@ class LlamaRunner:
         # oneDNN's prepacked bf16 weights (what inductor's freezing uses): 1.1-1.3x faster matmuls at
         # decode batch sizes on CPU, same results; re-packed at every sync (~0.1 s for 135M weights)
         self.prepacked = self.device.type == "cpu" and dtype == torch.bfloat16 and _prepack_works()
+        # the compiled decode attention (kernels.py); None: the PyTorch path below, same arithmetic
+        self.kernel = (decode_kernel() if self.device.type == "cpu" and self.head_dim in (16, 32, 64, 128)
+                       and self.group <= 16 else None)
         self.k = self.v = torch.empty(0)
         self.layers: list[tuple] = []
         self.last_sync_seconds = self.sync()
@@ -168,17 +173,46 @@ class LlamaRunner:
         starts[u] + i of slots[u], after the starts[u] tokens already in that slot. Writes their keys
         and values; returns the next-token logits after each row's last real token, [U, V] float32."""
         U, S = ids.shape
-        H, KV, G, d = self.n_heads, self.n_kv, self.group, self.head_dim
-        dev = ids.device
-        pos = starts.unsqueeze(1) + torch.arange(S, device=dev)                     # [U, S]
+        pos = starts.unsqueeze(1) + torch.arange(S, device=ids.device)               # [U, S]
         x = self.embed[ids].float()                                                 # [U, S, D]
         cos, sin = self.rotary(x, pos)                                              # [U, S, d]
+        contiguous = bool((slots == torch.arange(U, device=ids.device)).all())
+        if self.kernel is not None and S == 1 and contiguous:
+            attend = self._compiled_attention(pos, cos, sin)
+        else:
+            attend = self._torch_attention(slots, starts, lengths, pos, cos, sin, contiguous)
+        for li, (n1, qkv_w, qkv_b, o_w, n2, gu_w, down_w) in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), n1, self.eps).to(self.dtype)
+            x = x + self._linear(attend(li, self._linear(h, qkv_w), qkv_b), o_w)
+            h = F.rms_norm(x, (x.shape[-1],), n2, self.eps).to(self.dtype)
+            gate, up = self._linear(h, gu_w).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, down_w)
+        last = x[torch.arange(U, device=ids.device), lengths - 1]                   # [U, D]
+        h = F.rms_norm(last, (last.shape[-1],), self.final_norm, self.eps).to(self.dtype)
+        logits = self._linear(h, self.head).float()
+        return logits if self.head_bias is None else logits + self.head_bias
+
+    def _compiled_attention(self, pos, cos, sin):
+        """One new token per row in slots 0..U-1: `decode_attention.cpp` applies the rotary embedding,
+        writes the keys and values and attends, in one pass over the cache."""
+        U, d, H = pos.shape[0], self.head_dim, self.n_heads
+        cos, sin, pos = cos.reshape(U, d).contiguous(), sin.reshape(U, d).contiguous(), pos.reshape(U).contiguous()
+
+        def attend(li, qkv, qkv_b):
+            return self.kernel.decode_attention(qkv.view(U, -1), qkv_b, cos, sin, pos, self.k[li], self.v[li],
+                                                H).view(U, 1, H * d)
+        return attend
+
+    def _torch_attention(self, slots, starts, lengths, pos, cos, sin, contiguous):
+        """The same attention in PyTorch ops, for any rows and any number of new tokens per row."""
+        U, S = pos.shape
+        H, KV, G, d = self.n_heads, self.n_kv, self.group, self.head_dim
+        dev, half = pos.device, d // 2
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)                               # [U, S, 1, d]
         T = int((starts + lengths).max())
         # query i of row u (at position pos[u, i]) sees keys 0..pos[u, i] of its own slot
         hidden = torch.arange(T, device=dev).view(1, 1, T) > pos.unsqueeze(-1)      # [U, S, T]
         bias = torch.zeros(hidden.shape, device=dev).masked_fill_(hidden, float("-inf")).view(U, 1, 1, S, T)
-        contiguous = bool((slots == torch.arange(U, device=dev)).all())
         # where the new keys/values go: every (row, i) with i < lengths[row] (all of them when decoding)
         ragged = S > 1 and bool((lengths < S).any())
         real = (torch.arange(S, device=dev) < lengths.unsqueeze(1)).flatten().nonzero().squeeze(1) if ragged else None
@@ -186,10 +220,9 @@ class LlamaRunner:
         w_pos = pos.flatten()
         if ragged:
             w_slot, w_pos = w_slot[real], w_pos[real]
-        half = d // 2
-        for li, (n1, qkv_w, qkv_b, o_w, n2, gu_w, down_w) in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), n1, self.eps).to(self.dtype)
-            qkv = self._linear(h, qkv_w).float()
+
+        def attend(li, qkv, qkv_b):
+            qkv = qkv.float()
             if qkv_b is not None:
                 qkv = qkv + qkv_b
             qk = qkv[..., :(H + KV) * d].view(U, S, H + KV, d)
@@ -212,12 +245,5 @@ class LlamaRunner:
             scores = torch.matmul(q, Kr.transpose(-1, -2))                          # [U, KV, G*S, T]
             scores.view(U, KV, G, S, T).add_(bias)
             att = torch.matmul(torch.softmax(scores, dim=-1), Vr)                   # [U, KV, G*S, d]
-            att = att.view(U, KV, G, S, d).permute(0, 3, 1, 2, 4).reshape(U, S, H * d)
-            x = x + self._linear(att.to(self.dtype), o_w)
-            h = F.rms_norm(x, (x.shape[-1],), n2, self.eps).to(self.dtype)
-            gate, up = self._linear(h, gu_w).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, down_w)
-        last = x[torch.arange(U, device=ids.device), lengths - 1]                   # [U, D]
-        h = F.rms_norm(last, (last.shape[-1],), self.final_norm, self.eps).to(self.dtype)
-        logits = self._linear(h, self.head).float()
-        return logits if self.head_bias is None else logits + self.head_bias
+            return att.view(U, KV, G, S, d).permute(0, 3, 1, 2, 4).reshape(U, S, H * d).to(self.dtype)
+        return attend
