@@ -32,6 +32,7 @@ from transformers import DynamicCache
 
 from forkrl.cpu import tune_allocator
 from forkrl.models.loader import cache_kwarg
+from forkrl.rollout.kernels import decode_kernel
 from forkrl.rollout.prefix_cache import PrefixCache
 from forkrl.rollout.runner import LlamaRunner, unsupported_reason
 from forkrl.rollout.types import Completion, GenerationRequest, SamplingParams
@@ -71,6 +72,11 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     With `hapo` ([B, 5], see `adapt_temperature`) the token is drawn at T' and its log-prob is under
     T'; the entropy stays the one at T.
     """
+    kernel = decode_kernel() if logits.device.type == "cpu" else None
+    if kernel is not None and hapo is None and bool((temperature > 0).all()) and bool((top_p >= 1).all()):
+        # the common case in one compiled pass: same formulas, same uniform draw from `generator`
+        u = 1.0 - torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
+        return tuple(kernel.sample(logits.float().contiguous(), temperature.float().contiguous(), u))
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
     shifted, log_total, probs, entropy = _softmax_parts(logits, t)

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the decode step (`decode_attention.cpp`), built on first use with
+"""Compiled CPU kernels for the decode step (`decode_kernels.cpp`), built on first use with
 PyTorch's C++-extension loader and cached under ~/.cache/forkrl/kernels (FORKRL_CACHE moves it).
 
 The build takes ~20 s once per machine and PyTorch version (`build_seconds` says how long this
@@ -20,7 +20,7 @@ import torch
 from forkrl.models.loader import cache_dir
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("decode_attention.cpp")
+_SOURCE = Path(__file__).with_name("decode_kernels.cpp")
 _module = None
 _tried = False
 build_seconds = 0.0
@@ -44,7 +44,8 @@ def _build_dir() -> Path:
 
 
 def decode_kernel():
-    """The compiled `decode_attention` module, or None where it is off or cannot be built."""
+    """The compiled module (decode_attention, add_rms_norm, silu_mul, sample), or None where it is
+    off or cannot be built."""
     global _module, _tried, build_seconds
     if _tried:
         return _module
@@ -54,7 +55,7 @@ def decode_kernel():
     start = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
-        _module = load("forkrl_decode_attention", [str(_SOURCE)], build_directory=str(_build_dir()),
+        _module = load("forkrl_decode_kernels", [str(_SOURCE)], build_directory=str(_build_dir()),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as err:  # noqa: BLE001  (any build failure means: run the PyTorch path)
         log.warning("forkrl: the compiled decode kernel could not be built (%s); decoding uses the "
