@@ -12,6 +12,9 @@ loaded in that dtype, the engine keeps its sampling weights in that dtype.
 The bound: a 2048^3 bf16 matmul's GFLOP/s divided by the FLOPs a decoded token costs in matmuls
 (2 x the weights it multiplies: every linear layer and the output head), i.e. the tokens/s the
 machine could decode if every step were one perfectly efficient matmul. Prints JSON.
+
+The engine's compiled decode kernels (forkrl/rollout/kernels.py) are built on first use (~20 s,
+then cached; `kernel_build_or_load_s`); FORKRL_KERNELS=0 measures the engine without them.
 """
 from __future__ import annotations
 
@@ -107,6 +110,9 @@ def main() -> None:
                 result["cells"].append(cell)
                 print(json.dumps(cell), flush=True)
         result[f"weight_sync_s/{dt}"] = round(engine.runner.sync() if engine.runner else 0.0, 3)
+        result[f"compiled_kernels/{dt}"] = bool(engine.runner and engine.runner.kernel is not None)
+    from forkrl.rollout import kernels
+    result["kernel_build_or_load_s"] = round(kernels.build_seconds, 2)  # ~20 s on a machine's first run
     print(json.dumps(result, indent=1))
 
 

@@ -41,10 +41,13 @@ def _rows(cfg):
 
 
 def test_grpo_raises_a_learnable_reward(tmp_path):
-    cfg = _cfg(tmp_path, train={"steps": 20, "lr": 3e-2})
+    """28 steps: at 20, seed 0's sampling path rose by only 0.19 once the compiled decode kernels
+    changed float32 rounding (and with it a few draws); at 28 the rise was 0.38-0.50 over seeds
+    0, 3, 4 and 5."""
+    cfg = _cfg(tmp_path, train={"steps": 28, "lr": 3e-2})
     Trainer(cfg).train()
     rewards = [r["reward/mean"] for r in _rows(cfg)]
-    assert len(rewards) == 20
+    assert len(rewards) == 28
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.2, " ".join(f"{r:.2f}" for r in rewards)
 
