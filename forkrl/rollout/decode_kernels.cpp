@@ -300,21 +300,27 @@ void sample_rows(const float* logits, const float* temperature, const double* u,
 
 // qkv [rows, (heads + 2 kv_heads) * d] (float32 or bfloat16; the fused q/k/v projection of one new
 // token per row), bias: float32 [(heads + 2 kv_heads) * d] or None, cos/sin [rows, d] float32,
-// pos [rows] int64: the new token's position (row b is cache slot b). K/V: one layer's float32 or bfloat16
-// cache [slots, kv_heads, capacity, d]. Writes the new keys and values at pos, returns the attention
+// pos [rows] int64: the new token's position (row b is cache slot b). K/V: one layer's cache
+// [slots, kv_heads, capacity, d], float32 or bfloat16. Writes the new keys and values at pos, returns the attention
 // output [rows, heads * d] in qkv's dtype.
 torch::Tensor decode_attention(const torch::Tensor& qkv, const c10::optional<torch::Tensor>& bias,
                                const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& pos,
                                torch::Tensor& K, torch::Tensor& V, int64_t heads) {
   const int64_t rows = qkv.size(0), kv_heads = K.size(1), d = K.size(3);
   TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (heads + 2 * kv_heads) * d, "decode_attention: qkv shape");
-  TORCH_CHECK((K.scalar_type() == at::kFloat || K.scalar_type() == at::kBFloat16) && V.scalar_type() == K.scalar_type() &&
+  TORCH_CHECK((K.scalar_type() == at::kFloat || K.scalar_type() == at::kBFloat16) &&
+              V.scalar_type() == K.scalar_type() &&
               V.strides() == K.strides() && K.stride(3) == 1 && K.size(0) >= rows, "decode_attention: cache layout");
   TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup, "decode_attention: head grouping");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && pos.is_contiguous() && pos.scalar_type() == at::kLong,
               "decode_attention: cos/sin/pos layout");
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
               "decode_attention: qkv must be float32 or bfloat16");
+  TORCH_CHECK(pos.numel() == rows && cos.numel() == rows * d && sin.numel() == rows * d,
+              "decode_attention: one position, cos and sin row per row");
+  const int64_t* p = pos.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(p[r] >= 0 && p[r] < K.size(2), "decode_attention: position ", p[r], " outside the cache");
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat, "decode_attention: bias");
@@ -377,7 +383,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 
 // logits [rows, vocab] float32, temperature [rows] float32 > 0, u [rows] float64 in (0, 1]
 // -> (tokens int64, log-probs float32, entropies float32), all under softmax(logits / temperature)
-std::vector<torch::Tensor> sample(const torch::Tensor& logits, const torch::Tensor& temperature, const torch::Tensor& u) {
+std::vector<torch::Tensor> sample(const torch::Tensor& logits, const torch::Tensor& temperature,
+                                  const torch::Tensor& u) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat, "sample: logits");
   TORCH_CHECK(temperature.is_contiguous() && temperature.scalar_type() == at::kFloat && u.is_contiguous() &&
               u.scalar_type() == at::kDouble && temperature.numel() == logits.size(0) && u.numel() == logits.size(0),
