@@ -1,10 +1,11 @@
 // The CPU decode step's small operations, each fused into one pass over its data (kernels.py builds
 // this file; runner.py and engine.py call it, and fall back to PyTorch ops computing the same thing).
 //
-// Why: at decode batch 32 a step of the 135M model is ~16 ms of matmuls and, in PyTorch ops, ~12 ms
+// Why: at decode batch 32 a step of the 135M model is ~15 ms of matmuls and, in PyTorch ops, ~18 ms
 // of everything else: per-op dispatch on tensors of a few thousand elements, intermediate copies,
 // the attention as a batched GEMM of tiny (group x d) x (d x T) products that streams the float32
 // cache at ~14 GB/s, and eight passes over the [rows, vocabulary] logits to sample one token.
+// With these kernels the rest takes ~5 ms (runner.py's docstring has the measurements).
 //
 //   decode_attention  rotary embedding, key/value cache write and grouped-query attention of one
 //                     new token per row, reading every cached row once (prefetched ahead)
@@ -13,15 +14,16 @@
 //   sample_rows       softmax, entropy, log-prob and an inverse-CDF draw, two passes over the logits
 //
 // Arithmetic is float32 (float64 where the PyTorch path uses it) in the PyTorch path's formulas;
-// only summation order and the vectorizable exp below differ (relative error < 2e-7).
+// only summation order and the vectorizable exp below differ (relative error < 2e-7). The cache
+// may be bf16 (runner.py chooses it with bf16 weights); the PyTorch path's is float32.
 #include <torch/extension.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
