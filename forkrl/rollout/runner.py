@@ -21,8 +21,8 @@ matmuls for a single query on CPU in bf16, and dozens of small ops per layer. Th
            K [B, kv, T, d], the row's causal mask built once per step.
 
 Measured on 2 cores (AVX-512 BF16), embedded model, batch 32, 64 new tokens: a decode step took
-32.9 ms in PyTorch ops (matmuls ~15 ms, the attention's batched matmuls ~8 ms over the float32
-cache, ~5 ms of small elementwise ops, ~3 ms sampling) and 20.5 ms with the kernels and the bf16
+33-35 ms in PyTorch ops (matmuls ~15 ms, the attention's batched matmuls ~8 ms over the float32
+cache, ~5 ms of small elementwise ops, ~3 ms sampling) and 20.5-21 ms with the kernels and the bf16
 cache (attention ~2 ms, norms, SwiGLU and sampling ~1.5 ms).
 
 `forward(slots, ids, starts, lengths)` runs new tokens of several rows at once (a prefill of prompts
