@@ -13,6 +13,10 @@ The bound: a 2048^3 bf16 matmul's GFLOP/s divided by the FLOPs a decoded token c
 (2 x the weights it multiplies: every linear layer and the output head), i.e. the tokens/s the
 machine could decode if every step were one perfectly efficient matmul. Prints JSON.
 
+Each cell also splits the engine's call: `engine_prefill_s` is a call for one new token (the
+prefill and the first draw; median of 3), `engine_decode_step_ms` the rest of the median call per
+further token.
+
 The engine's compiled decode kernels (forkrl/rollout/kernels.py) are built on first use (~20 s,
 then cached; `kernel_build_or_load_s`); FORKRL_KERNELS=0 measures the engine without them.
 """
