@@ -78,7 +78,6 @@ inline void load_head(const T* qkv, const float* bias, const float* cos, const f
   for (int i = half; i < D; ++i) out[i] = raw[i] * cos[i] + raw[i - half] * sin[i];
 }
 
-template <int D>
 inline void softmax_rows(float* scores, int64_t group, int64_t n, float* inv) {
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores + g * n;
@@ -126,7 +125,7 @@ inline void attend(const float (*q)[D], int64_t group, const C* K, const C* V, i
     }
   }
   float inv[kMaxGroup];
-  softmax_rows<D>(scores, group, n, inv);
+  softmax_rows(scores, group, n, inv);
   for (int64_t g = 0; g < group; ++g) {
     __m512 acc[W];
     for (int w = 0; w < W; ++w) acc[w] = _mm512_setzero_ps();
@@ -154,7 +153,7 @@ inline void attend(const float (*q)[D], int64_t group, const C* K, const C* V, i
     }
   }
   float inv[kMaxGroup];
-  softmax_rows<D>(scores, group, n, inv);
+  softmax_rows(scores, group, n, inv);
   for (int64_t g = 0; g < group; ++g) {
     float acc[D] = {};
     for (int64_t t = 0; t < n; ++t) {
@@ -298,26 +297,34 @@ void sample_rows(const float* logits, const float* temperature, const double* u,
   });
 }
 
+// calls f with a value of the C++ type of `type` (float32 or bfloat16), so f can name it as decltype
+template <typename F>
+void with_float_type(at::ScalarType type, const char* what, F&& f) {
+  if (type == at::kBFloat16) {
+    f(c10::BFloat16{});
+  } else {
+    TORCH_CHECK(type == at::kFloat, what, ": float32 or bfloat16 expected");
+    f(float{});
+  }
+}
+
 }  // namespace
 
 // qkv [rows, (heads + 2 kv_heads) * d] (float32 or bfloat16; the fused q/k/v projection of one new
 // token per row), bias: float32 [(heads + 2 kv_heads) * d] or None, cos/sin [rows, d] float32,
 // pos [rows] int64: the new token's position (row b is cache slot b). K/V: one layer's cache
-// [slots, kv_heads, capacity, d], float32 or bfloat16. Writes the new keys and values at pos, returns the attention
-// output [rows, heads * d] in qkv's dtype.
+// [slots, kv_heads, capacity, d], float32 or bfloat16. Writes the new keys and values at pos,
+// returns the attention output [rows, heads * d] in qkv's dtype.
 torch::Tensor decode_attention(const torch::Tensor& qkv, const c10::optional<torch::Tensor>& bias,
                                const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& pos,
                                torch::Tensor& K, torch::Tensor& V, int64_t heads) {
   const int64_t rows = qkv.size(0), kv_heads = K.size(1), d = K.size(3);
   TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (heads + 2 * kv_heads) * d, "decode_attention: qkv shape");
-  TORCH_CHECK((K.scalar_type() == at::kFloat || K.scalar_type() == at::kBFloat16) &&
-              V.scalar_type() == K.scalar_type() &&
-              V.strides() == K.strides() && K.stride(3) == 1 && K.size(0) >= rows, "decode_attention: cache layout");
+  TORCH_CHECK(V.scalar_type() == K.scalar_type() && V.strides() == K.strides() && K.stride(3) == 1 &&
+              K.size(0) >= rows, "decode_attention: cache layout");
   TORCH_CHECK(heads % kv_heads == 0 && heads / kv_heads <= kMaxGroup, "decode_attention: head grouping");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && pos.is_contiguous() && pos.scalar_type() == at::kLong,
               "decode_attention: cos/sin/pos layout");
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
-              "decode_attention: qkv must be float32 or bfloat16");
   TORCH_CHECK(pos.numel() == rows && cos.numel() == rows * d && sin.numel() == rows * d,
               "decode_attention: one position, cos and sin row per row");
   const int64_t* p = pos.data_ptr<int64_t>();
@@ -329,18 +336,15 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const c10::optional<tor
     b = bias->data_ptr<float>();
   }
   auto out = torch::empty({rows, heads * d}, qkv.options());
-  auto run = [&](auto* qkv_ptr, auto* cache_ptr) {
-    using T = std::remove_pointer_t<decltype(qkv_ptr)>;
-    using C = std::remove_pointer_t<decltype(cache_ptr)>;
-    dispatch_dim<T, C>(d, qkv.data_ptr<T>(), b, cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>(),
-                       K.data_ptr<C>(), V.data_ptr<C>(), out.data_ptr<T>(), rows, heads, kv_heads, K.stride(0),
-                       K.stride(1), K.stride(2));
-  };
-  const bool bf16_in = qkv.scalar_type() == at::kBFloat16, bf16_cache = K.scalar_type() == at::kBFloat16;
-  if (bf16_in && bf16_cache) run((c10::BFloat16*)nullptr, (c10::BFloat16*)nullptr);
-  else if (bf16_in) run((c10::BFloat16*)nullptr, (float*)nullptr);
-  else if (bf16_cache) run((float*)nullptr, (c10::BFloat16*)nullptr);
-  else run((float*)nullptr, (float*)nullptr);
+  with_float_type(qkv.scalar_type(), "decode_attention: qkv", [&](auto qkv_type) {
+    with_float_type(K.scalar_type(), "decode_attention: cache", [&](auto cache_type) {
+      using T = decltype(qkv_type);
+      using C = decltype(cache_type);
+      dispatch_dim<T, C>(d, qkv.data_ptr<T>(), b, cos.data_ptr<float>(), sin.data_ptr<float>(), p, K.data_ptr<C>(),
+                         V.data_ptr<C>(), out.data_ptr<T>(), rows, heads, kv_heads, K.stride(0), K.stride(1),
+                         K.stride(2));
+    });
+  });
   return out;
 }
 
@@ -356,14 +360,11 @@ torch::Tensor add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>&
   if (has_delta)
     TORCH_CHECK(delta->is_contiguous() && delta->scalar_type() == dtype && delta->numel() == x.numel(),
                 "add_rms_norm: delta must be contiguous, x's shape, in the output dtype");
-  if (dtype == at::kBFloat16) {
-    add_rms_norm_rows<c10::BFloat16>(x.data_ptr<float>(), has_delta ? delta->data_ptr<c10::BFloat16>() : nullptr,
-                                     weight.data_ptr<float>(), float(eps), out.data_ptr<c10::BFloat16>(), rows, dim);
-  } else {
-    TORCH_CHECK(dtype == at::kFloat, "add_rms_norm: dtype must be float32 or bfloat16");
-    add_rms_norm_rows<float>(x.data_ptr<float>(), has_delta ? delta->data_ptr<float>() : nullptr,
-                             weight.data_ptr<float>(), float(eps), out.data_ptr<float>(), rows, dim);
-  }
+  with_float_type(dtype, "add_rms_norm: dtype", [&](auto type) {
+    using T = decltype(type);
+    add_rms_norm_rows<T>(x.data_ptr<float>(), has_delta ? delta->data_ptr<T>() : nullptr, weight.data_ptr<float>(),
+                         float(eps), out.data_ptr<T>(), rows, dim);
+  });
   return out;
 }
 
@@ -374,12 +375,10 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   auto sizes = gate_up.sizes().vec();
   sizes.back() = inner;
   auto out = torch::empty(sizes, gate_up.options());
-  if (gate_up.scalar_type() == at::kBFloat16) {
-    silu_mul_rows<c10::BFloat16>(gate_up.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, inner);
-  } else {
-    TORCH_CHECK(gate_up.scalar_type() == at::kFloat, "silu_mul: float32 or bfloat16");
-    silu_mul_rows<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, inner);
-  }
+  with_float_type(gate_up.scalar_type(), "silu_mul", [&](auto type) {
+    using T = decltype(type);
+    silu_mul_rows<T>(gate_up.data_ptr<T>(), out.data_ptr<T>(), rows, inner);
+  });
   return out;
 }
 
