@@ -41,10 +41,11 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def _timed(fn, *args) -> float:
+def _timed(fn, *args) -> tuple[float, object]:
+    """(seconds, result) of fn(*args)."""
     start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
+    result = fn(*args)
+    return time.perf_counter() - start, result
 
 
 def matmul_weights(model) -> int:
@@ -108,14 +109,13 @@ def main() -> None:
                 counts = {}
                 for _ in range(repeats):
                     for key, fn in (("engine", run_engine), ("hf", run_hf)):
-                        start = time.perf_counter()
-                        counts[key] = fn()
-                        times[key].append(time.perf_counter() - start)
+                        seconds, counts[key] = _timed(fn)
+                        times[key].append(seconds)
                 assert counts["engine"] == counts["hf"] == batch * new, counts
                 eng = counts["engine"] / statistics.median(times["engine"])
                 hf = counts["hf"] / statistics.median(times["hf"])
                 # the engine's call split: prefill (+ the first token) and the mean decode step after it
-                first = statistics.median(_timed(run_engine, 1) for _ in range(3))
+                first = statistics.median(_timed(run_engine, 1)[0] for _ in range(3))
                 cell = {"dtype": dt, "batch": batch, "new_tokens": new, "repeats": repeats,
                         "torch_engine_tokens_per_s": round(eng, 1), "hf_generate_tokens_per_s": round(hf, 1),
                         "speedup": round(eng / hf, 2), "engine_share_of_bf16_bound": round(eng / bound, 3),
