@@ -39,6 +39,7 @@ def main() -> None:
         build_sampler,
         run_sampler,
     )
+    from forkrl.collect import LocalPositions
     from forkrl.train import Trainer
 
     cfg = load_config("configs/april.yaml", ["log.progress=false", "log.tensorboard=false",
@@ -50,11 +51,11 @@ def main() -> None:
               "max_new_tokens": args.max_new_tokens}
     for name in ("sync", "april"):
         sampler = build_sampler("independent") if name == "sync" else build_sampler("april", {"over_sampling": args.over_sampling})
-        trainer.data_pos = 0  # the same prompt stream for both
+        positions = LocalPositions()  # the same prompt stream for both
         delivered, lengths, decoded, seconds = 0, [], 0, 0.0
         for step in range(1, args.steps + 1):
             wanted = sampler.prompts_wanted(args.groups) if name == "april" else args.groups
-            samples = trainer.next_prompts(wanted)
+            samples = [trainer.source.sample_at(p) for p in positions.take(wanted)]
             prompts = [trainer.task.prompt_ids(s, trainer.tokenizer) for s in samples]
             ctx = SamplerContext(tokenizer=trainer.tokenizer, version=step, step=step, samples=samples, groups=args.groups)
             start = time.perf_counter()

@@ -40,8 +40,25 @@ class RewardConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict)  # keyword arguments bound to the function
 
 
+def _check_methods(entries: list, registry, where: str) -> list[dict]:
+    """Entries of a method list (`rollout.gates`, `task.reward_terms`): a registered name, and only
+    keyword parameters its function declares."""
+    out = []
+    for i, entry in enumerate(entries):
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        name = entry.get("name")
+        if name not in registry:
+            raise ValueError(f"{where}[{i}]: unknown {registry.kind} {name!r}; allowed: {registry.names()}")
+        allowed = registry.hyperparameters(name)
+        for key in entry:
+            if key != "name" and key not in allowed:
+                raise ValueError(f"{where}[{i}].{key} is not a parameter of {registry.kind} {name!r}; allowed: {allowed}")
+        out.append(entry)
+    return out
+
+
 class TaskConfig(Section):
-    source: Literal["reasoning_gym", "file"] = "reasoning_gym"
+    source: str = "reasoning_gym"       # a registered task source: reasoning_gym | file | a plugin's
     dataset: str | None = "chain_sum"   # reasoning-gym dataset name
     dataset_config: dict[str, Any] = Field(default_factory=dict)
     train_size: int = Field(1000, gt=0)
@@ -55,6 +72,22 @@ class TaskConfig(Section):
     few_shot: list[dict[str, str]] = Field(default_factory=list)  # [{user, assistant}] example turns
     extractor: Literal["answer_tag", "boxed", "last_number", "raw", "auto"] = "auto"
     rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig()])
+    # shaping added after the rewards, in order: [{name: overlong, buffer: 32}, {name: flawed_positive}, ...]
+    reward_terms: list[str | dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v):
+        from forkrl.registry import TASK_SOURCES
+        if v not in TASK_SOURCES:
+            raise ValueError(f"unknown task source {v!r}; allowed: {TASK_SOURCES.names()}")
+        return v
+
+    @field_validator("reward_terms")
+    @classmethod
+    def _known_terms(cls, v):
+        from forkrl.registry import REWARD_TERMS
+        return _check_methods(v, REWARD_TERMS, "task.reward_terms")
 
     @model_validator(mode="after")
     def _source_fields(self):
@@ -75,24 +108,6 @@ class AdaptiveTemperatureConfig(Section):
     pivot: float = Field(0.8, gt=0, lt=1)   # quantile of log-entropy that maps to h = 0
 
 
-class ResampleOnCorrectConfig(Section):
-    """GRPO-RoC (rStar2-Agent, algorithms.md §13.6): sample `oversample` x n per prompt, drop groups whose
-    rewards are all equal, keep n: failures uniformly, successes with the fewest tool errors and
-    format issues."""
-    enabled: bool = False
-    oversample: int = Field(2, ge=1)
-    min_each: int = Field(2, ge=0)
-
-
-class DarsConfig(Section):
-    """DARS (algorithms.md §12.1): more rollouts for prompts the first round found hard."""
-    enabled: bool = False
-    schedule: Literal["et", "hw"] = "et"   # equal treatment | hardness-weighted
-    n_max: int = Field(32, gt=0)           # total rollouts per prompt at most (reference: 32 ET, 64 HW)
-    std_normalized: bool = False           # the released configs use no std division (advantage: drgrpo)
-    metric: Literal["correct", "reward"] = "correct"  # accuracy = mean of this; groups where it does not vary are dropped
-
-
 class VLLMConfig(Section):
     """rollout.engine=vllm (forkrl/rollout/vllm_engine.py; pip install 'forkrl[gpu]')."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # the rest stays for the learner on the same GPU
@@ -103,7 +118,7 @@ class VLLMConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["torch", "vllm"] = "torch"   # vllm: generation with vLLM on a GPU
+    engine: str = "torch"                        # a registered engine: torch | vllm (generation with vLLM on a GPU)
     prompts_per_step: int = Field(8, gt=0)
     samples_per_prompt: int = Field(8, gt=0)
     temperature: float = Field(1.0, ge=0)
@@ -117,31 +132,48 @@ class RolloutConfig(Section):
     sampler: str = "independent"                 # how the budget is spent: independent | arpo | latr
     sampler_params: dict[str, Any] = Field(default_factory=dict)
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
-    resample_on_correct: ResampleOnCorrectConfig = Field(default_factory=ResampleOnCorrectConfig)
-    dars: DarsConfig = Field(default_factory=DarsConfig)
+    # group gates, in order: [{name: dars, n_max: 32}, {name: dynamic_sampling, max_gen_batches: 10}, ...]
+    gates: list[str | dict[str, Any]] = Field(default_factory=list)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
+    @field_validator("gates")
+    @classmethod
+    def _known_gates(cls, v):
+        from forkrl.registry import GATES
+        entries = _check_methods(v, GATES, "rollout.gates")
+        names = [e["name"] for e in entries]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"rollout.gates lists {twice[0]!r} twice; a gate acts once per step")
+        return entries
+
+    def engine_features(self) -> dict[str, str]:
+        """The engine features this section needs (forkrl.types.ENGINE_FEATURES), each with what needs it."""
+        from forkrl.registry import SAMPLERS
+        need = {f: f"rollout.sampler={self.sampler}" for f in SAMPLERS.hook(self.sampler, "requires", ())}
+        if self.adaptive_temperature.enabled:
+            need["adaptive_temperature"] = "rollout.adaptive_temperature (HAPO)"
+        return need
+
     @model_validator(mode="after")
-    def _known_sampler(self):
-        from forkrl.rollout import SAMPLERS, build_sampler
+    def _known_sampler_and_engine(self):
+        import inspect
+
+        from forkrl.registry import ENGINES, SAMPLERS
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"rollout.sampler: unknown sampler {self.sampler!r}; allowed: {sorted(SAMPLERS)}")
-        build_sampler(self.sampler, self.sampler_params)  # a bad parameter names itself here
+            raise ValueError(f"rollout.sampler: unknown sampler {self.sampler!r}; allowed: {SAMPLERS.names()}")
+        try:  # a bad parameter names itself here; nothing is built
+            inspect.signature(SAMPLERS.get(self.sampler)).bind(**self.sampler_params)
+        except TypeError as e:
+            raise ValueError(f"rollout.sampler_params for {self.sampler!r}: {e}") from None
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout.engine: unknown engine {self.engine!r}; allowed: {ENGINES.names()}")
+        supports = ENGINES.get(self.engine).supports
+        for feature, who in self.engine_features().items():
+            if feature not in supports:
+                raise ValueError(f"{who} needs the engine feature {feature!r}, which rollout.engine={self.engine} "
+                                 f"does not support (it supports: {sorted(supports)})")
         return self
-
-
-class DynamicSamplingConfig(Section):
-    """DAPO dynamic sampling (algorithms.md §1.2): refill until every group has reward variance."""
-    enabled: bool = False
-    metric: Literal["correct", "reward"] = "correct"
-    max_gen_batches: int = Field(10, ge=0)  # 0 = unlimited
-
-
-class OverlongConfig(Section):
-    """DAPO soft overlong punishment (algorithms.md §1.2): L_max = rollout.max_new_tokens."""
-    enabled: bool = False
-    buffer: int = Field(32, gt=0)
-    factor: float = 1.0
 
 
 class RolloutCorrectionConfig(Section):
@@ -153,18 +185,6 @@ class RolloutCorrectionConfig(Section):
     mode: Literal["none", "token_tis", "seq_tis", "icepop", "seq_mask_tis"] = "none"
     cap: float = Field(2.0, gt=0)
     low: float = Field(0.0, ge=0)
-
-
-class EntropyTargetConfig(Section):
-    """Arbitrary-Entropy PO (algorithms.md §13.3): hold entropy at `target` with a one-sided REINFORCE
-    term on correct samples drawn hotter (t_high) when entropy is below target, colder otherwise."""
-    enabled: bool = False
-    target: float = Field(0.5, ge=0)        # H* (entropy_base)
-    t_high: float = Field(1.2, gt=0)
-    t_low: float = Field(0.8, gt=0)
-    prompt_frac: float = Field(0.25, gt=0, le=1)
-    max_samples: int = Field(60, gt=0)      # reinforce_sample_num
-    adv_threshold: float = 0.05
 
 
 class ReplayConfig(Section):
@@ -181,15 +201,6 @@ class ReplayConfig(Section):
     batch_size: int = Field(16, gt=0)       # replayed trajectories per step (UNVERIFIED: our choice)
     loss_coef: float = Field(1.0, ge=0)     # gamma reaches this ...
     warmup_steps: int = Field(200, gt=0)    # ... over this many steps (cosine)
-    tool_reward: float = Field(0.0, ge=0)    # intrinsic reward per tool call (SPEAR: 0.1), cosine-decayed ...
-    tool_reward_steps: int = Field(200, gt=0)  # ... to 0 over this many steps (max_toolcall_steps)
-
-
-class FlawedPositiveConfig(Section):
-    """FAPO (algorithms.md §13.5): R <- R - penalty for correct rollouts a detector flags as flawed."""
-    enabled: bool = False
-    penalty: float = 1.0
-    detector: str = "rule"                  # rule | module:callable (prompt, completion, answer) -> step or -1
 
 
 class AlgoConfig(Section):
@@ -209,12 +220,8 @@ class AlgoConfig(Section):
     kl_coef: float = Field(0.0, ge=0)   # 0: no reference model is loaded
     kl_estimator: Literal["k1", "abs", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+"] = "low_var_kl"
     entropy_coef: float = 0.0
-    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
-    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
-    entropy_target: EntropyTargetConfig = Field(default_factory=EntropyTargetConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
-    flawed_positive: FlawedPositiveConfig = Field(default_factory=FlawedPositiveConfig)
 
     @model_validator(mode="after")
     def _shared_prefix_needs_token_aggregation(self):
@@ -227,36 +234,29 @@ class AlgoConfig(Section):
     @field_validator("advantage", "loss", "token_selector", "sample_selector")
     @classmethod
     def _registered(cls, v, info):
-        from forkrl.algos import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS
+        from forkrl.registry import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS
         registry = {"advantage": ADVANTAGES, "loss": LOSSES, "token_selector": TOKEN_SELECTORS,
                     "sample_selector": SELECTORS}[info.field_name]
         if v is not None and v not in registry:
-            raise ValueError(f"unknown {registry.kind} {v!r}; allowed: {sorted(registry)}")
+            raise ValueError(f"unknown {registry.kind} {v!r}; allowed: {registry.names()}")
         return v
 
     @model_validator(mode="after")
     def _params_match_signatures(self):
-        from forkrl.algos import (
-            ADVANTAGES,
-            LOSSES,
-            SELECTORS,
-            TOKEN_SELECTORS,
-            hyperparameters,
-        )
-        checks = [("advantage_params", ADVANTAGES[self.advantage], self.advantage_params),
-                  ("loss_params", LOSSES[self.loss], self.loss_params)]
+        from forkrl.registry import ADVANTAGES, LOSSES, SELECTORS, TOKEN_SELECTORS
+        checks = [("advantage_params", ADVANTAGES, self.advantage, self.advantage_params),
+                  ("loss_params", LOSSES, self.loss, self.loss_params)]
         for kind, registry in (("token_selector", TOKEN_SELECTORS), ("sample_selector", SELECTORS)):
             name, params = getattr(self, kind), getattr(self, f"{kind}_params")
             if name:
-                checks.append((f"{kind}_params", registry[name], params))
+                checks.append((f"{kind}_params", registry, name, params))
             elif params:
                 raise ValueError(f"algo.{kind}_params is set but algo.{kind} is not")
-        for kind, fn, params in checks:
-            allowed = hyperparameters(fn)
+        for kind, registry, name, params in checks:
+            allowed = registry.hyperparameters(name)
             for key in params:
                 if key not in allowed:
-                    raise ValueError(f"algo.{kind}.{key} is not a parameter of {fn.registered_name!r}; "
-                                     f"allowed: {allowed}")
+                    raise ValueError(f"algo.{kind}.{key} is not a parameter of {name!r}; allowed: {allowed}")
         return self
 
 
@@ -313,11 +313,11 @@ class EnvConfig(Section):
     @field_validator("tools")
     @classmethod
     def _known_tools(cls, v):
-        from forkrl.envs.tools import TOOLS
+        from forkrl.registry import TOOLS
         for t in v:
             name = t if isinstance(t, str) else t.get("name")
             if name not in TOOLS:
-                raise ValueError(f"unknown tool {name!r}; allowed: {sorted(TOOLS)}")
+                raise ValueError(f"unknown tool {name!r}; allowed: {TOOLS.names()}")
         return v
 
 
@@ -365,6 +365,7 @@ class DistributedConfig(Section):
 
 class RunConfig(Section):
     name: str = "run"
+    plugins: list[str] = Field(default_factory=list)  # modules imported before validation: their registered methods
     seed: int = 0
     output_dir: str = "runs/run"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -381,12 +382,26 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _sampling_logprobs_match_the_policy(self):
-        if self.train.old_logprobs == "sampling":
-            for on, what in ((self.algo.entropy_target.enabled, "algo.entropy_target (samples at other temperatures)"),
-                             (self.rollout.adaptive_temperature.enabled, "rollout.adaptive_temperature")):
-                if on:
-                    raise ValueError(f"train.old_logprobs='sampling' cannot be used with {what}: the sampling "
-                                     "log-probs are not the policy's at the training temperature; use 'recompute'")
+        if self.train.old_logprobs == "sampling" and self.rollout.adaptive_temperature.enabled:
+            raise ValueError("train.old_logprobs='sampling' cannot be used with rollout.adaptive_temperature: the "
+                             "sampling log-probs are not the policy's at the training temperature; use 'recompute'")
+        return self
+
+    @model_validator(mode="after")
+    def _methods_fit_the_run(self):
+        """Each gate's and reward term's own `check` hook, with the whole config: a combination that
+        cannot work is refused here, naming both sides."""
+        from forkrl.registry import GATES, REWARD_TERMS
+        for registry, entries in ((GATES, self.rollout.gates), (REWARD_TERMS, self.task.reward_terms)):
+            for entry in entries:
+                params = {k: v for k, v in entry.items() if k != "name"}
+                check = registry.hook(entry["name"], "check")
+                problem = check(self, **params) if check is not None else None
+                if problem:
+                    raise ValueError(problem)
+        if self.sft.train_path and (self.rollout.gates or self.task.reward_terms):
+            raise ValueError("sft.train_path (supervised batches) cannot be used with rollout.gates or "
+                             "task.reward_terms, which act on sampled groups")
         return self
 
 
@@ -417,13 +432,29 @@ def _format(err: ValidationError) -> str:
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """`a.b.c=value`; a number indexes a list (`rollout.gates.0.max_gen_batches=2`)."""
     keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        if not isinstance(node.setdefault(k, {}), dict):
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, k, ".".join(keys[:i + 1]), dotted)
+            continue
+        child = node.setdefault(k, {})
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"cannot set {dotted!r}: {k!r} is not a section")
-        node = node[k]
+        node = child
+    if isinstance(node, list):
+        raise ConfigError(f"cannot set {dotted!r}: set the whole list ({'.'.join(keys[:-1])}=[...]) or one field of an item")
     node[keys[-1]] = value
+
+
+def _list_item(items: list, key: str, where: str, dotted: str) -> dict:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"cannot set {dotted!r}: {where} needs an index below {len(items)}")
+    item = items[int(key)]
+    if isinstance(item, str):  # a bare method name: give it room for parameters
+        item = items[int(key)] = {"name": item}
+    return item
 
 
 def _parse_value(raw: str) -> Any:
@@ -439,6 +470,28 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
+# switches that became registered methods: where each went (a recipe that still uses one is told)
+MOVED = {
+    ("algo", "dynamic_sampling"): "rollout.gates: [{name: dynamic_sampling, metric: correct, max_gen_batches: 10}]",
+    ("rollout", "dars"): "rollout.gates: [{name: dars, schedule: et, n_max: 32}]",
+    ("rollout", "resample_on_correct"): "rollout.gates: [{name: resample_on_correct, oversample: 2, min_each: 2}]",
+    ("algo", "entropy_target"): "rollout.gates: [{name: entropy_target, target: 0.5}]",
+    ("algo", "overlong"): "task.reward_terms: [{name: overlong, buffer: 32, factor: 1.0}]",
+    ("algo", "flawed_positive"): "task.reward_terms: [{name: flawed_positive, penalty: 1.0, detector: rule}]",
+    ("algo", "replay", "tool_reward"): "task.reward_terms: [{name: tool_call_bonus, coef: 0.1, decay_steps: 200}]",
+    ("algo", "replay", "tool_reward_steps"): "task.reward_terms: [{name: tool_call_bonus, coef: 0.1, decay_steps: 200}]",
+}
+
+
+def _moved_keys(data: dict) -> None:
+    for path, new in MOVED.items():
+        node = data
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{'.'.join(path)} is now a registered method; write {new}")
+
+
 def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
     data = dict(data or {})
     for item in overrides or []:
@@ -446,6 +499,15 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None) -
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-5)")
         key, raw = item.split("=", 1)
         set_dotted(data, key.strip(), _parse_value(raw))
+    _moved_keys(data)
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins: a list of module names, got {plugins!r}")
+    from forkrl.registry import import_plugins
+    try:
+        import_plugins(plugins)  # before validation: a plugin's methods are names the recipe may use
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

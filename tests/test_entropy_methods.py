@@ -158,7 +158,7 @@ def test_steer_batch_scope_takes_the_maximum_from_prepare():
     o0, o1 = _omegas()
     ctx = BatchContext(old_logp=t([[math.log(0.5), math.log(0.9)]]), adv=t([[1.0, 1.0]]), mask=t([[1.0, 1.0]]),
                        entropy=t([[1.0, 0.5]]), turn=torch.tensor([[1, 1]]))
-    stats, _ = LOSSES["steer"].prepare(ctx)
+    stats, _ = LOSSES.hook("steer", "prepare")(ctx)
     assert stats["omega_max"] == pytest.approx(o0, rel=1e-5)
     # a micro-batch holding only token 1 still scales by the batch maximum
     logp = t([[math.log(0.9)]], grad=True)
@@ -272,7 +272,7 @@ def test_epo_smoothing_penalty_has_a_gradient_that_pulls_entropy_into_the_band()
 
 
 def test_epo_history_is_a_running_mean_per_turn():
-    prepare = LOSSES["epo"].prepare
+    prepare = LOSSES.hook("epo", "prepare")
     mask, turn = t([[1, 1]]), torch.tensor([[1, 1]])
     state: dict = {}
     for h in (1.0, 2.0):
@@ -293,7 +293,7 @@ def test_clip_cov_batch_scope_picks_over_the_whole_batch():
     mask = torch.ones(2, 5)
     ctx = BatchContext(old_logp=logp, adv=adv, mask=mask, entropy=torch.zeros(2, 5), turn=torch.ones(2, 5).long(),
                        generator=torch.Generator().manual_seed(0))
-    stats, _ = LOSSES["clip_cov"].prepare(ctx, clip_ratio=0.25)
+    stats, _ = LOSSES.hook("clip_cov", "prepare")(ctx, clip_ratio=0.25)
     mean = float(logp.mean())
     cov = [[(lp - mean) * a for lp, a in zip(row, arow)] for row, arow in zip(logp.tolist(), adv.tolist())]
     in_range = {(i, j) for i in range(2) for j in range(5) if 1 < cov[i][j] < 5}
@@ -315,7 +315,7 @@ def test_kl_cov_batch_scope_penalises_the_top_covariance_tokens():
     adv = t([[1.0, 1.0], [-1.0, -1.0]])
     ctx = BatchContext(old_logp=logp, adv=adv, mask=torch.ones(2, 2), entropy=torch.zeros(2, 2),
                        turn=torch.ones(2, 2).long())
-    stats, _ = LOSSES["kl_cov"].prepare(ctx, kl_ratio=0.25)  # max(1, floor(0.5)) = 1 token
+    stats, _ = LOSSES.hook("kl_cov", "prepare")(ctx, kl_ratio=0.25)  # max(1, floor(0.5)) = 1 token
     # mean logp = -2.075, mean A = 0: Cov = (0.1 + ... ) -> largest is row 1 token 0: (-5 + 2.075)(-1) = 2.925
     assert stats["cov_picked"].tolist() == [[False, False], [True, False]]
 

@@ -8,7 +8,7 @@ import torch
 
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law, post_tool_mask
 from forkrl.metrics.evaluate import majority_vote, pass_at_k, wilson_interval
-from forkrl.rollout.types import Trajectory
+from forkrl.types import Trajectory
 
 
 def test_law_fit_recovers_known_coefficients():

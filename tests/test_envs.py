@@ -14,7 +14,7 @@ from forkrl.envs.tools import (
     build_tools,
 )
 from forkrl.rollout.agent import multi_turn_rollout
-from forkrl.rollout.types import Completion, SamplingParams
+from forkrl.types import Completion, SamplingParams
 
 # -- parsing ------------------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ def test_resample_on_correct_keeps_the_cleanest_successes_by_hand():
 
 def test_roc_penalty_by_hand():
     from forkrl.rollout.agent import roc_penalty
-    from forkrl.rollout.types import ToolCall, Trajectory
+    from forkrl.types import ToolCall, Trajectory
     t = Trajectory([1], [2], [0.0], [1.0], [1], "g", text="<answer>1</answer> <answer>2</answer>", turns=2,
                    tool_calls=[ToolCall("python", (0, 1), ok=False), ToolCall("python", (1, 2), ok=True)])
     assert roc_penalty(t) == pytest.approx(0.5 + 0.5)      # 1 of 2 calls failed; (2 - 1) / 2 turns

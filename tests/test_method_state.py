@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forkrl.config import ReplayConfig, build_config
-from forkrl.rollout.types import Trajectory
+from forkrl.types import Trajectory
 from forkrl.tasks.flaws import (
     GenerativeFlawDetector,
     eval_arithmetic,

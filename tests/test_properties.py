@@ -46,10 +46,11 @@ def _loss(name, logp, old, adv, mask, entropy, progress=0.3):
     fn = LOSSES[name]
     turn = per_turn_index(mask)
     stats = {}
-    if hasattr(fn, "prepare"):
+    prepare = LOSSES.hook(name, "prepare")
+    if prepare is not None:
         ctx = BatchContext(old_logp=old, adv=adv, mask=mask, entropy=entropy, turn=turn, progress=progress,
                            generator=torch.Generator().manual_seed(0))
-        stats, _ = fn.prepare(ctx)
+        stats, _ = prepare(ctx)
     from forkrl.algos import call
     return call(fn, logp, old, adv, mask, params={},
                 available={"entropy": entropy, "stats": stats, "turn": turn, "progress": progress, "agg": "token-mean"})

@@ -1,4 +1,5 @@
-"""Pure tensor functions of RL post-training, each registered by name (imports only torch).
+"""Pure tensor functions of RL post-training, each registered by name (imports only torch and the
+ground floor's registry).
 
 - advantages: rewards of a group -> per-token advantages
 - entropy_losses: losses that restrict the tokens driving entropy collapse (Clip-Cov, KL-Cov)
@@ -8,20 +9,16 @@
 """
 from forkrl.algos import advantages, entropy_losses, losses, selection, tree_advantages  # noqa: F401  (registers the methods)
 from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
-from forkrl.algos.registry import (
-                                   ADVANTAGES,
-                                   LOSSES,
-                                   RESERVED,
-                                   SELECTORS,
-                                   TOKEN_SELECTORS,
-                                   BatchContext,
-                                   call,
-                                   hyperparameters,
-                                   per_turn_index,
-                                   register_advantage,
-                                   register_loss,
-                                   register_selector,
-                                   register_token_selector,
+from forkrl.algos.registry import RESERVED, BatchContext, call, hyperparameters, per_turn_index
+from forkrl.registry import (
+    ADVANTAGES,
+    LOSSES,
+    SELECTORS,
+    TOKEN_SELECTORS,
+    register_advantage,
+    register_loss,
+    register_selector,
+    register_token_selector,
 )
 
 __all__ = [

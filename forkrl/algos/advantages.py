@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from forkrl.algos.registry import per_turn_index, register_advantage
+from forkrl.algos.registry import per_turn_index
+from forkrl.registry import register_advantage
 
 
 def _group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,7 +28,8 @@ from forkrl.algos.losses import (
     dual_clip,
     ratio_metrics,
 )
-from forkrl.algos.registry import BatchContext, register_loss
+from forkrl.algos.registry import BatchContext
+from forkrl.registry import register_loss
 
 SCOPES = ("batch", "micro")
 
@@ -96,7 +97,7 @@ def _clip_cov_prepare(ctx: BatchContext, *, clip_ratio: float = 2e-4, cov_low: f
     return {"cov_picked": picked, "cov": cov, "cov_candidates": float(candidates.sum())}, ctx.state
 
 
-@register_loss("clip_cov")
+@register_loss("clip_cov", prepare=_clip_cov_prepare)
 def clip_cov(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: str = "token-mean",
              norm: AggNorm | None = None, weight: Tensor | None = None, stats: dict | None = None,
              clip_low: float = 1.0, clip_high: float = 1.0, clip_ratio: float = 2e-4, cov_low: float = 1.0,
@@ -136,7 +137,7 @@ def _kl_cov_prepare(ctx: BatchContext, *, kl_ratio: float = 2e-3, scope: str = "
     return {"cov_picked": _top_pick(cov, ctx.mask, kl_ratio), "cov": cov}, ctx.state
 
 
-@register_loss("kl_cov")
+@register_loss("kl_cov", prepare=_kl_cov_prepare)
 def kl_cov(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: str = "token-mean",
            norm: AggNorm | None = None, weight: Tensor | None = None, stats: dict | None = None,
            kl_ratio: float = 2e-3, kl_coef: float = 1.0, scope: str = "batch") -> tuple[Tensor, dict]:
@@ -168,8 +169,6 @@ def kl_cov(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: st
     return agg_loss(loss_mat, mask, agg, norm, weight), metrics
 
 
-clip_cov.prepare = _clip_cov_prepare
-kl_cov.prepare = _kl_cov_prepare
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +208,7 @@ def _hapo_prepare(ctx: BatchContext, *, entropy_pivot: float = 0.8, scope: str =
     return {"h": hapo_normalized_entropy(ctx.entropy, s) * ctx.mask, **{f"hapo_{k}": v for k, v in s.items()}}, ctx.state
 
 
-@register_loss("hapo")
+@register_loss("hapo", prepare=_hapo_prepare)
 def hapo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
          agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
          stats: dict | None = None, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float | None = 10.0,
@@ -252,7 +251,6 @@ def hapo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
     return agg_loss(loss_mat, mask, agg, norm, weight), metrics
 
 
-hapo.prepare = _hapo_prepare
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +290,7 @@ def _steer_prepare(ctx: BatchContext, *, scope: str = "batch", **_) -> tuple[dic
     return {"omega_max": float(omega.abs().max()) if ctx.mask.any() else 0.0}, ctx.state
 
 
-@register_loss("steer")
+@register_loss("steer", prepare=_steer_prepare)
 def steer(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
           agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
           stats: dict | None = None, clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float | None = 10.0,
@@ -321,7 +319,6 @@ def steer(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy:
     return agg_loss(loss_mat, mask, agg, norm, w), metrics
 
 
-steer.prepare = _steer_prepare
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +401,7 @@ def _aepo_prepare(ctx: BatchContext, *, scope: str = "batch", **_) -> tuple[dict
     return {"entropy_z": _entropy_z(ctx.entropy, ctx.mask)}, ctx.state
 
 
-@register_loss("aepo")
+@register_loss("aepo", prepare=_aepo_prepare)
 def aepo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
          agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
          stats: dict | None = None, clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float | None = None,
@@ -440,7 +437,6 @@ def aepo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
     return agg_loss(loss_mat, mask, agg, norm, weight), metrics
 
 
-aepo.prepare = _aepo_prepare
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +482,7 @@ def _epo_prepare(ctx: BatchContext, **_) -> tuple[dict, dict]:
     return {"h_bar": h_bar * ctx.mask, "max_turn": int(ctx.turn.max()) if ctx.turn.numel() else 0}, state
 
 
-@register_loss("epo")
+@register_loss("epo", prepare=_epo_prepare)
 def epo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
         agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
         stats: dict | None = None, turn: Tensor | None = None, progress: float = 0.0,
@@ -531,4 +527,3 @@ def epo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: T
     return loss, metrics
 
 
-epo.prepare = _epo_prepare

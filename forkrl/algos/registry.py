@@ -6,7 +6,8 @@ Unknown names fail with the list of registered ones.
 Methods read what the learner has through reserved keyword arguments (`RESERVED`); a method
 declares the ones it needs and receives only those. Everything else in its keyword-only signature
 is a hyperparameter a recipe may set. A loss that needs statistics over the whole rollout batch
-(not one micro-batch) attaches `fn.prepare(ctx: BatchContext, **params) -> (stats, state)`; the
+(not one micro-batch) names a hook in its decorator, `@register_loss(name, prepare=fn)` with
+`fn(ctx: BatchContext, **params) -> (stats, state)`; the
 learner calls it once per rollout batch and passes `stats` to every micro-batch call, [B, T]
 tensors sliced to the micro-batch's rows.
 """
@@ -20,17 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# what the learner can pass a method; never a recipe's hyperparameter
-RESERVED = frozenset({
-    "entropy",    # [B, T] token entropy: sampling-time for advantages/selectors, current policy for losses
-    "agg", "norm",  # loss aggregation mode and its mini-batch normalisers
-    "weight",     # [B, T] per-token loss weight (rollout correction), applied before aggregation
-    "stats",      # what the loss's `prepare` computed over the whole rollout batch
-    "adv",        # [B, T] advantages (token selectors)
-    "progress",   # training progress in [0, 1] (schedules)
-    "turn",       # [B, T] 1-based index of the assistant turn a generated token belongs to, 0 elsewhere
-    "origin",     # [B, T] key of the sampled token at each position, shared by branches of one prefix; -1 padding
-})
+from forkrl.registry import LEARNER_ARGUMENTS as RESERVED  # what the learner passes a method itself
+from forkrl.registry import hyperparameters as _keyword_parameters
 
 
 @dataclass
@@ -52,8 +44,7 @@ class BatchContext:
 
 def hyperparameters(fn: Callable) -> list[str]:
     """The keyword-only parameters of `fn` a recipe may set."""
-    return [p.name for p in inspect.signature(fn).parameters.values()
-            if p.kind == p.KEYWORD_ONLY and p.name not in RESERVED]
+    return _keyword_parameters(fn, RESERVED)
 
 
 def call(fn: Callable, *args, available: dict[str, Any], params: dict[str, Any]):
@@ -61,38 +52,6 @@ def call(fn: Callable, *args, available: dict[str, Any], params: dict[str, Any])
     accepted = inspect.signature(fn).parameters
     extra = {k: v for k, v in available.items() if k in accepted}
     return fn(*args, **extra, **params)
-
-
-class Registry(dict):
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def register(self, name: str) -> Callable:
-        def wrap(fn: Callable) -> Callable:
-            if name in self:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self[name] = fn
-            fn.registered_name = name
-            return fn
-
-        return wrap
-
-    def get(self, name: str) -> Callable:  # type: ignore[override]
-        if name not in self:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self)}")
-        return self[name]
-
-
-ADVANTAGES = Registry("advantage estimator")
-LOSSES = Registry("policy loss")
-SELECTORS = Registry("sample selector")
-TOKEN_SELECTORS = Registry("token selector")
-
-register_advantage = ADVANTAGES.register
-register_loss = LOSSES.register
-register_selector = SELECTORS.register
-register_token_selector = TOKEN_SELECTORS.register
 
 
 def per_turn_index(loss_mask: Tensor) -> Tensor:

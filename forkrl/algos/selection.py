@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from forkrl.algos.registry import register_selector, register_token_selector
+from forkrl.registry import register_selector, register_token_selector
 
 
 @register_selector("nonzero_std_groups")

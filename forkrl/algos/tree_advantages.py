@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from forkrl.algos import advantages as _base  # noqa: F401  (registers the base estimators)
-from forkrl.algos.registry import ADVANTAGES, register_advantage
+from forkrl.registry import ADVANTAGES, register_advantage
 
 
 def _share(origin: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

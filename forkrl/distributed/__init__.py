@@ -3,10 +3,11 @@
 Ray places the processes and carries the data (actor calls, its object store); forkrl adds only the
 policy of who samples what with which weights:
 
-- `DecoupledRun` (`forkrl train --ray`): N `RolloutWorker` actors (engine + sampler + env + task each)
-  and one `LearnerActor` running the ordinary `Trainer` loop, whose rollouts come from the workers
-  (`RayRollouts`). Prompts are handed out by a `PromptLedger` actor, so a worker that dies loses none.
-- `SwarmRun` (`distributed.swarm.enabled`): SAPO, every worker a trainer of its own that shares groups.
+- `DecoupledRun` (`forkrl train --ray`): N `RolloutWorker` actors (a `Collector` each: engine +
+  sampler + env + task, no optimizer) and one `LearnerActor` running the ordinary `Loop`, whose batch
+  source is the workers' client (`RayRollouts`). Prompts are handed out by a `PromptLedger` actor, so a worker that dies loses none.
+- `SwarmRun` (`distributed.swarm.enabled`): SAPO, every peer the ordinary `Loop` of its own, whose
+  source shares groups with the other peers through a `SwarmBoard` actor.
 
 Nothing else in forkrl imports this package (DESIGN.md); the CLI does.
 """
@@ -26,8 +27,7 @@ def launch(cfg, resume: bool = False) -> dict:
     """Run `cfg` on Ray, decoupled or as a swarm; returns the run summary."""
     if cfg.distributed.swarm.enabled:
         from forkrl.distributed.swarm import SwarmRun
-        run = SwarmRun(cfg)
-        return run.train()
+        return SwarmRun(cfg).train(resume=resume)
     from forkrl.distributed.decoupled import DecoupledRun
     run = DecoupledRun(cfg)
     try:

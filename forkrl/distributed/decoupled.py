@@ -1,9 +1,9 @@
 """Decoupled mode: rollout workers and one learner as Ray actors, with bounded staleness.
 
-    driver ── DecoupledRun ──▶ LearnerActor: Trainer.train(), rollouts from RayRollouts
+    driver ── DecoupledRun ──▶ LearnerActor: the Loop, its batch source is RayRollouts
                                    │  rollout() / set_weights(ref)       ▲ RolloutBatch (object store)
                                    ▼                                      │
-                              RolloutWorker × N: Trainer.sample_step() ──┘
+                              RolloutWorker × N: Collector.next_batch() ─┘
                                    │ take(k)
                               PromptLedger: which data positions are where
 
@@ -31,10 +31,15 @@ from collections import defaultdict, deque
 
 import torch
 
+from forkrl.collect import Collector, build_env
 from forkrl.config import RunConfig
 from forkrl.distributed import require_ray
+from forkrl.models import load_policy
+from forkrl.rollout import build_engine
+from forkrl.tasks import build_task
 from forkrl.train.checkpoint import load_trainable_state, trainable_state
-from forkrl.train.trainer import RolloutBatch, Trainer
+from forkrl.train.trainer import Trainer, seed_everything
+from forkrl.types import PolicyFeedback, RolloutBatch
 
 log = logging.getLogger("forkrl")
 
@@ -97,32 +102,50 @@ def _threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+class LedgerPositions:
+    """A rollout worker's data-position source: positions come from the shared `PromptLedger`, which
+    the learner checkpoints (so this source has no state of its own)."""
+
+    def __init__(self, ledger, worker_id: int):
+        self.ray, self.ledger, self.worker_id = require_ray(), ledger, worker_id
+
+    def take(self, k: int) -> list[int]:
+        return self.ray.get(self.ledger.take.remote(self.worker_id, k))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class RolloutWorker:
-    """Engine + sampler + env + task: `Trainer.sample_step` on the weights the learner last sent."""
+    """A `Collector` (engine + sampler + env + task) on the weights the learner last sent: no optimizer,
+    no learner, no reference model."""
 
     def __init__(self, cfg: dict, worker_id: int, ledger, unit_groups: int):
-        ray = require_ray()
         rc = RunConfig.model_validate(cfg)
         _threads(rc.distributed.worker_cpus)
         rc.rollout.prompts_per_step = unit_groups
-        rc.log.progress = False
         self.delay = rc.distributed.simulated_token_delay_s
-        self.trainer = Trainer(rc)
-        self.trainer.take_positions = lambda k: ray.get(ledger.take.remote(worker_id, k))
+        seed_everything(rc.seed)
+        self.model, tokenizer = load_policy(rc.model.name, dtype=rc.model.dtype, lora=rc.model.lora, seed=rc.seed)
+        engine = build_engine(rc.rollout, self.model, tokenizer, seed=rc.seed)
+        env = build_env(rc, self.model, tokenizer, seed_of_call=lambda: self.collector.version)
+        self.collector = Collector(rc, task=build_task(rc.task, seed=rc.seed), engine=engine, tokenizer=tokenizer,
+                                   env=env, positions=LedgerPositions(ledger, worker_id))
         self.worker_id = worker_id
 
     def set_weights(self, payload: tuple) -> int:
-        version, weights, stats = payload
-        load_trainable_state(self.trainer.model, weights, source="learner weights")
-        self.trainer.engine.weights_updated()
-        self.trainer.step_idx = version  # stamped on the tokens it samples
-        self.trainer.sampler_stats.update(stats)
+        version, weights, feedback = payload
+        load_trainable_state(self.model, weights, source="learner weights")
+        self.collector.set_policy(version, feedback)  # stamped on the tokens it samples next
         return version
 
     def rollout(self, unit: int) -> RolloutBatch:
-        self.trainer.seed_salt = unit + 1
+        self.collector.seed_salt = unit + 1  # each unit of work draws its own samples
         start = time.perf_counter()
-        batch = self.trainer.sample_step(self.trainer.step_idx + 1)
+        batch = self.collector.next_batch(self.collector.version + 1)
         if self.delay:  # slow generation, simulated (bench/async.py)
             time.sleep(self.delay * batch.decoded_tokens)
         batch.metrics["time/sampling_s"] = time.perf_counter() - start - batch.metrics["time/scoring_s"]
@@ -133,9 +156,11 @@ class RolloutWorker:
 
 
 class RayRollouts:
-    """The learner's rollout source in a decoupled run (`Trainer.rollouts`)."""
+    """The learner's batch source in a decoupled run: the same interface as the `Collector`
+    (`next_batch`, `set_policy`, `state_dict`, `load_state_dict`), served by the rollout workers.
+    `policy_weights()` returns the learner's current trainable weights, published with each version."""
 
-    def __init__(self, cfg: RunConfig, ledger, workers: list):
+    def __init__(self, cfg: RunConfig, ledger, workers: list, policy_weights):
         d = cfg.distributed
         self.ray = require_ray()
         self.ledger, self.workers = ledger, list(workers)
@@ -150,24 +175,26 @@ class RayRollouts:
         self.done: dict[int, list[RolloutBatch]] = defaultdict(list)
         self.quota: dict[int, int] = defaultdict(int)
         self.weights_ref, self.weights_version = None, None
+        self.policy_weights = policy_weights
+        self.version, self.feedback = 0, PolicyFeedback()
         self.units = 0
         self.version_log: list[dict] = []
 
-    # checkpointed with the learner
-    @property
-    def state(self) -> dict:
+    # -- the source interface ---------------------------------------------------------------------
+    def set_policy(self, version: int, feedback: PolicyFeedback) -> None:
+        self.version, self.feedback = version, feedback
+
+    def state_dict(self) -> dict:
         return {"ledger": self.ray.get(self.ledger.state.remote())}
 
-    @state.setter
-    def state(self, value: dict) -> None:
-        self.ray.get(self.ledger.load.remote(value["ledger"]))
+    def load_state_dict(self, state: dict) -> None:
+        self.ray.get(self.ledger.load.remote(state["ledger"]))
 
-    def _publish(self, trainer: Trainer) -> None:
-        if self.weights_version == trainer.step_idx:
+    def _publish(self) -> None:
+        if self.weights_version == self.version:
             return
-        stats = {k: v for k, v in trainer.sampler_stats.items() if k not in ("totals", "law_points")}
-        self.weights_ref = self.ray.put((trainer.step_idx, trainable_state(trainer.model), stats))
-        self.weights_version = trainer.step_idx
+        self.weights_ref = self.ray.put((self.version, self.policy_weights(), self.feedback))
+        self.weights_version = self.version
 
     def _usable(self, i: int) -> bool:
         return self.failures[i] <= self.max_restarts and i not in self.probes.values()
@@ -214,9 +241,9 @@ class RayRollouts:
             self.failures[i] = self.max_restarts + 1
             log.warning("rollout worker %d did not come back; giving up on it", i)
 
-    def next_batch(self, trainer: Trainer) -> RolloutBatch:
-        version = trainer.step_idx
-        self._publish(trainer)
+    def next_batch(self, step: int) -> RolloutBatch:
+        version = step - 1
+        self._publish()
         wait0 = time.perf_counter()
         while len(self.done[version + 1]) < self.units_per_update:
             self._dispatch(version)
@@ -264,31 +291,29 @@ class RayRollouts:
 
 
 class LearnerActor:
-    """The ordinary `Trainer` (updates, evaluation, sinks, checkpoints), fed by the rollout workers."""
+    """The ordinary run (`Trainer`: learner, evaluation, sinks, checkpoints) fed by the rollout workers."""
 
     def __init__(self, cfg: dict, ledger, workers: list):
         rc = RunConfig.model_validate(cfg)
         _threads(rc.distributed.learner_cpus)
         rc.log.progress = False  # a bar redrawn with \r does not travel through Ray's log lines: one line per step instead
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        self.trainer = Trainer(rc)
-        self.trainer.rollouts = RayRollouts(rc, ledger, workers)
-        step = self.trainer.step
-
-        def logged_step() -> dict:
-            m = step()
-            log.info("step %d/%d: reward %.3f, accuracy %.3f, lag %.2f, learner waited %.1f s, %.1f s/step",
-                     self.trainer.step_idx, rc.train.steps, m.get("reward/mean", float("nan")),
-                     m.get("accuracy", float("nan")), m.get("staleness/mean", 0.0), m.get("async/wait_s", 0.0),
-                     m["time/step_s"])
-            return m
-        self.trainer.step = logged_step
+        seed_everything(rc.seed)
+        model, tokenizer = load_policy(rc.model.name, dtype=rc.model.dtype, lora=rc.model.lora, seed=rc.seed)
+        self.rollouts = RayRollouts(rc, ledger, workers, policy_weights=lambda: trainable_state(model))
+        self.trainer = Trainer(rc, model=model, tokenizer=tokenizer, source=self.rollouts)
+        self.trainer.loop.on_step.append(_log_step)
 
     def train(self, resume: bool = False) -> dict:
         summary = self.trainer.train(resume=resume)
-        summary["versions"] = self.trainer.rollouts.version_log
+        summary["versions"] = self.rollouts.version_log
         summary["history"] = self.trainer.history
         return summary
+
+
+def _log_step(loop, step: int, m: dict) -> None:
+    log.info("step %d/%d reward %.3f acc %.3f staleness %.2f wait %.2fs step %.1fs", step, loop.cfg.train.steps,
+             m.get("reward/mean", float("nan")), m.get("accuracy", float("nan")), m.get("staleness/mean", 0.0),
+             m.get("async/wait_s", 0.0), m["time/step_s"])
 
 
 class DecoupledRun:

@@ -18,19 +18,18 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from forkrl.envs.calculator import eval_arithmetic
+from forkrl.arithmetic import eval_arithmetic
 from forkrl.envs.sandbox import PythonSandbox, SandboxLimits, ToolResult, truncate
 
-TOOLS: dict[str, type] = {}
+from forkrl.registry import TOOLS
+from forkrl.registry import register_tool as _register
 
 
 def register_tool(name: str):
+    """Register a Tool class under `name` (also its default tag)."""
     def wrap(cls):
-        if name in TOOLS:
-            raise ValueError(f"tool {name!r} is registered twice")
         cls.name = name
-        TOOLS[name] = cls
-        return cls
+        return _register(name)(cls)
     return wrap
 
 
@@ -101,7 +100,7 @@ class Calculator(Tool):
 
 def load_corpus(path: str | Path) -> list[dict]:
     """A .jsonl or .parquet corpus, one {"id", "title"?, "text"} per row; errors name the file and line."""
-    from forkrl.tasks.task import read_rows
+    from forkrl.io import read_rows
     docs = []
     for lineno, row in read_rows(path):
         if "text" not in row:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from math import comb, sqrt
 
-from forkrl.rollout.types import GenerationRequest, SamplingParams, Trajectory
+from forkrl.types import GenerationRequest, SamplingParams, Trajectory
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

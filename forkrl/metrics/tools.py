@@ -1,7 +1,7 @@
 """Tool-use statistics of one step's trajectories."""
 from __future__ import annotations
 
-from forkrl.rollout.types import Trajectory
+from forkrl.types import Trajectory
 
 
 def tool_metrics(trajs: list[Trajectory], tools: list[str]) -> dict[str, float]:

@@ -1,16 +1,18 @@
 """Generation: engines that sample tokens with log-probs and entropies, the samplers that decide where
 the sampling budget goes, and the data objects they fill."""
-from forkrl.rollout import april, arpo, etmr, latr  # noqa: F401  (registers the tree samplers)
-from forkrl.rollout.engine import EngineStats, TorchEngine, sample_next
+from forkrl.registry import ENGINES, SAMPLERS
+from forkrl.rollout import april, arpo, etmr, latr, vllm_engine  # noqa: F401  (registers samplers and engines)
+from forkrl.rollout.engine import TorchEngine, sample_next
 from forkrl.rollout.samplers import (
-    SAMPLERS,
     RolloutBudget,
     SamplerContext,
     build_sampler,
     run_sampler,
 )
-from forkrl.rollout.types import (
+from forkrl.types import (
     Completion,
+    Engine,
+    EngineStats,
     GenerationRequest,
     SamplingParams,
     ToolCall,
@@ -19,20 +21,21 @@ from forkrl.rollout.types import (
 
 
 def build_engine(rollout, model, tokenizer, seed: int = 0):
-    """The engine a config's `rollout` section asks for: TorchEngine, or VLLMEngine on a GPU."""
-    if rollout.engine == "vllm":
-        from forkrl.rollout.vllm_engine import VLLMEngine
-        v = rollout.vllm
-        return VLLMEngine(model, tokenizer, gpu_memory_utilization=v.gpu_memory_utilization,
-                          entropy_topk=v.entropy_topk, max_model_len=v.max_model_len, dtype=v.dtype,
-                          enforce_eager=v.enforce_eager, seed=seed)
-    return TorchEngine(model, tokenizer, max_batch_size=rollout.max_batch_size,
-                       prefix_cache_mb=rollout.prefix_cache_mb, dtype=rollout.engine_dtype)
+    """The registered engine a config's `rollout` section asks for (`rollout.engine`); refused, before
+    anything loads, when the recipe needs a sampling feature the engine does not declare."""
+    cls = ENGINES.get(rollout.engine)
+    missing = {f: who for f, who in rollout.engine_features().items() if f not in cls.supports}
+    if missing:
+        raise ValueError("; ".join(f"{who} needs the engine feature {f!r}, which rollout.engine={rollout.engine} "
+                                   f"does not support" for f, who in missing.items()))
+    return ENGINES.hook(rollout.engine, "build")(rollout, model, tokenizer, seed=seed)
 
 
 __all__ = [
     "SAMPLERS",
     "Completion",
+    "ENGINES",
+    "Engine",
     "EngineStats",
     "GenerationRequest",
     "RolloutBudget",

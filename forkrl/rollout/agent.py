@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 from forkrl.envs.env import ToolEnv
-from forkrl.rollout.types import GenerationRequest, SamplingParams, ToolCall, Trajectory
+from forkrl.types import GenerationRequest, SamplingParams, ToolCall, Trajectory
 
 
 @dataclasses.dataclass(eq=False)

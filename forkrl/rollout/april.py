@@ -19,7 +19,7 @@ import dataclasses
 import math
 
 from forkrl.rollout.samplers import register_sampler
-from forkrl.rollout.types import GenerationRequest, Trajectory
+from forkrl.types import GenerationRequest, Trajectory
 
 
 @dataclasses.dataclass(eq=False)
@@ -34,7 +34,7 @@ class _Group:
         return all(self.done)
 
 
-@register_sampler("april")
+@register_sampler("april", requires={"stop_when"})
 class APRILSampler:
     def __init__(self, over_sampling: float = 2.0):
         if over_sampling < 1:

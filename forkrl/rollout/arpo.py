@@ -59,7 +59,7 @@ def assemble(groups: list[list[Episode]], parents: dict[int, Episode], M: int) -
     return out
 
 
-@register_sampler("arpo")
+@register_sampler("arpo", requires={"top_logprobs"})
 class ARPOSampler:
     def __init__(self, initial: int | None = None, branches_per_step: int = 1, tau: float = 0.5,
                  entropy_weight: float = 0.2, entropy_tokens: int = 20, entropy: str = "exact",
@@ -130,7 +130,7 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-@register_sampler("aepo")
+@register_sampler("aepo", requires={"top_logprobs"})
 class AEPOSampler(ARPOSampler):
     """AEPO's entropy-balanced rollout (arXiv 2510.14545 §3 b steps 1-2; algorithms.md §3), on top of
     ARPO's branching.

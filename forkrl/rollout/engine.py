@@ -35,18 +35,8 @@ from forkrl.models.loader import cache_kwarg
 from forkrl.rollout.kernels import decode_kernel
 from forkrl.rollout.prefix_cache import PrefixCache
 from forkrl.rollout.runner import LlamaRunner, unsupported_reason
-from forkrl.rollout.types import Completion, GenerationRequest, SamplingParams
-
-
-@dataclass
-class EngineStats:
-    prefill_tokens: int = 0   # prompt tokens run through the model
-    cached_tokens: int = 0    # prompt tokens whose states were reused (prefix cache, or a prompt admitted with it)
-    decode_tokens: int = 0    # tokens sampled
-    seconds: float = 0.0
-    sync_seconds: float = 0.0  # copying the learner's weights into the sampling weights
-    syncs: int = 0
-    entropy_topk: int = 0      # 0: exact full-distribution entropies; k: sums over the top k only (VLLMEngine)
+from forkrl.registry import register_engine
+from forkrl.types import ENGINE_FEATURES, Completion, EngineStats, GenerationRequest, SamplingParams
 
 
 def adapt_temperature(entropy: torch.Tensor, temperature: torch.Tensor, hapo: torch.Tensor) -> torch.Tensor:
@@ -215,6 +205,12 @@ class _Seq:
                           self.top if self.params.logprobs else None)
 
 
+def _build_torch(rollout, model, tokenizer, seed: int = 0):
+    return TorchEngine(model, tokenizer, max_batch_size=rollout.max_batch_size,
+                       prefix_cache_mb=rollout.prefix_cache_mb, dtype=rollout.engine_dtype)
+
+
+@register_engine("torch", build=_build_torch)
 class TorchEngine:
     """Generation with a Hugging Face causal LM in this process (CPU or one GPU).
 
@@ -222,6 +218,8 @@ class TorchEngine:
     keeps training its own (float32) weights; the engine copies them on the next call after
     `weights_updated()`. fast=False forces the Hugging Face forward (the reference path in tests).
     """
+
+    supports = ENGINE_FEATURES  # exact entropies, HAPO's per-token temperature, stop_when, prefix cache, top-k
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, prefix_cache_mb: float = 512,
                  dtype: str | None = None, fast: bool = True):

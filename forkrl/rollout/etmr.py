@@ -17,7 +17,7 @@ import dataclasses
 import math
 
 from forkrl.rollout.samplers import register_sampler
-from forkrl.rollout.types import GenerationRequest, Trajectory
+from forkrl.types import GenerationRequest, Trajectory
 
 
 def fork_points(entropies: list[float], mask: list[int], k: int, taken: set[int], start: int = 0) -> list[int]:
@@ -29,7 +29,7 @@ def fork_points(entropies: list[float], mask: list[int], k: int, taken: set[int]
     return sorted(i for _, i in sorted(cands, key=lambda x: (-x[0], x[1]))[:k])
 
 
-@register_sampler("etmr")
+@register_sampler("etmr", requires={"exact_entropy"})
 class ETMRSampler:
     def __init__(self, chains: int = 2, forks: int = 2, branches: int = 1, rounds: int = 1):
         self.chains, self.forks, self.branches, self.rounds = chains, forks, branches, rounds

@@ -26,7 +26,7 @@ import dataclasses
 import math
 
 from forkrl.rollout.samplers import register_sampler
-from forkrl.rollout.types import GenerationRequest, Trajectory
+from forkrl.types import GenerationRequest, Trajectory
 
 
 def suffix_match(a: list[int], b: list[int]) -> float:
@@ -120,7 +120,7 @@ class _Branch:
         return self.eos_at is not None and self.eos_at <= step + 1
 
 
-@register_sampler("latr")
+@register_sampler("latr", requires={"top_logprobs", "exact_entropy"})
 class LATRSampler:
     def __init__(self, max_branch_per_token: int = 2, tau_abs: float = 0.15, tau_rel: float = 0.25,
                  filter_steps: tuple[int, ...] = (20, 30, 50), tau_suffix: float | None = 0.2,

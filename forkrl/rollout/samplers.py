@@ -9,6 +9,9 @@ combines with any loss.
   next step (APRIL, §6), in `april.py`. It asks for its own number of fresh prompts
   (`prompts_wanted`) and keeps state across steps (`state`, checkpointed).
 
+A sampler that needs an engine feature names it in its decorator, `@register_sampler("april",
+requires={"stop_when"})`; `forkrl.rollout.build_engine` refuses an engine without it.
+
 `run_sampler` wraps a call with the budget accounting that makes samplers comparable at equal cost:
 trajectories, branch points, decoded / prefilled / cache-served tokens, tool calls, wall time.
 """
@@ -18,14 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkrl.algos.registry import Registry
-from forkrl.rollout.types import GenerationRequest, SamplingParams, Trajectory
-
-SAMPLERS = Registry("sampler")
-
-
-def register_sampler(name: str):
-    return SAMPLERS.register(name)
+from forkrl.registry import SAMPLERS, register_sampler
+from forkrl.types import GenerationRequest, SamplingParams, Trajectory
 
 
 @dataclass

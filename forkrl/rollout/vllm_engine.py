@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from forkrl.rollout.engine import EngineStats, eos_and_pad_ids
-from forkrl.rollout.types import Completion, GenerationRequest
+from forkrl.registry import register_engine
+from forkrl.rollout.engine import eos_and_pad_ids
+from forkrl.types import Completion, EngineStats, GenerationRequest
 
 
 def require_vllm():
@@ -73,7 +74,18 @@ def topk_entropy(top: dict) -> float:
     return float(-(logps.exp() * logps).sum())
 
 
+def _build_vllm(rollout, model, tokenizer, seed: int = 0):
+    v = rollout.vllm
+    return VLLMEngine(model, tokenizer, gpu_memory_utilization=v.gpu_memory_utilization,
+                      entropy_topk=v.entropy_topk, max_model_len=v.max_model_len, dtype=v.dtype,
+                      enforce_eager=v.enforce_eager, seed=seed)
+
+
+@register_engine("vllm", build=_build_vllm)
 class VLLMEngine:
+    # no exact entropies (top-k sums) and no per-token temperature (vLLM samples each request at one T)
+    supports = frozenset({"stop_when", "prefix_cache", "top_logprobs"})
+
     def __init__(self, model, tokenizer, *, gpu_memory_utilization: float = 0.5, entropy_topk: int = 20,
                  max_model_len: int | None = None, dtype: str = "bfloat16", enforce_eager: bool = False,
                  seed: int = 0):

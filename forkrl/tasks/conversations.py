@@ -61,7 +61,7 @@ def render_conversation(messages: list[dict], tokenizer, result_tag: str = "resu
 
 def load_conversations(path: str | Path, tokenizer, result_tag: str = "result") -> list[Demonstration]:
     """Every row of a .jsonl/.parquet file of {"messages": [...]}; a bad row names file and line."""
-    from forkrl.tasks.task import read_rows
+    from forkrl.io import read_rows
     out = []
     for lineno, row in read_rows(path):
         messages = row.get("messages")

@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from forkrl.envs.calculator import eval_arithmetic
+from forkrl.arithmetic import eval_arithmetic
 
 _EXPR = re.compile(r"(-?\d+(?:\s*[-+*/]\s*\(?-?\d+\)?)+)\s*=?\s*\??\s*$")
 

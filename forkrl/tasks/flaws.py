@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from forkrl.envs.calculator import eval_arithmetic
+from forkrl.arithmetic import eval_arithmetic
 
 _STEP_SPLIT = re.compile(r"\n+|(?<=[.!?])\s+(?=[A-Z0-9])")
 _NUMBER = r"-?\d+(?:\.\d+)?"
@@ -93,6 +93,6 @@ def load_detector(spec: str) -> Callable[[str, str, str | None], int]:
     """"rule" or "module:callable" (a function, or a class/factory taking no arguments)."""
     if spec == "rule":
         return rule_based_flaws
-    from forkrl.tasks.task import load_function
+    from forkrl.io import load_function
     fn = load_function(spec)
     return fn() if isinstance(fn, type) else fn

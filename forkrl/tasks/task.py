@@ -11,32 +11,21 @@ repeat problems, so evaluation drops every prompt whose text also occurs in the 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import json
 import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forkrl.io import read_rows
+from forkrl.registry import register_reward, register_task_source
 from forkrl.tasks.answers import answers_match, extract_answer
+from forkrl.types import Sample
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[..., list[float]]
-
-
-@dataclass
-class Sample:
-    id: str
-    prompt: str                      # the user turn
-    answer: str | None = None
-    columns: dict[str, Any] = field(default_factory=dict)
-    # where the trainer drew it in the training stream (data position), so a run can account for every
-    # prompt exactly once across workers and restarts; None outside training
-    position: int | None = None
 
 
 class RewardFunctionError(RuntimeError):
@@ -48,31 +37,6 @@ class WeightedReward:
     name: str
     fn: RewardFn
     weight: float = 1.0
-
-
-def load_function(ref: str) -> Callable:
-    """Import `package.module:function` (or a path `file.py:function`)."""
-    if ":" not in ref:
-        raise ValueError(f"a function reference looks like 'module:function', got {ref!r}")
-    mod_name, fn_name = ref.rsplit(":", 1)
-    if mod_name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {mod_name}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        import sys
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules next to the user's config
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ImportError(f"cannot import {mod_name!r} for the function {ref!r}: {e}") from e
-    try:
-        return getattr(module, fn_name)
-    except AttributeError:
-        raise AttributeError(f"{mod_name} has no function {fn_name!r}") from None
 
 
 class Task:
@@ -204,12 +168,27 @@ class Task:
         return [float(v) for v in values]
 
 
+# -- built-in rewards, by name (task.rewards[].name). `from_task`: the reward needs the task's
+# verifier, so the registered function takes the Task and returns the reward function.
+@register_reward("format")
 def format_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
     """1 when the completion puts its answer in <answer>...</answer> tags."""
     return [1.0 if extract_answer(c, "answer_tag") is not None else 0.0 for c in completions]
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"format": format_reward}
+@register_reward("correct", from_task=True)
+def _correct(task: Task) -> RewardFn:
+    return task.correct_reward
+
+
+@register_reward("tool_answer", from_task=True)
+def _tool_answer(task: Task) -> RewardFn:
+    return task.tool_answer_reward
+
+
+@register_reward("majority_vote", from_task=True)
+def _majority_vote(task: Task) -> RewardFn:
+    return task.majority_vote_reward
 
 
 def _content_key(text: str) -> str:
@@ -233,7 +212,19 @@ def disjoint_eval(train: list[Sample], candidates: list[Sample], size: int, task
     return out
 
 
-# -- sources -------------------------------------------------------------------------------------
+# -- sources: each registered one builds a Task from the `task` config section ----------------------
+@register_task_source("reasoning_gym")
+def _from_reasoning_gym(cfg, seed: int = 0, **common) -> Task:
+    return reasoning_gym_task(cfg.dataset, config=cfg.dataset_config, seed=seed, train_size=cfg.train_size,
+                              eval_size=cfg.eval_size, extractor=cfg.extractor, **common)
+
+
+@register_task_source("file")
+def _from_file(cfg, seed: int = 0, **common) -> Task:
+    return file_task(cfg.train_path, eval_path=cfg.eval_path, prompt_field=cfg.prompt_field,
+                     answer_field=cfg.answer_field, eval_size=cfg.eval_size, extractor=cfg.extractor, **common)
+
+
 def reasoning_gym_task(dataset: str, *, config: dict | None = None, seed: int = 0, train_size: int = 1000,
                        eval_size: int = 100, extractor: str = "auto", **task_kwargs) -> Task:
     """Any reasoning-gym dataset by name; its own `score_answer` is the verifier.
@@ -266,29 +257,6 @@ def reasoning_gym_task(dataset: str, *, config: dict | None = None, seed: int = 
     task = Task(f"reasoning_gym/{dataset}", train, held_out, verifier=verifier, **task_kwargs)
     task.answer_of = lambda completion: extract_answer(completion, extractor)
     return task
-
-
-def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a .jsonl/.json/.parquet file; a bad row names file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix == ".parquet":
-        import pandas as pd
-        return [(i + 1, row) for i, row in enumerate(pd.read_parquet(path).to_dict("records"))]
-    rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
 
 
 def _file_samples(path: str, prompt_field: str, answer_field: str | None) -> list[Sample]:

@@ -7,6 +7,7 @@ only response tokens the policy generated are projected (prompt and observation 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,8 +27,12 @@ from forkrl.algos import (
     per_turn_index,
 )
 from forkrl.algos.correction import rollout_correction_weights
+from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.losses import AggNorm
-from forkrl.rollout.types import Trajectory
+from forkrl.algos.schedules import cosine_ramp
+from forkrl.collect import derive_seed
+from forkrl.train.replay import ReplayBuffer
+from forkrl.types import PolicyFeedback, RolloutBatch, Trajectory
 
 
 @dataclass
@@ -382,6 +387,48 @@ class Learner:
                 model, cfg.train.gradient_checkpointing, self.autocast)))
         self.state: dict = {}  # the loss's state across steps (e.g. EPO's per-turn entropy history); checkpointed
         self.last_seq_adv: list[float] = []  # per input trajectory, its mean advantage (SPEAR's buffer reads it)
+        self.replay = ReplayBuffer(a.replay) if a.replay.enabled else None
+        self.feedback = PolicyFeedback()  # what the last update told the collector (checkpointed)
+
+    # -- one update from a rollout batch, and what the collector learns from it --------------------
+    def learn(self, batch: RolloutBatch, step: int) -> tuple[dict[str, float], PolicyFeedback]:
+        """One update on `batch.trajectories` (plus SPEAR's replayed rows), then the feedback for the
+        next collection: the policy entropy it measured and, for HAPO's adaptive temperature, the
+        log-entropy statistics of the tokens it trained on (algorithms.md §7 step 1, §13.3)."""
+        trajs = batch.trajectories
+        metrics: dict = {}
+        replay_coef, replayed = 1.0, []
+        if self.replay is not None:
+            replayed, replay_stats = self.replay.sample(step, derive_seed(self.seed, step, 991))
+            metrics.update(replay_stats)
+            replay_coef = cosine_ramp(step, self.cfg.algo.replay.warmup_steps, self.cfg.algo.replay.loss_coef)
+        if not trajs:
+            return metrics, self.feedback
+        metrics.update(self.update(trajs + replayed, step, replay_coef=replay_coef))
+        if self.replay is not None:
+            metrics["replay/added"] = float(self.replay.add(step, trajs, self.last_seq_adv[:len(trajs)]))
+        fb = dataclasses.replace(self.feedback)
+        if "policy/entropy" in metrics:
+            fb.policy_entropy = float(metrics["policy/entropy"])
+        at = self.cfg.rollout.adaptive_temperature
+        if at.enabled:
+            ent = [e for t in trajs if t.source == "policy" for e, m in zip(t.entropies, t.loss_mask) if m]
+            if ent:
+                x = torch.tensor(ent)
+                fb.entropy_stats = hapo_entropy_stats(x, torch.ones_like(x), at.pivot)
+                metrics["rollout/adaptive_temperature"] = 1.0
+        self.feedback = fb
+        return metrics, fb
+
+    def state_dict(self) -> dict:
+        return {"loss": self.state, "replay": self.replay.state_dict() if self.replay is not None else None,
+                "feedback": dataclasses.asdict(self.feedback)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state["loss"]
+        if self.replay is not None and state.get("replay"):
+            self.replay.load_state_dict(state["replay"])
+        self.feedback = PolicyFeedback(**state["feedback"])
 
     def _logprobs(self, model, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         t = self.cfg.train
@@ -474,7 +521,7 @@ class Learner:
                         if probe is not None else None)
 
         stats: dict = {}
-        prepare = getattr(self.loss_fn, "prepare", None)
+        prepare = LOSSES.hook(a.loss, "prepare")
         if prepare is not None:
             ctx = BatchContext(old_logp=batch.sampling_logp if old_logp is None else old_logp, adv=adv,
                                mask=batch.train_mask, entropy=batch.sampling_entropy, turn=turn, progress=progress,

@@ -15,18 +15,8 @@ from collections import deque
 
 import numpy as np
 
-from forkrl.rollout.types import Trajectory
-
-
-def cosine_ramp(step: int, steps: int, top: float) -> float:
-    """0 at step 0, `top` from `steps` on, a half cosine in between."""
-    p = min(max(step / max(steps, 1), 0.0), 1.0)
-    return top * 0.5 * (1 - math.cos(math.pi * p))
-
-
-def cosine_decay(step: int, steps: int, top: float) -> float:
-    """`top` at step 0, 0 from `steps` on (SPEAR's tool-call reward coefficient)."""
-    return top - cosine_ramp(step, steps, top)
+from forkrl.algos.schedules import cosine_decay, cosine_ramp  # noqa: F401  (re-exported)
+from forkrl.types import Trajectory
 
 
 class ReplayBuffer:

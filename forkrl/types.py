@@ -1,8 +1,26 @@
-"""Plain data objects that flow from the engine through the samplers to the learner."""
+"""The ground floor's data: what flows from the task through the engine, samplers and collector to
+the learner and back (DESIGN.md, "One step of training, as data"). Every stage imports these; this
+module imports nothing from forkrl.
+
+    Sample ─▶ GenerationRequest(SamplingParams) ─▶ Engine ─▶ Completion ─▶ Trajectory
+    Trajectory × n ─▶ RolloutBatch ─▶ learner ─▶ PolicyFeedback ─▶ back to the collector
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass
+class Sample:
+    """One task prompt: the user turn, its reference answer and the row's other columns."""
+    id: str
+    prompt: str                      # the user turn
+    answer: str | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+    # where the collector drew it in the training stream (data position), so a run can account for every
+    # prompt exactly once across workers and restarts; None outside training
+    position: int | None = None
 
 
 @dataclass
@@ -95,3 +113,64 @@ class Trajectory:
         return cls(prompt_ids=list(prompt_ids), tokens=list(c.token_ids), logprobs=list(c.logprobs),
                    entropies=list(c.entropies), loss_mask=[1] * n, group=group,
                    policy_version=[version] * n, finish=c.finish, text=c.text, sample=sample)
+
+
+@dataclass
+class RolloutBatch:
+    """What one step's collection hands to the learner: the trajectories to train on, everything
+    generated (the rollout metrics describe it), the collection metrics and the decoded tokens."""
+    trajectories: list[Trajectory]
+    generated: list[Trajectory]
+    metrics: dict
+    decoded_tokens: int
+
+    @classmethod
+    def merge(cls, parts: list[RolloutBatch]) -> RolloutBatch:
+        """Several workers' batches as one; counts and seconds add up (sampling seconds are summed
+        over workers, not wall time)."""
+        metrics: dict = {}
+        for p in parts:
+            for k, v in p.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        return cls([t for p in parts for t in p.trajectories], [t for p in parts for t in p.generated],
+                    metrics, sum(p.decoded_tokens for p in parts))
+
+
+@dataclass
+class PolicyFeedback:
+    """What the learner tells the collector with each new policy version (DESIGN.md's typed feedback):
+    the policy entropy the update measured (Arbitrary-Entropy PO's gate, §13.3) and the log-entropy
+    statistics of the tokens it trained on (HAPO's adaptive temperature, §7 step 1). None: not known yet."""
+    policy_entropy: float | None = None
+    entropy_stats: dict[str, float] | None = None   # hapo_entropy_stats of the trained tokens
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0   # prompt tokens run through the model
+    cached_tokens: int = 0    # prompt tokens whose states were reused (prefix cache, or a prompt admitted with it)
+    decode_tokens: int = 0    # tokens sampled
+    seconds: float = 0.0
+    sync_seconds: float = 0.0  # copying the learner's weights into the sampling weights
+    syncs: int = 0
+    entropy_topk: int = 0      # 0: exact full-distribution entropies; k: sums over the top k only (VLLMEngine)
+
+
+# sampling features an engine may offer; a recipe that needs one the engine lacks is refused when the
+# engine is built (forkrl.rollout.build_engine)
+ENGINE_FEATURES = frozenset({"exact_entropy", "adaptive_temperature", "stop_when", "prefix_cache", "top_logprobs"})
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What samplers, the collector and evaluation need from a generation engine."""
+    tokenizer: Any
+    pad_id: int
+    eos_ids: list[int]
+    supports: frozenset[str]   # a subset of ENGINE_FEATURES
+    stats: EngineStats
+
+    def generate(self, requests: list[GenerationRequest], seed: int | None = None,
+                 stop_when=None) -> list[list[Completion]]: ...
+
+    def weights_updated(self) -> None: ...

@@ -1,0 +1,57 @@
+"""Reading what users give forkrl: data rows with file:line errors, and `module:function` references.
+Part of the ground floor: imports nothing from forkrl."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+
+def load_function(ref: str) -> Callable:
+    """Import `package.module:function` (or a path `file.py:function`)."""
+    if ":" not in ref:
+        raise ValueError(f"a function reference looks like 'module:function', got {ref!r}")
+    mod_name, fn_name = ref.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {mod_name}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        import sys
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules next to the user's config
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ImportError(f"cannot import {mod_name!r} for the function {ref!r}: {e}") from e
+    try:
+        return getattr(module, fn_name)
+    except AttributeError:
+        raise AttributeError(f"{mod_name} has no function {fn_name!r}") from None
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a .jsonl/.json/.parquet file; a bad row names file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        import pandas as pd
+        return [(i + 1, row) for i, row in enumerate(pd.read_parquet(path).to_dict("records"))]
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((lineno, row))
+    return rows

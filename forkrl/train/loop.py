@@ -1,0 +1,293 @@
+"""The loop: the only place that knows the order of a training step (DESIGN.md).
+
+    batch = source.next_batch(step)              # collect (or SFT demonstrations, or Ray workers)
+    metrics, feedback = learner.learn(batch, step)
+    source.set_policy(step, feedback)            # the new policy version and what it measured
+    then observe: metrics, held-out evaluation, entropy law, sinks, checkpoints
+
+One implementation serves a single process, SFT, the Ray learner and every swarm peer, so all of
+them resume, checkpoint periodically, save on Ctrl-C, stop on repeated non-finite updates and
+honour token budgets the same way. Everything random is derived from (seed, step) and the
+checkpoint carries every stateful component by name, so a resumed run repeats the metrics of a run
+that never stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from forkrl.metrics import make_sinks
+from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
+from forkrl.metrics.sinks import SampleLog
+from forkrl.metrics.tools import tool_metrics
+from forkrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from forkrl.train.learner import NonFiniteLoss
+from forkrl.types import RolloutBatch, Trajectory
+
+log = logging.getLogger("forkrl")
+
+
+def peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # ru_maxrss is KiB on Linux
+
+
+def rollout_metrics(generated: list[Trajectory], tool_tags: list[str] | None = None) -> dict:
+    """What the policy did this step, over everything sampled (the learner reports what it trained on)."""
+    lengths = [t.num_generated for t in generated]
+    metrics = {
+        "reward/mean": float(np.mean([t.reward for t in generated])),
+        "reward/std": float(np.std([t.reward for t in generated])),
+        "accuracy": float(np.mean([t.correct for t in generated])),
+        "response_length/mean": float(np.mean(lengths)), "response_length/max": float(np.max(lengths)),
+        "response/clip_frac": float(np.mean([t.finish == "length" for t in generated])),
+        "rollout/entropy": float(np.mean([e for t in generated for e, m in zip(t.entropies, t.loss_mask) if m])),
+    }
+    for name in generated[0].rewards:
+        metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
+    if tool_tags:
+        metrics.update(tool_metrics(generated, list(tool_tags)))
+    metrics.update(entropy_stats(generated))
+    return metrics
+
+
+class Loop:
+    """Runs `cfg.train.steps` steps of source -> learner -> source, with everything around them.
+
+    source:    next_batch / set_policy / state_dict / load_state_dict (forkrl.collect)
+    learner:   learn(batch, step) -> (metrics, feedback), state_dict / load_state_dict, model, optimizer,
+               scheduler (forkrl.train.learner.Learner)
+    evaluate:  () -> held-out metrics;   export: () -> path of the exported model
+    tool_tags: the env's tool tags (tool-use metrics);  tokenizer: for the logged token samples
+    on_step:   hooks called after each step as fn(loop, step, metrics); `request_stop()` ends the run
+               after the current step with a checkpoint, as Ctrl-C does
+    """
+
+    def __init__(self, cfg, *, source, learner, evaluate: Callable[[], dict], export: Callable[[], Path],
+                 tokenizer=None, tool_tags: list[str] | None = None, out_dir: Path | None = None,
+                 on_step: list[Callable] | None = None):
+        self.cfg, self.source, self.learner = cfg, source, learner
+        self.evaluate, self.export, self.tokenizer = evaluate, export, tokenizer
+        self.tool_tags = list(tool_tags or [])
+        self.out = Path(out_dir if out_dir is not None else cfg.output_dir)
+        self.on_step: list[Callable] = list(on_step or [])
+        self.step_idx = 0          # completed steps: the policy version
+        self.nonfinite_streak = 0
+        self.totals = {"sampled_tokens": 0, "tool_calls": 0, "seconds": 0.0}
+        self.law_points: list[list[float]] = []
+        self.history: list[dict] = []
+        self.last_generated: list[Trajectory] = []
+        self._stop_requested = False
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        step = self.step_idx + 1
+        batch = self.source.next_batch(step)
+        metrics = self.observe(batch)
+        t1 = time.perf_counter()
+        learned, feedback = self.learner.learn(batch, step)
+        metrics.update(learned)
+        if not batch.trajectories:
+            log.warning("step %d: no trajectories to train on; weights unchanged", step)
+        self.source.set_policy(step, feedback)
+        return self._account(step, batch, metrics, t0, time.perf_counter() - t1)
+
+    def observe(self, batch: RolloutBatch) -> dict:
+        """The batch's own metrics plus what the policy did this step (over everything generated)."""
+        metrics: dict = dict(batch.metrics)
+        if "sampler/trajectories" in metrics:  # ratios of the step's totals, not sums of ratios
+            metrics["sampler/tokens_per_trajectory"] = (metrics["sampler/decoded_tokens"] + metrics[
+                "sampler/prefilled_tokens"]) / max(metrics["sampler/trajectories"], 1)
+        self.last_generated = batch.generated
+        if batch.generated:
+            metrics.update(rollout_metrics(batch.generated, self.tool_tags))
+        return metrics
+
+    def _account(self, step: int, batch: RolloutBatch, metrics: dict, t0: float, t_learn: float) -> dict:
+        if metrics.get("train/nonfinite_updates", 0) > 0:
+            self.nonfinite_streak += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
+                        self.nonfinite_streak)
+        else:
+            self.nonfinite_streak = 0
+        totals = self.totals  # what the run has spent so far (checkpointed, so resumes continue it)
+        totals["sampled_tokens"] += batch.decoded_tokens
+        totals["tool_calls"] += sum(len(t.tool_calls) for t in batch.generated)
+        totals["seconds"] += time.perf_counter() - t0
+        metrics.update({"budget/sampled_tokens": float(totals["sampled_tokens"]),
+                        "budget/tool_calls": float(totals["tool_calls"]), "time/total_s": totals["seconds"]})
+        metrics.update({
+            "time/learning_s": t_learn, "time/step_s": time.perf_counter() - t0,
+            "throughput/sampling_tokens_per_s": batch.decoded_tokens / max(metrics.get("time/sampling_s", 0.0), 1e-9),
+            "throughput/training_tokens_per_s": metrics.get("train/tokens", 0.0) / max(t_learn, 1e-9),
+            "memory/peak_rss_gb": peak_rss_gb(),
+        })
+        self.step_idx = step
+        return metrics
+
+    def budget_spent(self) -> bool:
+        """train.token_budget: stop once this many tokens have been sampled (steps stays an upper bound)."""
+        budget = self.cfg.train.token_budget
+        return budget is not None and self.totals["sampled_tokens"] >= budget
+
+    def entropy_law(self, metrics: dict) -> dict:
+        """Refit R = -a exp(H) + b on every (sampling entropy, held-out accuracy) point so far; the
+        headroom is the fitted ceiling minus the current accuracy, and a run whose entropy falls
+        while under 0.05 of headroom is flagged as collapsing."""
+        if metrics.get("rollout/entropy") is None or "eval/accuracy" not in metrics:
+            return {}
+        points = self.law_points
+        points.append([metrics["rollout/entropy"], metrics["eval/accuracy"]])
+        if len(points) < 3 or len({round(h, 9) for h, _ in points}) < 3:
+            return {}
+        law = fit_entropy_law([h for h, _ in points], [r for _, r in points])
+        headroom = law.ceiling - metrics["eval/accuracy"]
+        falling = points[-1][0] < points[-2][0]
+        return {"law/a": law.a, "law/b": law.b, "law/ceiling": law.ceiling, "law/ceiling_se": law.ceiling_se,
+                "law/headroom": headroom, "law/collapsing": float(falling and headroom < 0.05)}
+
+    # -- checkpoints: every stateful component, by name ---------------------------------------------
+    def state_dict(self) -> dict:
+        return {"nonfinite_streak": self.nonfinite_streak, "totals": dict(self.totals),
+                "law_points": [list(p) for p in self.law_points]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self.totals = dict(state["totals"])
+        self.law_points = [list(p) for p in state["law_points"]]
+
+    def save(self) -> Path:
+        components = {"loop": self.state_dict(), "learner": self.learner.state_dict(),
+                      "source": self.source.state_dict()}
+        lr = self.learner
+        return save_checkpoint(self.out, self.step_idx, lr.model, lr.optimizer, lr.scheduler, {}, methods=components)
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return False
+        lr = self.learner
+        state = load_checkpoint(path, lr.model, lr.optimizer, lr.scheduler)
+        self.step_idx = state["step"]
+        components = state["methods"]
+        self.load_state_dict(components["loop"])
+        self.learner.load_state_dict(components["learner"])
+        self.source.load_state_dict(components["source"])
+        self.source.set_policy(self.step_idx, self.learner.feedback)
+        log.info("resumed from %s (step %d)", path, self.step_idx)
+        return True
+
+    # -- the run ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        log.warning("Ctrl-C: finishing this step, then saving a checkpoint (press again to abort now)")
+
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+        resumed = self.resume() if resume else False
+        if resume and not resumed:
+            log.info("no checkpoint in %s; starting from scratch", self.out)
+        sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None)
+        sample_log = SampleLog(self.out / "samples.jsonl", self.step_idx if resumed else None)
+        summary: dict = {}
+        # Ctrl-C handling needs the main thread (a Ray actor may run us elsewhere)
+        main = threading.current_thread() is threading.main_thread()
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if main else None
+        try:
+            if cfg.eval.at_start and self.step_idx == 0:
+                before = self.evaluate()
+                summary["before"] = before
+                for s in sinks:
+                    s.write(0, before)
+                log.info("held-out before training: %s", _fmt(before))
+            bar = _progress(cfg, self.step_idx)
+            while self.step_idx < cfg.train.steps and not self.budget_spent():
+                metrics = self.step()
+                step = self.step_idx
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    metrics.update(self.evaluate())
+                    metrics.update(self.entropy_law(metrics))
+                for s in sinks:
+                    s.write(step, metrics)
+                sample_log.write(step, self._token_samples())
+                self.history.append(metrics)
+                if bar is not None:
+                    bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR_KEYS if k in metrics},
+                                    refresh=False)
+                    bar.update(1)
+                for hook in self.on_step:
+                    hook(self, step, metrics)
+                if self.nonfinite_streak >= cfg.train.max_nonfinite:
+                    self.save()
+                    raise NonFiniteLoss(
+                        f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient (last at step "
+                        f"{step}); stopping. Lower train.lr, enable train.grad_clip, or check the rewards.")
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self.save()
+                if self._stop_requested:
+                    path = self.save()
+                    log.warning("stopped at step %d; checkpoint %s (continue with --resume)", step, path)
+                    raise KeyboardInterrupt
+            if bar is not None:
+                bar.close()
+            after = self.evaluate()
+            if self.history:  # the final evaluation is the law's last point, at the last step's entropy
+                after.update(self.entropy_law({**after, "rollout/entropy": self.history[-1].get("rollout/entropy")}))
+                after.update({k: v for k, v in self.history[-1].items() if k.startswith("budget/")})
+            summary["after"] = after
+            for s in sinks:
+                s.write(self.step_idx, after)
+            self.save()
+            summary["export"] = str(self.export())
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old_handler)
+            for s in sinks:
+                s.close()
+            sample_log.close()
+        summary["steps"] = self.step_idx
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _token_samples(self, k: int = 2) -> list[dict]:
+        """The first k trajectories of the last step, as token strings with entropy and mask."""
+        if self.tokenizer is None:
+            return []
+        out = []
+        for t in self.last_generated[:k]:
+            pieces = [self.tokenizer.decode([x]) for x in t.tokens]
+            out.append({"prompt": t.sample.prompt if t.sample is not None else "", "tokens": pieces,
+                        "entropy": [None if e is None or math.isnan(e) else round(e, 4) for e in t.entropies],
+                        "mask": list(t.loss_mask), "reward": t.reward, "correct": t.correct})
+        return out
+
+
+_BAR_KEYS = (("reward", "reward/mean"), ("acc", "accuracy"), ("entropy", "policy/entropy"),
+             ("len", "response_length/mean"), ("s/step", "time/step_s"))
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def _progress(cfg, start: int):
+    if not cfg.log.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
