@@ -366,6 +366,18 @@ class DistributedConfig(Section):
 class RunConfig(Section):
     name: str = "run"
     plugins: list[str] = Field(default_factory=list)  # modules imported before validation: their registered methods
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data):
+        # also here, not only in build_config: a config validated elsewhere (a Ray actor) needs them too
+        from forkrl.registry import import_plugins
+        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+            try:
+                import_plugins(data["plugins"])
+            except ImportError as e:
+                raise ValueError(str(e)) from None
+        return data
     seed: int = 0
     output_dir: str = "runs/run"
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -117,6 +117,25 @@ def test_swarm_peers_train_on_each_others_groups(tmp_path, cluster):
     assert set(r1["swarm/external_questions"]) <= set(r0["swarm/local_questions"])
 
 
+def test_a_swarm_run_stopped_after_two_steps_resumes_to_four_exactly(tmp_path, cluster):
+    """Every peer runs the ordinary loop: it checkpoints, and a resumed swarm repeats the metrics of a
+    swarm that never stopped (its own and the groups it took from the other peer)."""
+    from forkrl.distributed.swarm import SwarmRun
+    from tests.test_trainer import _rows
+    swarm = {"workers": 2, "swarm": {"enabled": True, "shared_groups": 3, "external_groups": 2}}
+    straight = _cfg(tmp_path, "straight", train={"steps": 4, "lr": 3e-2}, distributed=swarm)
+    SwarmRun(straight).train()
+    SwarmRun(_cfg(tmp_path, "resumed", train={"steps": 2, "lr": 3e-2}, distributed=swarm)).train()
+    again = _cfg(tmp_path, "resumed", train={"steps": 4, "lr": 3e-2}, distributed=swarm)
+    peers = SwarmRun(again).train(resume=True)["peers"]
+    assert [len(p["history"]) for p in peers] == [2, 2]  # steps 3 and 4 only
+    for i in range(2):
+        a = _rows(straight.model_copy(update={"output_dir": f"{straight.output_dir}/peer{i}"}))
+        b = _rows(again.model_copy(update={"output_dir": f"{again.output_dir}/peer{i}"}))
+        assert [r["step"] for r in b] == [1, 2, 3, 4]
+        assert a == b
+
+
 def test_the_learners_checkpoint_resumes_the_whole_job(tmp_path, cluster):
     first = _cfg(tmp_path, "job", train={"steps": 3, "lr": 3e-2}, distributed={"workers": 2, "max_staleness": 1})
     _train(first)

@@ -66,7 +66,7 @@ def test_training_logs_entropy_statistics_and_refits_the_law(tmp_path):
     assert all("entropy/p90" in r and "entropy/pos_0_8" in r and "entropy/cov_logp_adv" in r for r in rows)
     assert "law/ceiling" in rows[2] and "law/headroom" in rows[2]
     # three evaluations during training, and the final one after it
-    assert len(trainer.sampler_stats["law_points"]) == 4
+    assert len(trainer.loop.law_points) == 4
 
 
 def test_first_order_entropy_change_by_hand():

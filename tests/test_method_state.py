@@ -50,14 +50,14 @@ def test_generative_detector_builds_the_prompt_and_parses_the_step():
 
 
 def test_fapo_penalises_only_correct_flawed_rollouts(tmp_path):
-    cfg = _cfg(tmp_path, task={"rewards": [{"name": "correct"}]},
-               algo={"flawed_positive": {"enabled": True, "penalty": 1.0}})
+    cfg = _cfg(tmp_path, task={"rewards": [{"name": "correct"}],
+                               "reward_terms": [{"name": "flawed_positive", "penalty": 1.0}]})
     trainer = Trainer(cfg)
     sample = trainer.task.train[0]
     sample.answer = "7"
     texts = ["3 + 4 = 8\nSo 7", "3 + 4 = 7\nSo 7", "3 + 4 = 8\nSo 8"]
     trajs = [Trajectory([1], [2], [0.0], [1.0], [1], "g", text=x, sample=sample) for x in texts]
-    trainer.score(trajs)
+    trainer.source.score(trajs, step=1)
     assert [t.rewards["flawed_positive"] for t in trajs] == [-1.0, 0.0, 0.0]
     assert [t.reward for t in trajs] == [0.0, 1.0, 0.0]
 
@@ -98,8 +98,9 @@ def test_replay_rows_are_a_separate_loss_term(tmp_path):
     for coef, with_replay in ((0.0, True), (1.0, False), (1.0, True)):
         cfg = _cfg(tmp_path, train={"steps": 1, "lr": 1e-3})
         trainer = Trainer(cfg)
-        trajs = trainer.rollout(trainer.next_prompts(2), seed=0, tag="s1")
-        trainer.score(trajs)
+        collector = trainer.source
+        trajs = collector.rollout(collector.fresh_prompts(2), seed=0, tag="s1")
+        collector.score(trajs, step=1)
         extra = []
         if with_replay:
             extra = [Trajectory(**{**t.__dict__, "advantage": 1.0, "source": "replay", "group": "replay/x"})
@@ -128,7 +129,7 @@ def test_stats_only_rows_shape_the_group_but_do_not_train(tmp_path):
 def test_entropy_target_samples_hotter_below_target_and_colder_above(tmp_path):
     for target, temperature in ((100.0, 1.2), (0.0, 0.8)):
         cfg = _cfg(tmp_path, f"t{target}", train={"steps": 3},
-                   algo={"entropy_target": {"enabled": True, "target": target, "adv_threshold": -10}})
+                   rollout={"gates": [{"name": "entropy_target", "target": target, "adv_threshold": -10}]})
         Trainer(cfg).train()
         rows = _rows(cfg)
         assert "entropy_target/temperature" not in rows[0]  # no update has reported an entropy yet
@@ -139,6 +140,8 @@ def test_entropy_target_samples_hotter_below_target_and_colder_above(tmp_path):
 def test_sampling_logprobs_are_refused_with_other_temperatures():
     with pytest.raises(Exception, match="old_logprobs='sampling'"):
         build_config({"train": {"old_logprobs": "sampling"}, "rollout": {"adaptive_temperature": {"enabled": True}}})
+    with pytest.raises(Exception, match="old_logprobs='sampling'.*entropy_target"):  # the gate's own check
+        build_config({"train": {"old_logprobs": "sampling"}, "rollout": {"gates": ["entropy_target"]}})
 
 
 def test_method_state_survives_a_checkpoint(tmp_path):
@@ -149,37 +152,43 @@ def test_method_state_survives_a_checkpoint(tmp_path):
     again = Trainer(cfg)
     assert again.resume()
     assert again.learner.state == trainer.learner.state and "turn_entropy" in again.learner.state
-    assert again.sampler_stats == trainer.sampler_stats and "hapo" in again.sampler_stats
-    assert len(again.replay.entries) == len(trainer.replay.entries) > 0
-    json.dumps(again.sampler_stats)
+    # the policy feedback (HAPO's entropy statistics) reaches the resumed collector
+    assert again.learner.feedback == trainer.learner.feedback and again.learner.feedback.entropy_stats
+    assert again.source.feedback == trainer.learner.feedback
+    assert len(again.learner.replay.entries) == len(trainer.learner.replay.entries) > 0
+    json.dumps(again.learner.state_dict()["feedback"])
 
 
-def test_entropy_target_replaces_rows_with_positive_samples_by_hand(tmp_path):
+def test_entropy_target_replaces_rows_with_positive_samples_by_hand():
     """8 batch rows of 2 prompts; the extra group (1 prompt = ceil(0.25 * 2)) has rewards 1, 0, 1, 0:
     GRPO advantages +-0.866 -> 2 kept with advantage 1. Below target: n_reg = min(60, 2, 8) = 2 rows
     replaced; above target: half of that, 1 row."""
+    from forkrl.collect import CollectContext
+    from forkrl.collect.gates import entropy_target
+    from forkrl.types import PolicyFeedback, Sample
+
+    class FakeRefill:
+        def resample(self, samples, n=None, *, sub, tag, temperature=None, observe=True):
+            asked.update(prompts=len(samples), temperature=temperature, observe=observe)
+            return [[_traj(r, group="extra") for r in (1.0, 0.0, 1.0, 0.0)]]
+
     for entropy, n_reg, temperature in ((0.1, 2, 1.2), (0.9, 1, 0.8)):
-        cfg = _cfg(tmp_path, algo={"entropy_target": {"enabled": True, "target": 0.5}})
-        trainer = Trainer(cfg)
-        trainer.sampler_stats["policy_entropy"] = entropy
-        samples = trainer.task.train[:2]
-        batch = [_traj(0.0, group=f"g{i // 4}") for i in range(8)]
-        for i, t in enumerate(batch):
-            t.sample = samples[i // 4]
+        samples = [Sample(id=str(i), prompt=f"p{i}") for i in range(2)]
+        groups = [[_traj(0.0, group=f"g{i}") for _ in range(4)] for i in range(2)]
+        for g, s in zip(groups, samples):
+            for t in g:
+                t.sample = s
         asked = {}
-
-        def fake_rollout(s, seed, tag, temperature=None):
-            asked["prompts"], asked["temperature"] = len(s), temperature
-            return [_traj(r, group="extra") for r in (1.0, 0.0, 1.0, 0.0)]
-
-        trainer.rollout = fake_rollout
-        trainer.score = lambda trajs: None
-        out, stats = trainer._entropy_target_samples(1, batch)
-        assert asked == {"prompts": 1, "temperature": temperature}
+        ctx = CollectContext(step=1, prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, answer_tag="answer",
+                             feedback=PolicyFeedback(policy_entropy=entropy), seed_of=lambda sub: sub)
+        out, stats = entropy_target(groups, FakeRefill(), ctx, target=0.5)
+        flat = [t for g in out for t in g]
+        assert asked == {"prompts": 1, "temperature": temperature, "observe": False}
         assert stats["entropy_target/kept"] == 2 and stats["entropy_target/rows"] == n_reg
-        assert [t.source for t in out[:n_reg]] == ["stats_only"] * n_reg
-        assert [t.advantage for t in out[n_reg:2 * n_reg]] == [1.0] * n_reg
-        assert len(out) == 8 + n_reg
+        assert [t.source for t in flat[:n_reg]] == ["stats_only"] * n_reg
+        assert [t.source for t in flat[n_reg:8]] == ["policy"] * (8 - n_reg)
+        assert [(t.advantage, t.group) for t in flat[8:]] == [(1.0, "extra")] * n_reg
+        assert len(flat) == 8 + n_reg
 
 
 def test_tool_rollouts_train_end_to_end_with_a_simulated_search(tmp_path):

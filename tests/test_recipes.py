@@ -22,6 +22,20 @@ METHOD_METRIC = {
 }
 
 
+def _small_methods(cfg) -> list[str]:
+    """Overrides that size a recipe's gates and reward terms for 8-token completions of a random model."""
+    out = []
+    for i, gate in enumerate(cfg.rollout.gates):
+        if gate["name"] == "dynamic_sampling":
+            out += [f"rollout.gates.{i}.max_gen_batches=2", f"rollout.gates.{i}.metric=reward"]
+        elif gate["name"] == "dars":
+            out.append(f"rollout.gates.{i}.metric=reward")
+    for i, term in enumerate(cfg.task.reward_terms):
+        if term["name"] == "overlong":
+            out.append(f"task.reward_terms.{i}.buffer=4")
+    return out
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.split("/")[-1])
 def test_recipe_runs_three_steps_on_tiny_random(path, tmp_path):
     extra = []
@@ -29,14 +43,12 @@ def test_recipe_runs_three_steps_on_tiny_random(path, tmp_path):
         from forkrl.tasks.demos import main as make_demos
         make_demos([path, str(tmp_path / "demos.jsonl"), "--n", "24"])
         extra = [f"sft.train_path={tmp_path / 'demos.jsonl'}", "sft.epochs=null", "sft.batch_size=8"]
-    cfg = load_config(path, [*extra,
+    cfg = load_config(path, [*extra, *_small_methods(load_config(path)),
         "model.name=tiny-random", f"output_dir={tmp_path}", "train.steps=3", "rollout.prompts_per_step=2",
         "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8", "task.train_size=20", "task.eval_size=4",
-        "eval.at_start=false", "eval.every=0", "algo.dynamic_sampling.max_gen_batches=2", "log.progress=false",
-        "log.tensorboard=false", "algo.overlong.buffer=4",
+        "eval.at_start=false", "eval.every=0", "log.progress=false", "log.tensorboard=false",
         # a reward the random model's samples differ on, so groups have variance and every step trains
-        'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]', "algo.dynamic_sampling.metric=reward",
-        "rollout.dars.metric=reward"])
+        'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]'])
     summary = Trainer(cfg).train()
     assert summary["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -46,23 +58,49 @@ def test_recipe_runs_three_steps_on_tiny_random(path, tmp_path):
         assert any(METHOD_METRIC[name] in r for r in rows), f"{name}: no {METHOD_METRIC[name]} in the metrics"
 
 
-def test_readme_loss_example_registers_and_trains(tmp_path):
-    """The README's "Writing a method" snippet, run as written: it registers, validates and trains."""
+def test_readme_writing_a_method_files_register_and_train(tmp_path, monkeypatch):
+    """The README's "Writing a method" files, written out as a package and run as written through
+    `plugins`: a loss, a gate, a reward term and a sampler in one recipe, a tool in another."""
     import re
 
-    from forkrl.algos import LOSSES
+    from forkrl.registry import GATES, LOSSES, REWARD_TERMS, SAMPLERS, TOOLS
     text = open("README.md").read()
-    block = re.search(r"### Writing a method.*?```python\n(.*?)```", text, re.DOTALL).group(1)
-    exec(compile(block, "README.md", "exec"), {})
+    section = re.search(r"### Writing a method(.*?)\n### ", text, re.DOTALL).group(1)
+    files = re.findall(r"```python\n# (my_methods/\w+\.py)\n(.*?)```", section, re.DOTALL)
+    assert [f for f, _ in files] == ["my_methods/loss.py", "my_methods/gate.py", "my_methods/reward_term.py",
+                                     "my_methods/sampler.py", "my_methods/tool.py"]
+    package = tmp_path / "my_methods"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, body in files:
+        (tmp_path / name).write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    small = ["model.name=tiny-random", "train.steps=2", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4",
+             "rollout.max_new_tokens=8", "task.train_size=20", "task.eval_size=4", "eval.at_start=false",
+             "log.progress=false", "log.tensorboard=false",
+             'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]']
     try:
         cfg = load_config("configs/quickstart.yaml", [
-            "model.name=tiny-random", f"output_dir={tmp_path}", "train.steps=1", "rollout.prompts_per_step=2",
-            "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8", "task.train_size=20", "task.eval_size=4",
-            "eval.at_start=false", "log.progress=false", "log.tensorboard=false",
-            'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]',
-            "algo.loss=entropy_scaled_pg", "algo.loss_params={beta: 0.2}"])
+            *small, f"output_dir={tmp_path / 'a'}",
+            "plugins=[my_methods.loss, my_methods.gate, my_methods.reward_term, my_methods.sampler]",
+            "algo.loss=entropy_scaled_pg", "algo.loss_params={beta: 0.2}",
+            "rollout.gates=[{name: drop_truncated_groups, max_truncated: 1.0}]",
+            "task.reward_terms=[{name: brevity, coef: 0.05}]", "rollout.sampler=two_temperatures"])
         trainer = Trainer(cfg)
         trainer.train()
-        assert "my/mean_entropy" in trainer.history[0]
+        m = trainer.history[0]
+        assert {"my/mean_entropy", "my/dropped_groups", "reward/brevity", "sampler/two_temperatures/hot"} <= set(m)
+        assert m["reward/brevity"] == pytest.approx(-0.05)  # every completion uses all 8 tokens
+        assert m["train/sequences"] == 2 * 4
+        cfg = load_config("configs/tools_quickstart.yaml", [
+            *small, f"output_dir={tmp_path / 'b'}", "plugins=[my_methods.tool]", "env.tools=[python, reverse]"])
+        trainer = Trainer(cfg)
+        assert trainer.env.tools["reverse"]("abc ").text == "cba"
+        trainer.train()
+        assert trainer.step_idx == 2
     finally:
-        del LOSSES["entropy_scaled_pg"]
+        LOSSES.unregister("entropy_scaled_pg")
+        GATES.unregister("drop_truncated_groups")
+        REWARD_TERMS.unregister("brevity")
+        SAMPLERS.unregister("two_temperatures")
+        TOOLS.unregister("reverse")

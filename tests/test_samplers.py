@@ -331,7 +331,7 @@ def test_dars_adds_rollouts_to_hard_groups_and_drops_unlearnable_ones(tmp_path):
     # the random model never answers the file task correctly: every group is hard (accuracy 0) and
     # gets min(27, N_max - N) = 4 more; merged, still all wrong, so each is dropped
     cfg = _cfg(tmp_path, train={"steps": 1}, rollout={"prompts_per_step": 2, "samples_per_prompt": 4,
-                                                      "dars": {"enabled": True, "n_max": 8}})
+                                                      "gates": [{"name": "dars", "n_max": 8}]})
     trainer = Trainer(cfg)
     trainer.train()
     m = trainer.history[0]

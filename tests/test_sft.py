@@ -96,7 +96,7 @@ def test_a_batch_does_not_leak_between_conversations(tmp_path):
     """Each conversation's log-probs in a padded batch equal those computed alone."""
     from forkrl.train.learner import pack, response_logprobs
     trainer = Trainer(_cfg(tmp_path))
-    batch = trainer.sft_batch()
+    batch = trainer.source.next_batch(1).trajectories
     with torch.no_grad():
         together, _ = response_logprobs(trainer.model, pack(batch, trainer.engine.pad_id))
         for i, t in enumerate(batch):
@@ -107,9 +107,9 @@ def test_a_batch_does_not_leak_between_conversations(tmp_path):
 
 def test_length_grouped_batches_cover_every_conversation_once_per_epoch(tmp_path):
     trainer = Trainer(_cfg(tmp_path))
-    seen = [t.group for _ in range(2) for t in trainer.sft_batch()]   # 8 conversations, batches of 4
+    seen = [t.group for s in (1, 2) for t in trainer.source.next_batch(s).trajectories]   # 8 conversations, batches of 4
     assert len(seen) == 8 and len(set(seen)) == 8
-    lengths = [len(t.tokens) for t in Trainer(_cfg(tmp_path)).sft_batch()]
+    lengths = [len(t.tokens) for t in Trainer(_cfg(tmp_path)).source.next_batch(1).trajectories]
     assert lengths == sorted(lengths)   # one window of 8 x batch: sorted before it is cut
 
 

@@ -70,14 +70,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, sections):
     # the same run, stopped after step 2 as Ctrl-C stops it (checkpoint, then KeyboardInterrupt) ...
     stopped = _cfg(tmp_path, "resumed", train={"steps": 4, "checkpoint_every": 2, "mini_batches": 2}, **sections)
     first = Trainer(stopped)
-    step = first.step
-
-    def step_then_stop():
-        metrics = step()
-        first._stop_requested = first.step_idx == 2
-        return metrics
-
-    first.step = step_then_stop
+    first.loop.on_step.append(lambda loop, step, metrics: step == 2 and loop.request_stop())
     with pytest.raises(KeyboardInterrupt):
         first.train()
     # ... and resumed by a fresh process
@@ -109,15 +102,12 @@ def test_three_nonfinite_losses_in_a_row_stop_with_a_checkpoint(tmp_path, caplog
 def test_ctrl_c_finishes_the_step_and_leaves_a_checkpoint(tmp_path):
     cfg = _cfg(tmp_path, train={"steps": 6})
     trainer = Trainer(cfg)
-    real_step = trainer.step
 
-    def step_then_interrupt():
-        metrics = real_step()
-        if trainer.step_idx == 2:
-            trainer._on_sigint(2, None)  # what SIGINT does
-        return metrics
+    def interrupt_at_step_2(loop, step, metrics):
+        if step == 2:
+            loop._on_sigint(2, None)  # what SIGINT does
 
-    trainer.step = step_then_interrupt
+    trainer.loop.on_step.append(interrupt_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000002"
@@ -127,9 +117,10 @@ def test_ctrl_c_finishes_the_step_and_leaves_a_checkpoint(tmp_path):
 
 
 def test_dapo_dynamic_sampling_and_overlong_shaping(tmp_path):
-    cfg = _cfg(tmp_path, train={"steps": 2}, task={"rewards": [{"name": "correct"}]},
-               algo={"dynamic_sampling": {"enabled": True, "metric": "reward", "max_gen_batches": 2},
-                     "overlong": {"enabled": True, "buffer": 4}, "loss_params": {"clip_high": 0.28}})
+    cfg = _cfg(tmp_path, train={"steps": 2},
+               task={"rewards": [{"name": "correct"}], "reward_terms": [{"name": "overlong", "buffer": 4}]},
+               rollout={"gates": [{"name": "dynamic_sampling", "metric": "reward", "max_gen_batches": 2}]},
+               algo={"loss_params": {"clip_high": 0.28}})
     Trainer(cfg).train()
     rows = _rows(cfg)
     # the tiny model never answers correctly, every completion hits max_new_tokens=8: reward = -1 for all,
@@ -158,13 +149,11 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path):
         for agg in ("token-mean", "seq-mean-token-sum"):
             cfg = _cfg(tmp_path, f"m{i}{agg}", train={"steps": 1, "grad_clip": None, **micro}, algo={"agg": agg})
             trainer = Trainer(cfg)
-            real_step = trainer.optimizer.step
 
-            def capture(*a, _t=trainer, _real=real_step, **k):  # the accumulated gradient, before Adam
+            def capture(optimizer, args, kwargs, _t=trainer):  # the accumulated gradient, before Adam
                 grads.append(torch.cat([p.grad.flatten() for p in _t.model.parameters()]))
-                return _real(*a, **k)
 
-            trainer.optimizer.step = capture
+            trainer.optimizer.register_step_pre_hook(capture)
             trainer.step()
     rel = lambda a, b: float((a - b).norm() / b.norm())
     for g in grads[2::2]:
@@ -181,7 +170,8 @@ def test_entropy_bonus_alone_raises_policy_entropy(tmp_path):
 
     cfg = _cfg(tmp_path, train={"steps": 1, "lr": 1e-3}, algo={"entropy_coef": 1.0})
     trainer = Trainer(cfg)
-    trajs = trainer.rollout(trainer.next_prompts(4), seed=0, tag="t")
+    collector = trainer.source
+    trajs = collector.rollout(collector.fresh_prompts(4), seed=0, tag="t")
     for t in trajs:
         t.reward = 1.0
     batch = pack(trajs, trainer.engine.pad_id)

@@ -163,6 +163,7 @@ class Collector:
         self._budget: dict[str, float] = {}
         self._scoring_seconds = 0.0
         self._groups_wanted: int | None = None
+        self._gate_metrics: dict = {}
 
     # -- the source interface ---------------------------------------------------------------------
     def next_batch(self, step: int) -> RolloutBatch:
@@ -212,19 +213,18 @@ class Collector:
                               feedback=self.feedback, seed_of=lambda sub: self.seed(step, sub))
 
     def _first_round(self, step: int) -> tuple[list[list[Trajectory]], dict]:
-        groups = self._sample_fresh(step)
-        stats: dict = {}
-        for i, (gate, params) in enumerate(self.gates):
-            groups, m = gate(groups, Refill(self, step, i, 0), self.context(step), **params)
-            stats.update(m)
-        return groups, stats
+        self._gate_metrics = {}
+        return self._fresh_round(step, len(self.gates)), self._gate_metrics
 
     def _fresh_round(self, step: int, upto: int) -> list[list[Trajectory]]:
-        """New prompts' groups, through the first `upto` gates (a later gate's refill)."""
-        groups = self._sample_fresh(step)
+        """New prompts' groups, through the first `upto` gates (a later gate's refill, or all of them).
+        A gate's metrics are summed over the rounds of the step (gates report counts)."""
         round_ = self._round
+        groups = self._sample_fresh(step)
         for i, (gate, params) in enumerate(self.gates[:upto]):
-            groups, _ = gate(groups, Refill(self, step, i, round_), self.context(step), **params)
+            groups, m = gate(groups, Refill(self, step, i, round_), self.context(step), **params)
+            for k, v in m.items():
+                self._gate_metrics[k] = self._gate_metrics.get(k, 0) + v
         return groups
 
     def _sample_fresh(self, step: int) -> list[list[Trajectory]]:

@@ -9,7 +9,9 @@ says so in its decorator (`samples_per_prompt=`), and one that cannot run with s
 with `check=` (called at config time with the whole config and the gate's parameters).
 
 Combinations compose: with `[dars, dynamic_sampling]` DARS first boosts hard prompts and drops the
-unlearnable ones, then dynamic sampling refills with fresh groups that DARS treats too.
+unlearnable ones, then dynamic sampling refills with fresh groups that DARS treats too. A gate's
+metrics are summed over the rounds of a step, so gates report counts. One that cannot go with another
+refuses in its `check` (entropy_target must be last: it rewrites the final batch).
 """
 from __future__ import annotations
 
@@ -111,6 +113,10 @@ def resample_on_correct(groups, refill, ctx, *, oversample: int = 2, min_each: i
 
 
 def _entropy_target_check(cfg, **_) -> str | None:
+    names = [g["name"] for g in cfg.rollout.gates]
+    if names[-1] != "entropy_target":
+        return (f"rollout.gates: entropy_target must come last (it replaces rows of the step's final batch), "
+                f"but {names[-1]!r} follows it")
     if cfg.train.old_logprobs == "sampling":
         return ("train.old_logprobs='sampling' cannot be used with the entropy_target gate (it samples at other "
                 "temperatures, so the sampling log-probs are not the policy's at the training temperature); use 'recompute'")

@@ -9,7 +9,6 @@ self-imitation loss enters with a weight gamma_t rising on a cosine schedule to 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from collections import deque
 
