@@ -32,6 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from forkrl.collect import LocalPositions
     from forkrl.config import load_config
     from forkrl.rollout import (
         SamplerContext,
@@ -39,7 +40,6 @@ def main() -> None:
         build_sampler,
         run_sampler,
     )
-    from forkrl.collect import LocalPositions
     from forkrl.train import Trainer
 
     cfg = load_config("configs/april.yaml", ["log.progress=false", "log.tensorboard=false",

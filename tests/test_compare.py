@@ -78,3 +78,14 @@ def test_bad_budget_names_the_allowed_forms(tmp_path, capsys):
     a = _recipe(tmp_path, "grpo_tiny", {"advantage": "grpo"})
     assert main(["compare", a, "--budget", "hours=3", "--out", str(tmp_path / "x")]) == 2
     assert "steps=N or tokens=N" in capsys.readouterr().err
+
+
+def test_a_shared_task_keeps_each_recipes_reward_terms(tmp_path):
+    """--task replaces the task, not the method: DAPO's overlong shaping stays (unless the task file sets terms)."""
+    from forkrl.train.compare import _run_data
+    data, _ = _run_data("configs/dapo.yaml", task={"dataset": "chain_sum"}, evaluation={}, seed=0, budget=None,
+                        out=tmp_path, overrides=[])
+    assert data["task"] == {"dataset": "chain_sum", "reward_terms": [{"name": "overlong", "buffer": 8, "factor": 1.0}]}
+    data, _ = _run_data("configs/dapo.yaml", task={"dataset": "chain_sum", "reward_terms": []}, evaluation={},
+                        seed=0, budget=None, out=tmp_path, overrides=[])
+    assert data["task"]["reward_terms"] == []

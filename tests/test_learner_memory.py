@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine, Trajectory
-from forkrl.train.learner import activation_bytes_per_token, pack, pack_rows, response_logprobs
+from forkrl.train.learner import (
+    activation_bytes_per_token,
+    pack,
+    pack_rows,
+    response_logprobs,
+)
 
 
 def _batch(model, tok, lengths=(40,), n=4):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from forkrl.config import ReplayConfig, build_config
-from forkrl.types import Trajectory
 from forkrl.tasks.flaws import (
     GenerativeFlawDetector,
     eval_arithmetic,
@@ -15,6 +14,7 @@ from forkrl.tasks.flaws import (
 )
 from forkrl.train import Trainer
 from forkrl.train.replay import ReplayBuffer, cosine_decay, cosine_ramp
+from forkrl.types import Trajectory
 from tests.test_trainer import _cfg, _rows
 
 # -- FAPO (§13.5) -------------------------------------------------------------------------------

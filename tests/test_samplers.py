@@ -12,8 +12,8 @@ from forkrl.rollout import SamplerContext, SamplingParams, build_sampler, run_sa
 from forkrl.rollout.arpo import branch_count, segment_entropy
 from forkrl.rollout.engine import EngineStats
 from forkrl.rollout.latr import edit_distance, rouge_l, suffix_match, valid_candidates
-from forkrl.types import Completion, Trajectory
 from forkrl.train.learner import pack
+from forkrl.types import Completion, Trajectory
 from tests.test_envs import CharTokenizer, ScriptedEngine, _env
 
 

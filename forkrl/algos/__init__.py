@@ -9,7 +9,13 @@ ground floor's registry).
 """
 from forkrl.algos import advantages, entropy_losses, losses, selection, tree_advantages  # noqa: F401  (registers the methods)
 from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
-from forkrl.algos.registry import RESERVED, BatchContext, call, hyperparameters, per_turn_index
+from forkrl.algos.registry import (
+    RESERVED,
+    BatchContext,
+    call,
+    hyperparameters,
+    per_turn_index,
+)
 from forkrl.registry import (
     ADVANTAGES,
     LOSSES,

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from forkrl.registry import LEARNER_ARGUMENTS as RESERVED  # what the learner passes a method itself
+from forkrl.registry import (
+    LEARNER_ARGUMENTS as RESERVED,  # what the learner passes a method itself
+)
 from forkrl.registry import hyperparameters as _keyword_parameters
 
 

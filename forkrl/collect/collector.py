@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from forkrl.registry import GATES, REWARD_TERMS
@@ -69,35 +70,30 @@ class CollectContext:
     max_new_tokens: int
     answer_tag: str
     feedback: PolicyFeedback
-    seed_of: object  # (sub: int) -> int, this step's seed for the random choice `sub`
+    seed_of: Callable[[int], int]  # this step's seed for the random choice `sub`
 
     def seed(self, sub: int) -> int:
         return self.seed_of(sub)
 
 
 class Refill:
-    """How a gate asks the collector for more: `fresh()` groups of new prompts, scored and passed
-    through the gates listed before it; `resample(samples, n, ...)` more samples of given prompts."""
+    """How a gate asks the collector for more, within one step: `fresh()` groups of new prompts,
+    scored and passed through the gates listed before it; `resample(samples, n, ...)` more samples
+    of given prompts."""
 
     def __init__(self, collector: Collector, step: int, gate_index: int, round_: int):
         self.collector, self.step, self.gate_index, self.round = collector, step, gate_index, round_
 
     def fresh(self) -> list[list[Trajectory]]:
-        return self.collector._fresh_round(self.step, upto=self.gate_index)
+        return self.collector.fresh_round(self.step, upto=self.gate_index)
 
     def resample(self, samples: list[Sample], n: int | None = None, *, sub: int, tag: str,
                  temperature: float | None = None, observe: bool = True) -> list[list[Trajectory]]:
         """`n` (default: rollout.samples_per_prompt) more samples of each of `samples`, scored, as one
         group per sample. `sub` and `tag` name the call (its seed and its group names); `observe=False`
         keeps them out of the step's rollout metrics (samples at another temperature)."""
-        c = self.collector
-        sub = sub + 10_007 * self.round  # the same gate in a later round draws afresh
-        trajs = c.rollout(samples, c.seed(self.step, sub), f"s{self.step}{tag}" + (f"r{self.round}" if self.round else ""),
-                          temperature=temperature, n=n)
-        c.score(trajs, self.step)
-        if observe:
-            c._generated += trajs
-        return groups_of(trajs)
+        return self.collector.resample(samples, n, step=self.step, round_=self.round, sub=sub, tag=tag,
+                                       temperature=temperature, observe=observe)
 
 
 def build_env(cfg, model, tokenizer, seed_of_call=None):
@@ -214,9 +210,9 @@ class Collector:
 
     def _first_round(self, step: int) -> tuple[list[list[Trajectory]], dict]:
         self._gate_metrics = {}
-        return self._fresh_round(step, len(self.gates)), self._gate_metrics
+        return self.fresh_round(step, len(self.gates)), self._gate_metrics
 
-    def _fresh_round(self, step: int, upto: int) -> list[list[Trajectory]]:
+    def fresh_round(self, step: int, upto: int) -> list[list[Trajectory]]:
         """New prompts' groups, through the first `upto` gates (a later gate's refill, or all of them).
         A gate's metrics are summed over the rounds of the step (gates report counts)."""
         round_ = self._round
@@ -226,6 +222,17 @@ class Collector:
             for k, v in m.items():
                 self._gate_metrics[k] = self._gate_metrics.get(k, 0) + v
         return groups
+
+    def resample(self, samples: list[Sample], n: int | None, *, step: int, round_: int, sub: int, tag: str,
+                 temperature: float | None = None, observe: bool = True) -> list[list[Trajectory]]:
+        """More samples of given prompts for a gate (see `Refill.resample`), scored, one group each."""
+        sub = sub + 10_007 * round_  # the same gate in a later round draws afresh
+        trajs = self.rollout(samples, self.seed(step, sub), f"s{step}{tag}" + (f"r{round_}" if round_ else ""),
+                             temperature=temperature, n=n)
+        self.score(trajs, step)
+        if observe:
+            self._generated += trajs
+        return groups_of(trajs)
 
     def _sample_fresh(self, step: int) -> list[list[Trajectory]]:
         """The step's next fresh prompts, sampled and scored; round k draws with seed `sub` = k."""

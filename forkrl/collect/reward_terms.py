@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from forkrl.algos.schedules import cosine_decay
 from forkrl.algos.selection import overlong_penalty
 from forkrl.registry import register_reward_term
 from forkrl.tasks.flaws import load_detector
-from forkrl.algos.schedules import cosine_decay
 
 
 @register_reward_term("overlong")

@@ -52,7 +52,7 @@ class SwarmBoard:
                 self.posts.pop(old), self.ready.pop(old)
         try:
             await asyncio.wait_for(ready.wait(), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RuntimeError(f"swarm round {round_}: only peers {sorted(posts)} of {self.peers} posted "
                                f"within {self.timeout_s:.0f} s") from None
         return [posts[i] for i in range(self.peers)]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from forkrl.arithmetic import eval_arithmetic
 from forkrl.envs.sandbox import PythonSandbox, SandboxLimits, ToolResult, truncate
-
 from forkrl.registry import TOOLS
 from forkrl.registry import register_tool as _register
 

@@ -32,9 +32,9 @@ def build_engine(rollout, model, tokenizer, seed: int = 0):
 
 
 __all__ = [
+    "ENGINES",
     "SAMPLERS",
     "Completion",
-    "ENGINES",
     "Engine",
     "EngineStats",
     "GenerationRequest",

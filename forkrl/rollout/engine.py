@@ -32,11 +32,17 @@ from transformers import DynamicCache
 
 from forkrl.cpu import tune_allocator
 from forkrl.models.loader import cache_kwarg
+from forkrl.registry import register_engine
 from forkrl.rollout.kernels import decode_kernel
 from forkrl.rollout.prefix_cache import PrefixCache
 from forkrl.rollout.runner import LlamaRunner, unsupported_reason
-from forkrl.registry import register_engine
-from forkrl.types import ENGINE_FEATURES, Completion, EngineStats, GenerationRequest, SamplingParams
+from forkrl.types import (
+    ENGINE_FEATURES,
+    Completion,
+    EngineStats,
+    GenerationRequest,
+    SamplingParams,
+)
 
 
 def adapt_temperature(entropy: torch.Tensor, temperature: torch.Tensor, hapo: torch.Tensor) -> torch.Tensor:

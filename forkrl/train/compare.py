@@ -39,7 +39,11 @@ def _run_data(recipe: str, *, task: dict | None, evaluation: dict, seed: int, bu
     data = read_recipe(recipe)
     name = data.get("name") or Path(recipe).stem
     if task is not None:
-        data["task"] = task
+        # the recipe's reward terms are its method (DAPO's overlong shaping, FAPO's penalty), not its task
+        terms = (data.get("task") or {}).get("reward_terms")
+        data["task"] = dict(task)
+        if terms and "reward_terms" not in task:
+            data["task"]["reward_terms"] = terms
     data["eval"] = evaluation
     data["seed"] = seed
     data["output_dir"] = str(out / name / f"seed{seed}")
