@@ -157,14 +157,12 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _known_sampler_and_engine(self):
-        import inspect
-
         from forkrl.registry import ENGINES, SAMPLERS
         if self.sampler not in SAMPLERS:
             raise ValueError(f"rollout.sampler: unknown sampler {self.sampler!r}; allowed: {SAMPLERS.names()}")
-        try:  # a bad parameter names itself here; nothing is built
-            inspect.signature(SAMPLERS.get(self.sampler)).bind(**self.sampler_params)
-        except TypeError as e:
+        try:  # a bad parameter names itself here, before any weights load (a sampler is a small object)
+            SAMPLERS.get(self.sampler)(**self.sampler_params)
+        except (TypeError, ValueError) as e:
             raise ValueError(f"rollout.sampler_params for {self.sampler!r}: {e}") from None
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine: unknown engine {self.engine!r}; allowed: {ENGINES.names()}")
@@ -404,13 +402,14 @@ class RunConfig(Section):
         """Each gate's and reward term's own `check` hook, with the whole config: a combination that
         cannot work is refused here, naming both sides."""
         from forkrl.registry import GATES, REWARD_TERMS
-        for registry, entries in ((GATES, self.rollout.gates), (REWARD_TERMS, self.task.reward_terms)):
-            for entry in entries:
+        for registry, entries, where in ((GATES, self.rollout.gates, "rollout.gates"),
+                                         (REWARD_TERMS, self.task.reward_terms, "task.reward_terms")):
+            for i, entry in enumerate(entries):
                 params = {k: v for k, v in entry.items() if k != "name"}
                 check = registry.hook(entry["name"], "check")
                 problem = check(self, **params) if check is not None else None
                 if problem:
-                    raise ValueError(problem)
+                    raise ValueError(f"{where}[{i}] ({entry['name']}): {problem}")
         if self.sft.train_path and (self.rollout.gates or self.task.reward_terms):
             raise ValueError("sft.train_path (supervised batches) cannot be used with rollout.gates or "
                              "task.reward_terms, which act on sampled groups")

@@ -51,6 +51,8 @@ def test_a_gate_that_must_come_last_refuses_naming_both():
         build_config({"rollout": {"gates": [{"name": "dars", "n_maxx": 8}]}})
     with pytest.raises(ConfigError, match=r"unknown group gate 'dapo'; allowed: \[.*'dynamic_sampling'"):
         build_config({"rollout": {"gates": ["dapo"]}})
+    with pytest.raises(ConfigError, match=r"rollout.gates\[1\] \(dars\): schedule must be 'et' .* got 'fast'"):
+        build_config({"rollout": {"gates": ["dynamic_sampling", {"name": "dars", "schedule": "fast"}]}})
 
 
 def test_adaptive_temperature_with_an_engine_that_lacks_it_is_refused():

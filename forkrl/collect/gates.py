@@ -30,17 +30,33 @@ from forkrl.rollout.dars import dars_extra
 log = logging.getLogger("forkrl")
 
 
+def _metric_check(cfg, *, metric: str = "correct", **_) -> str | None:
+    return None if metric in ("correct", "reward") else f"metric must be 'correct' or 'reward', got {metric!r}"
+
+
+def _dars_check(cfg, *, schedule: str = "et", metric: str = "correct", n_max: int = 32, **_) -> str | None:
+    if schedule not in ("et", "hw"):
+        return f"schedule must be 'et' (equal treatment) or 'hw' (hardness-weighted), got {schedule!r}"
+    if n_max < 1:
+        return f"n_max must be at least 1, got {n_max}"
+    return _metric_check(cfg, metric=metric)
+
+
+def _roc_check(cfg, *, oversample: int = 2, min_each: int = 2, **_) -> str | None:
+    if oversample < 1 or min_each < 0:
+        return f"oversample must be >= 1 and min_each >= 0, got {oversample}, {min_each}"
+    return None
+
+
 def _value(metric: str):
     return (lambda t: float(t.correct >= 1)) if metric == "correct" else (lambda t: t.reward)
 
 
-@register_gate("dynamic_sampling")
+@register_gate("dynamic_sampling", check=_metric_check)
 def dynamic_sampling(groups, refill, ctx, *, metric: str = "correct", max_gen_batches: int = 10):
     """DAPO dynamic sampling (algorithms.md §1.2): keep only groups whose `metric` (correct | reward)
     varies, refilling with fresh groups until `rollout.prompts_per_step` are kept or
     `max_gen_batches` generation batches were drawn (0 = unlimited; the first batch counts)."""
-    if metric not in ("correct", "reward"):
-        raise ValueError(f"dynamic_sampling metric must be 'correct' or 'reward', got {metric!r}")
     value = _value(metric)
     kept: list = []
     batches = 1
@@ -61,7 +77,7 @@ def dynamic_sampling(groups, refill, ctx, *, metric: str = "correct", max_gen_ba
     return kept, {"dapo/gen_batches": batches, "dapo/kept_groups": len(kept)}
 
 
-@register_gate("dars")
+@register_gate("dars", check=_dars_check)
 def dars(groups, refill, ctx, *, schedule: str = "et", n_max: int = 32, std_normalized: bool = False,
          metric: str = "correct"):
     """DARS' second round (algorithms.md §12.1): ΔN more rollouts for each prompt whose first-round
@@ -90,13 +106,11 @@ def _roc_samples(n: int, *, oversample: int = 2, **_) -> int:
     return n * oversample
 
 
-@register_gate("resample_on_correct", samples_per_prompt=_roc_samples)
+@register_gate("resample_on_correct", samples_per_prompt=_roc_samples, check=_roc_check)
 def resample_on_correct(groups, refill, ctx, *, oversample: int = 2, min_each: int = 2):
     """GRPO-RoC (rStar2-Agent, algorithms.md §13.6): fresh prompts are sampled `oversample` x n times;
     groups whose rewards are all equal are dropped, the others cut to n: failures uniformly, successes
     with the fewest tool errors and format issues (`roc_penalty`), at least `min_each` of each kind."""
-    if oversample < 1 or min_each < 0:
-        raise ValueError(f"resample_on_correct: oversample must be >= 1 and min_each >= 0, got {oversample}, {min_each}")
     n = ctx.samples_per_prompt
     gen = torch.Generator().manual_seed(ctx.seed(5))
     kept = []
@@ -115,7 +129,7 @@ def resample_on_correct(groups, refill, ctx, *, oversample: int = 2, min_each: i
 def _entropy_target_check(cfg, **_) -> str | None:
     names = [g["name"] for g in cfg.rollout.gates]
     if names[-1] != "entropy_target":
-        return (f"rollout.gates: entropy_target must come last (it replaces rows of the step's final batch), "
+        return (f"entropy_target must come last (it replaces rows of the step's final batch), "
                 f"but {names[-1]!r} follows it")
     if cfg.train.old_logprobs == "sampling":
         return ("train.old_logprobs='sampling' cannot be used with the entropy_target gate (it samples at other "
