@@ -187,14 +187,12 @@ class Collector:
         self.engine.weights_updated()
 
     def state_dict(self) -> dict:
-        return {"positions": self.positions.state_dict(), "version": self.version,
-                "feedback": dataclasses.asdict(self.feedback),
-                "sampler": getattr(self.sampler, "state", None)}
+        """Where the data stream is and what the sampler carries across steps (APRIL's groups in
+        flight). The policy version and feedback are not here: the loop hands them back on resume."""
+        return {"positions": self.positions.state_dict(), "sampler": getattr(self.sampler, "state", None)}
 
     def load_state_dict(self, state: dict) -> None:
         self.positions.load_state_dict(state["positions"])
-        self.version = state["version"]
-        self.feedback = PolicyFeedback(**state["feedback"])
         if state.get("sampler") is not None:
             self.sampler.state = state["sampler"]
 
