@@ -42,18 +42,21 @@ def _learning(history):
 
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_decoupled_run_learns_within_the_staleness_bound(tmp_path, cluster, staleness):
-    cfg = _dist_cfg(tmp_path, f"s{staleness}", 24, staleness)
+    # 28 steps, as the single-process learning test: which worker samples which prompts with which
+    # weights depends on timing, and at 24 steps one run in four stayed under the bar (gains 0.17-0.46)
+    steps = 28
+    cfg = _dist_cfg(tmp_path, f"s{staleness}", steps, staleness)
     summary, ledger = _train(cfg)
     gain, rewards = _learning(summary["history"])
     assert gain > 0.2, " ".join(f"{r:.2f}" for r in rewards)  # as the single-process learning test
     lags = [entry["update"] - 1 - v for entry in summary["versions"] for v in entry["token_versions"]]
-    assert len(summary["versions"]) == 24
+    assert len(summary["versions"]) == steps
     if staleness == 0:  # every trained token was sampled by the policy this update starts from
         assert set(lags) == {0}
     else:  # none older than one version, and the overlap really happened
         assert set(lags) <= {0, 1} and 1 in lags
     trained = ledger["trained"]
-    assert len(trained) == len(set(trained)) == 24 * 4  # 4 prompts a step, none twice
+    assert len(trained) == len(set(trained)) == steps * 4  # 4 prompts a step, none twice
     assert sorted(trained) == list(range(len(trained)))  # no gaps
 
 
