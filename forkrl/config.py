@@ -155,6 +155,12 @@ class RolloutConfig(Section):
             need["adaptive_temperature"] = "rollout.adaptive_temperature (HAPO)"
         return need
 
+    def unsupported_features(self, supports) -> list[str]:
+        """One message per needed feature that an engine supporting `supports` lacks."""
+        return [f"{who} needs the engine feature {feature!r}, which rollout.engine={self.engine} does not support "
+                f"(it supports: {sorted(supports)})"
+                for feature, who in self.engine_features().items() if feature not in supports]
+
     @model_validator(mode="after")
     def _known_sampler_and_engine(self):
         from forkrl.registry import ENGINES, SAMPLERS
@@ -166,11 +172,9 @@ class RolloutConfig(Section):
             raise ValueError(f"rollout.sampler_params for {self.sampler!r}: {e}") from None
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine: unknown engine {self.engine!r}; allowed: {ENGINES.names()}")
-        supports = ENGINES.get(self.engine).supports
-        for feature, who in self.engine_features().items():
-            if feature not in supports:
-                raise ValueError(f"{who} needs the engine feature {feature!r}, which rollout.engine={self.engine} "
-                                 f"does not support (it supports: {sorted(supports)})")
+        problems = self.unsupported_features(ENGINES.get(self.engine).supports)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

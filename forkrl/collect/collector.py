@@ -96,9 +96,10 @@ class Refill:
                                        temperature=temperature, observe=observe)
 
 
-def build_env(cfg, model, tokenizer, seed_of_call=None):
+def build_env(cfg, model, tokenizer, seed_of_call: Callable[[], int]):
     """The tool env of `cfg.env` (None when disabled). ZeroSearch's simulated search gets a frozen
-    language model that writes the documents: `model` in its config, else a copy of the policy."""
+    language model that writes the documents: `model` in its config, else a copy of the policy;
+    `seed_of_call()` seeds each of its calls (the current policy version)."""
     if not cfg.env.enabled:
         return None
     from forkrl.envs import ToolEnv
@@ -113,13 +114,10 @@ def build_env(cfg, model, tokenizer, seed_of_call=None):
             sim_model, sim_tok = copy.deepcopy(model).eval(), tokenizer
         sim_engine = TorchEngine(sim_model, sim_tok, max_batch_size=cfg.rollout.max_batch_size)
         sim_params = SamplingParams(temperature=0.7, max_tokens=128)
-        calls = [0]
 
         def generate(prompts):
             ids = [sim_tok(p)["input_ids"] for p in prompts]
-            seed = seed_of_call() if seed_of_call is not None else calls[0]
-            calls[0] += 1
-            outs = sim_engine.generate([GenerationRequest(i, sim_params) for i in ids], seed=seed)
+            outs = sim_engine.generate([GenerationRequest(i, sim_params) for i in ids], seed=seed_of_call())
             return [o[0].text for o in outs]
         context["generate"] = generate
     # `model` configures the document writer above, not the tool

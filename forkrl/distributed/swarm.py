@@ -49,7 +49,7 @@ class SwarmBoard:
         if len(posts) == self.peers:
             ready.set()
             for old in [r for r in self.posts if r < round_ - 1]:  # every peer has left those rounds
-                self.posts.pop(old), self.ready.pop(old)
+                del self.posts[old], self.ready[old]
         try:
             await asyncio.wait_for(ready.wait(), self.timeout_s)
         except TimeoutError:

@@ -24,10 +24,9 @@ def build_engine(rollout, model, tokenizer, seed: int = 0):
     """The registered engine a config's `rollout` section asks for (`rollout.engine`); refused, before
     anything loads, when the recipe needs a sampling feature the engine does not declare."""
     cls = ENGINES.get(rollout.engine)
-    missing = {f: who for f, who in rollout.engine_features().items() if f not in cls.supports}
-    if missing:
-        raise ValueError("; ".join(f"{who} needs the engine feature {f!r}, which rollout.engine={rollout.engine} "
-                                   f"does not support" for f, who in missing.items()))
+    problems = rollout.unsupported_features(cls.supports)
+    if problems:
+        raise ValueError("; ".join(problems))
     return ENGINES.hook(rollout.engine, "build")(rollout, model, tokenizer, seed=seed)
 
 
