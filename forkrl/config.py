@@ -18,8 +18,10 @@ from pydantic import (
     model_validator,
 )
 
+from forkrl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem, with the dotted field name and what is allowed."""
 
 
@@ -35,7 +37,10 @@ class ModelConfig(Section):
 
 class RewardConfig(Section):
     name: str = "correct"               # built-in: correct | format | tool_answer; else a label for `function`
-    function: str | None = None         # "module:function" with TRL's signature
+    function: str | None = None         # "module:function" or "file.py:function": TRL's or verl's signature
+    # how it is called: trl (keywords prompts, completions, completion_ids, columns), verl (compute_score's
+    # data_source, solution_str, ground_truth, extra_info); auto: recognised from the signature
+    style: Literal["auto", "trl", "verl"] = "auto"
     weight: float = 1.0
     params: dict[str, Any] = Field(default_factory=dict)  # keyword arguments bound to the function
 
@@ -58,14 +63,17 @@ def _check_methods(entries: list, registry, where: str) -> list[dict]:
 
 
 class TaskConfig(Section):
-    source: str = "reasoning_gym"       # a registered task source: reasoning_gym | file | a plugin's
-    dataset: str | None = "chain_sum"   # reasoning-gym dataset name
-    dataset_config: dict[str, Any] = Field(default_factory=dict)
+    source: str = "reasoning_gym"       # a registered task source: reasoning_gym | file | hf | a plugin's
+    dataset: str | None = "chain_sum"   # reasoning-gym dataset name; hf: a hub name, a local file or saved folder
+    split: str = "train"                # hf: the training split
+    eval_split: str | None = None       # hf: the held-out split (None: a content-hash split of the training one)
+    dataset_config: dict[str, Any] = Field(default_factory=dict)  # reasoning-gym options; hf: load_dataset kwargs
     train_size: int = Field(1000, gt=0)
     eval_size: int = Field(100, gt=0)
-    train_path: str | None = None       # file source: .jsonl / .parquet
+    train_path: str | None = None       # file source: .jsonl / .json / .parquet
     eval_path: str | None = None
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"        # text, or chat messages (TRL's conversational format, verl's parquet)
+    # dotted for nested fields; at "answer" also tries reward_model.ground_truth, ground_truth, solution
     answer_field: str | None = "answer"
     system_prompt: str | None = None
     prompt_template: str = "{prompt}"
@@ -93,8 +101,8 @@ class TaskConfig(Section):
     def _source_fields(self):
         if self.source == "file" and not self.train_path:
             raise ValueError("task.train_path is required when task.source is 'file'")
-        if self.source == "reasoning_gym" and not self.dataset:
-            raise ValueError("task.dataset is required when task.source is 'reasoning_gym'")
+        if self.source in ("reasoning_gym", "hf") and not self.dataset:
+            raise ValueError(f"task.dataset is required when task.source is {self.source!r}")
         if "{prompt}" not in self.prompt_template:
             raise ValueError("task.prompt_template must contain '{prompt}'")
         return self

@@ -1,5 +1,5 @@
 """Reading what users give forkrl: data rows with file:line errors, and `module:function` references.
-Part of the ground floor: imports nothing from forkrl."""
+Part of the ground floor: imports only forkrl.errors."""
 from __future__ import annotations
 
 import importlib
@@ -7,6 +7,8 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+
+from forkrl.errors import DataError
 
 
 def load_function(ref: str) -> Callable:
@@ -35,23 +37,35 @@ def load_function(ref: str) -> Callable:
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a .jsonl/.json/.parquet file; a bad row names file and line."""
+    """(line number, row) pairs from a .jsonl, .json (JSON Lines or one array of objects; an array's
+    rows are numbered by position) or .parquet file; a bad row names file and line."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}")
     if path.suffix == ".parquet":
         import pandas as pd
         return [(i + 1, row) for i, row in enumerate(pd.read_parquet(path).to_dict("records"))]
-    rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    text = path.read_text()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        rows = []
+        for i, row in enumerate(items, 1):
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+                raise DataError(f"{path}: item {i} of the array is a {type(row).__name__}, not a JSON object")
+            rows.append((i, row))
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
     return rows

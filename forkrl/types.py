@@ -18,6 +18,9 @@ class Sample:
     prompt: str                      # the user turn
     answer: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    # the prompt as chat messages when the data gave it so (TRL's conversational format); `prompt` is
+    # then the last user turn
+    messages: list[dict[str, Any]] | None = None
     # where the collector drew it in the training stream (data position), so a run can account for every
     # prompt exactly once across workers and restarts; None outside training
     position: int | None = None

@@ -69,7 +69,7 @@ def test_file_task_bad_rows_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         file_task(bad)
     missing = _write(tmp_path / "missing.jsonl", [{"prompt": "a", "answer": "1"}, {"question": "b", "answer": "2"}])
-    with pytest.raises(ValueError, match=r"missing.jsonl:2: row has no text field 'prompt'"):
+    with pytest.raises(ValueError, match=r"missing.jsonl:2: row has no text or chat-message field 'prompt'"):
         file_task(missing)
 
 
@@ -110,6 +110,6 @@ def test_failing_reward_function_names_the_sample():
 def test_reward_function_returning_nan_is_an_error():
     samples = [Sample("x", "p", "1")]
     task = Task("t", samples, [], verifier=lambda s, c: 0.0,
-                rewards=[WeightedReward("nan", lambda p, c, **k: [float("nan")])])
+                rewards=[WeightedReward("nan", lambda prompts, completions, **k: [float("nan")])])
     with pytest.raises(RewardFunctionError, match="returned nan for sample 'x'"):
         task.score(samples, ["1"])

@@ -51,8 +51,9 @@ def rollout_metrics(generated: list[Trajectory], tool_tags: list[str] | None = N
         "response/clip_frac": float(np.mean([t.finish == "length" for t in generated])),
         "rollout/entropy": float(np.mean([e for t in generated for e, m in zip(t.entropies, t.loss_mask) if m])),
     }
-    for name in generated[0].rewards:
-        metrics[f"reward/{name}"] = float(np.mean([t.rewards[name] for t in generated]))
+    for name in generated[0].rewards:  # over the trajectories each function applies to (None: NaN, left out)
+        applied = [t.rewards[name] for t in generated if not math.isnan(t.rewards[name])]
+        metrics[f"reward/{name}"] = float(np.mean(applied)) if applied else math.nan
     if tool_tags:
         metrics.update(tool_metrics(generated, list(tool_tags)))
     metrics.update(entropy_stats(generated))
