@@ -1,5 +1,9 @@
-"""Command line: `forkrl train|sft CONFIG [key=value ...] [--resume] [--ray]`, `forkrl eval CONFIG [key=value ...]`,
-`forkrl report RUN_DIR`, `forkrl compare RECIPE... [--task T] [--seeds S] [--budget B]`."""
+"""Command line: `forkrl train|sft RECIPE [key=value ...] [--resume | --overwrite] [--ray]`,
+`forkrl eval RUN_DIR|RECIPE [key=value ...]`, `forkrl config RECIPE [key=value ...]`, `forkrl report RUN_DIR`,
+`forkrl compare RECIPE... [--task T] [--seeds S] [--budget B]`.
+
+A mistake in what the user gave (config, data, reward, model path, run directory, a missing optional
+package) prints one `forkrl: ...` line and exits 2, before any weights load; `--debug` shows the traceback."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +12,8 @@ import logging
 import sys
 import time
 
-from forkrl.config import ConfigError, load_config
+from forkrl.config import ConfigError, dump_config, load_config
+from forkrl.errors import UserError
 
 
 def _setup(threads: int | None) -> None:
@@ -31,6 +36,8 @@ def cmd_train(args, sft: bool = False) -> int:
         cfg.algo.loss, cfg.algo.loss_params = "nll", {}
     elif cfg.sft.train_path:
         raise ConfigError("sft.train_path is set: run this recipe with `forkrl sft`")
+    from forkrl.train.run_dir import prepare_output_dir
+    prepare_output_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
     start = time.perf_counter()
     if getattr(args, "ray", False) or cfg.distributed.swarm.enabled:
         from forkrl.distributed import (
@@ -44,12 +51,16 @@ def cmd_train(args, sft: bool = False) -> int:
             return 0
         return _report(cfg, summary, start)
     trainer = Trainer(cfg)
+    again = f"forkrl {args.command} {args.config} {' '.join(args.overrides)}".rstrip() + " --resume"
     try:
         summary = trainer.train(resume=args.resume)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; resume with: forkrl {args.command} {args.config} {' '.join(args.overrides)} --resume",
-              file=sys.stderr)
+        print(f"\ninterrupted; resume with: {again}", file=sys.stderr)
         return 130
+    except UserError as e:  # a reward, tool or data problem mid-run: the last completed step was saved
+        saved = trainer.loop.last_saved_step
+        where = f"; step {saved} is saved: fix it and continue with {again}" if saved else ""
+        raise UserError(f"{e}{where}") from e
     return _report(cfg, summary, start)
 
 
@@ -72,12 +83,39 @@ def cmd_sft(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """A run's trained model with the run's config (RUN_DIR, or RUN_DIR/config.yaml), or a recipe's
+    model as it is; a run's scores and every generation go to RUN_DIR/eval/."""
     from forkrl.train import Trainer
+    from forkrl.train.run_dir import find_run, trained_model
 
-    cfg = load_config(args.config, args.overrides)
+    run = find_run(args.config)
+    cfg = load_config(run / "config.yaml" if run else args.config, args.overrides)
+    kind, where = trained_model(run) if run else ("base", None)
+    if kind == "final":  # the exported model is merged: LoRA is already in its weights
+        cfg.model.name, cfg.model.lora = str(where), None
+    if run:
+        cfg.output_dir = str(run)
     trainer = Trainer(cfg)  # the same evaluation as in training, tools included
-    res = trainer.evaluate()
-    print(json.dumps({"model": cfg.model.name, "task": trainer.task.name, **res}, indent=1))
+    if kind == "checkpoint":
+        trainer.resume()
+    res = trainer.evaluate(generations=True)
+    generations = res.pop("generations")
+    result = {"model": str(where) if where else cfg.model.name, "trained": kind != "base", "task": trainer.task.name,
+              **res}
+    if run:
+        out = run / "eval"
+        out.mkdir(exist_ok=True)
+        (out / "scores.json").write_text(json.dumps(result, indent=1))
+        with (out / "generations.jsonl").open("w") as f:
+            f.writelines(json.dumps(g) + "\n" for g in generations)
+        result["written"] = [str(out / "scores.json"), str(out / "generations.jsonl")]
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_config(args) -> int:
+    """The resolved config, every default written out, as a YAML recipe."""
+    print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
 
@@ -94,6 +132,9 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     from forkrl.metrics.report import write_report
+    from forkrl.train.run_dir import find_run
+    if find_run(args.run_dir) is None:
+        raise UserError(f"{args.run_dir} is not a run directory (forkrl report takes a run's output_dir)")
     print(write_report(args.run_dir))
     return 0
 
@@ -101,15 +142,19 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkrl", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error, not one line")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, helptext in (("train", cmd_train, "run RL training from a YAML recipe"),
                                ("sft", cmd_sft, "supervised fine-tuning on conversations (sft.train_path)"),
-                               ("eval", cmd_eval, "held-out accuracy and pass@k of a model")):
+                               ("eval", cmd_eval, "held-out accuracy of a run's trained model (RUN_DIR) or a recipe's"),
+                               ("config", cmd_config, "print the resolved config (defaults included) as YAML")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+        p.add_argument("config", help="run directory (eval) or YAML recipe, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 model.name=tiny-random")
         if name in ("train", "sft"):
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace the run in output_dir (forkrl's files there only)")
         if name == "train":
             p.add_argument("--ray", action="store_true",
                            help="decoupled rollout workers and learner on Ray (the distributed section; pip install 'forkrl[ray]')")
@@ -130,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup(args.threads)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"forkrl: {e}", file=sys.stderr)
+    except UserError as e:
+        if args.debug:
+            raise
+        print("forkrl: " + " ".join(str(e).split("\n")), file=sys.stderr)
         return 2
 
 

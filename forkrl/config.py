@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -293,7 +294,9 @@ class TrainConfig(Section):
     # bf16 matmuls with float32 master weights; "auto": on where the CPU/GPU has native bf16 units
     # (AVX-512 BF16 / AMX) and the model has >= 10M parameters, as rollout.engine_dtype=auto
     bf16_autocast: bool | Literal["auto"] = "auto"
-    checkpoint_every: int = Field(0, ge=0)       # 0: only at the end and on Ctrl-C
+    # auto: at every evaluation or every 50 steps, whichever comes first; 0: only at the end, on Ctrl-C
+    # and after a failed step (a failure always keeps the last completed step)
+    checkpoint_every: Literal["auto"] | NonNegativeInt = Field("auto", union_mode="left_to_right")
     max_nonfinite: int = Field(3, gt=0)          # stop after this many non-finite losses in a row
 
 
@@ -410,6 +413,13 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _groups_to_compare(self):
+        if self.rollout.samples_per_prompt == 1 and not self.sft.train_path:
+            raise ValueError(f"rollout.samples_per_prompt=1: algo.advantage={self.algo.advantage!r} compares the "
+                             "samples of one prompt with each other, so every advantage would be 0; use 2 or more")
+        return self
+
+    @model_validator(mode="after")
     def _methods_fit_the_run(self):
         """Each gate's and reward term's own `check` hook, with the whole config: a combination that
         cannot work is refused here, naming both sides."""
@@ -438,20 +448,85 @@ def _section_fields(loc: tuple) -> list[str] | None:
     return sorted(getattr(model, "model_fields", {}) or []) or None
 
 
+def all_keys(model: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted config key, sections included (`train.lr`, `rollout.vllm.dtype`, ...)."""
+    model = model or RunConfig
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        out.append(key)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += all_keys(field.annotation, key + ".")
+    return out
+
+
+# what TRL's GRPOConfig and verl's ppo_trainer.yaml call forkrl's keys (the last part of a key is matched)
+FOREIGN_KEYS = {
+    "learning_rate": ("TRL", "train.lr"), "num_generations": ("TRL", "rollout.samples_per_prompt"),
+    "beta": ("TRL", "algo.kl_coef"), "epsilon": ("TRL", "algo.loss_params.clip_low (ppo_clip)"),
+    "epsilon_high": ("TRL", "algo.loss_params.clip_high (ppo_clip)"),
+    "loss_type": ("TRL", "algo.agg (dapo/bnpo -> token-mean, grpo -> seq-mean-token-mean, "
+                         "dr_grpo -> seq-mean-token-sum-norm)"),
+    "max_completion_length": ("TRL", "rollout.max_new_tokens"), "max_steps": ("TRL", "train.steps"),
+    "num_iterations": ("TRL", "train.epochs"), "max_grad_norm": ("TRL", "train.grad_clip"),
+    "lr_scheduler_type": ("TRL", "train.schedule"), "scale_rewards": ("TRL", "algo.advantage_params.norm_by_std"),
+    "per_device_train_batch_size": ("TRL", "rollout.prompts_per_step x rollout.samples_per_prompt"),
+    "model_name_or_path": ("TRL", "model.name"), "save_steps": ("TRL", "train.checkpoint_every"),
+    "report_to": ("TRL", "log.tensorboard / log.wandb_project"), "reward_weights": ("TRL", "task.rewards[].weight"),
+    "ppo_mini_batch_size": ("verl", "train.mini_batches, a count: rollout.prompts_per_step / ppo_mini_batch_size"),
+    "ppo_epochs": ("verl", "train.epochs"), "train_batch_size": ("verl", "rollout.prompts_per_step"),
+    "response_length": ("verl", "rollout.max_new_tokens"), "total_training_steps": ("verl", "train.steps"),
+    "kl_loss_coef": ("verl", "algo.kl_coef"), "kl_loss_type": ("verl", "algo.kl_estimator"),
+    "use_kl_loss": ("verl", "algo.kl_coef > 0"), "entropy_coeff": ("verl", "algo.entropy_coef"),
+    "clip_ratio": ("verl", "algo.loss_params.clip_low and clip_high (ppo_clip)"),
+    "clip_ratio_low": ("verl", "algo.loss_params.clip_low"), "clip_ratio_high": ("verl", "algo.loss_params.clip_high"),
+    "clip_ratio_c": ("verl", "algo.loss_params.clip_c"), "loss_agg_mode": ("verl", "algo.agg (the same values)"),
+    "adv_estimator": ("verl", "algo.advantage"), "n": ("verl", "rollout.samples_per_prompt"),
+    "ppo_micro_batch_size_per_gpu": ("verl", "train.micro_batch_size"),
+    "lora_rank": ("verl", "model.lora.r"), "lora_r": ("TRL/peft", "model.lora.r"),
+}
+
+
+def suggest_key(key: str) -> str:
+    """A hint for an unknown dotted key: forkrl's name for a TRL/verl key, else the closest key."""
+    import difflib
+    last = key.rsplit(".", 1)[-1]
+    if last in FOREIGN_KEYS:
+        who, ours = FOREIGN_KEYS[last]
+        return f"{who}'s {last} is forkrl's {ours}"
+    keys = all_keys()
+    close = ([k for k in keys if k.rsplit(".", 1)[-1] == last][:1]  # the same name in another section
+             or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+             or [k for k in keys if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8)][:1])
+    return f"did you mean {close[0]}?" if close else ""
+
+
 def _format(err: ValidationError) -> str:
-    lines = []
+    parts = []
+    union: dict[str, list[str]] = {}  # a union field (auto | int) reports each branch: one line for all
     for e in err.errors():
         loc = tuple(e["loc"])
+        if loc and isinstance(loc[-1], str) and ("[" in loc[-1] or "-" in loc[-1]):
+            key = ".".join(str(p) for p in loc[:-1])
+            if key not in union:
+                union[key] = []
+                parts.append(f"{key}: got {e.get('input')!r}; allowed: " + "{" + key + "}")
+            union[key].append(e["msg"].replace("Input should be ", ""))
+            continue
         name = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
+            hint = suggest_key(name)
             allowed = _section_fields(loc)
-            lines.append(f"unknown config key {name!r}" + (f"; allowed here: {', '.join(allowed)}" if allowed else ""))
+            parts.append(f"unknown config key {name!r}" + (f": {hint}" if hint else "")
+                         + (f" (allowed here: {', '.join(allowed)})" if allowed else ""))
         elif e["type"] == "literal_error":
-            lines.append(f"{name}: got {e.get('input')!r}; {e['msg'].replace('Input should be', 'allowed:')}")
+            parts.append(f"{name}: got {e.get('input')!r}; {e['msg'].replace('Input should be', 'allowed:')}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{name}: {msg}" + (f" (got {e.get('input')!r})" if e["type"] != "value_error" else ""))
-    return "invalid config:\n  " + "\n  ".join(lines)
+            parts.append(f"{name}: {msg}" + (f" (got {e.get('input')!r})" if e["type"] != "value_error" else ""))
+    for key, branches in union.items():
+        parts = [p.replace("{" + key + "}", " or ".join(branches)) for p in parts]
+    return "invalid config: " + "; ".join(parts)
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -553,3 +628,8 @@ def read_recipe(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     return build_config(read_recipe(path) if path is not None else {}, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as a YAML recipe (every default written out; `load_config` reads it back)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=110)

@@ -33,3 +33,14 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     """verl's custom reward function signature; a dict with a score, as verl allows."""
     assert extra_info is not None and "index" in extra_info, extra_info  # verl passes the row's extra_info
     return {"score": 1.0 if ground_truth in solution_str else 0.0, "data_source": data_source}
+
+
+BATCHES_SCORED = {"n": 0}
+
+
+def fails_on_the_third_batch(prompts, completions, **_):
+    """A reward whose server goes down at the third batch it scores (tests reset BATCHES_SCORED)."""
+    BATCHES_SCORED["n"] += 1
+    if BATCHES_SCORED["n"] == 3:
+        raise RuntimeError("the reward server is down")
+    return [0.0] * len(completions)

@@ -4,8 +4,31 @@ from forkrl.config import ConfigError, build_config, load_config
 
 
 def test_unknown_key_names_the_field_and_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'; allowed here: .*\blr\b"):
-        build_config({}, ["train.learning_rate=1e-5"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.steps_total': did you mean train.steps\? "
+                                          r"\(allowed here: .*\blr\b"):
+        build_config({}, ["train.steps_total=3"])
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("train.learning_rate=1e-5", "TRL's learning_rate is forkrl's train.lr"),
+    ("num_generations=4", "TRL's num_generations is forkrl's rollout.samples_per_prompt"),
+    ("algo.beta=0.04", "TRL's beta is forkrl's algo.kl_coef"),
+    ("algo.epsilon=0.2", "TRL's epsilon is forkrl's algo.loss_params.clip_low"),
+    ("algo.loss_type=dapo", "forkrl's algo.agg \(dapo/bnpo -> token-mean"),
+    ("train.ppo_mini_batch_size=4", "verl's ppo_mini_batch_size is forkrl's train.mini_batches, a count"),
+    ("train.temperature=0.7", "did you mean rollout.temperature\?"),
+    ("rollout.sample_per_prompt=4", "did you mean rollout.samples_per_prompt\?"),
+])
+def test_unknown_keys_suggest_forkrls_name(override, hint):
+    """TRL's and verl's names, and near misses in any section, point at forkrl's key, in one line."""
+    with pytest.raises(ConfigError, match=hint) as e:
+        build_config({}, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_one_sample_per_prompt_with_a_group_advantage_is_refused():
+    with pytest.raises(ConfigError, match="samples_per_prompt=1: algo.advantage='grpo' compares"):
+        build_config({}, ["rollout.samples_per_prompt=1"])
 
 
 def test_bad_literal_lists_allowed_values():

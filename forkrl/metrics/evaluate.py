@@ -65,7 +65,7 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
     (the trainer passes its multi-turn tool rollout); with tools, `eval/tool_use_frac` is reported."""
     samples = list(task.eval if samples is None else samples)
     if not samples:
-        raise ValueError(f"task {task.name} has no held-out samples to evaluate on")
+        raise ValueError(f"task {task.name} has no held-out samples to evaluate on")  # tasks refuse this earlier
     generate = generate or _single_turn(engine)
     prompts = [task.prompt_ids(s, engine.tokenizer) for s in samples]
     greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop or []))
@@ -97,5 +97,11 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
         result[f"eval/maj@{n_samples}_ci"] = mean_interval(votes)
         if tools:
             result["eval/sampled_tool_use_frac"] = sum(bool(c.tool_calls) for o in outs for c in o) / len(flat_correct)
-    result["examples"] = [{"prompt": s.prompt, "answer": s.answer, "completion": t} for s, t in zip(samples[:3], texts[:3])]
+    # every completion, greedy first: `forkrl eval` writes them next to the scores
+    result["generations"] = [{"sample_id": s.id, "prompt": s.prompt, "answer": s.answer, "greedy": True,
+                              "completion": t, "correct": c} for s, t, c in zip(samples, texts, correct)]
+    if n_samples > 0:
+        result["generations"] += [{"sample_id": s.id, "prompt": s.prompt, "answer": s.answer, "greedy": False,
+                                   "completion": x, "correct": c}
+                                  for s, x, c in zip(flat_samples, texts_flat, flat_correct)]
     return result

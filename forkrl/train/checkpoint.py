@@ -33,8 +33,14 @@ def load_trainable_state(model, weights: dict[str, torch.Tensor], source: str = 
             params[n].copy_(w)
 
 
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
-                    methods: dict | None = None) -> Path:
+                    methods: dict | None = None, rng: dict | None = None) -> Path:
+    """`rng`: the random states to record (default: the current ones; the loop passes those of the
+    step's start when it saves after a failed step)."""
     root = out_dir / "checkpoints"
     path = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -42,8 +48,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "weights.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-               tmp / "rng.pt")
+    torch.save(rng or rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     torch.save(methods or {}, tmp / "methods.pt")
     shutil.rmtree(path, ignore_errors=True)

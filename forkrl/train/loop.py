@@ -13,6 +13,7 @@ that never stopped.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from forkrl.config import dump_config
 from forkrl.metrics import make_sinks
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.tools import tool_metrics
-from forkrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from forkrl.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from forkrl.train.learner import NonFiniteLoss
 from forkrl.types import RolloutBatch, Trajectory
 
@@ -87,6 +89,7 @@ class Loop:
         self.history: list[dict] = []
         self.last_generated: list[Trajectory] = []
         self._stop_requested = False
+        self.last_saved_step = 0   # the step of the newest checkpoint this loop wrote or resumed from
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> dict:
@@ -135,6 +138,13 @@ class Loop:
         self.step_idx = step
         return metrics
 
+    def checkpoint_every(self) -> int:
+        """train.checkpoint_every; "auto": at every evaluation or every 50 steps, whichever comes first."""
+        every = self.cfg.train.checkpoint_every
+        if every == "auto":
+            return min(self.cfg.eval.every, 50) if self.cfg.eval.every else 50
+        return every
+
     def budget_spent(self) -> bool:
         """train.token_budget: stop once this many tokens have been sampled (steps stays an upper bound)."""
         budget = self.cfg.train.token_budget
@@ -166,11 +176,38 @@ class Loop:
         self.totals = dict(state["totals"])
         self.law_points = [list(p) for p in state["law_points"]]
 
-    def save(self) -> Path:
-        components = {"loop": self.state_dict(), "learner": self.learner.state_dict(),
-                      "source": self.source.state_dict()}
+    def save(self, snapshot: dict | None = None) -> Path:
+        """A checkpoint of the last completed step: the live state, or `snapshot` (taken when the step
+        that failed began: the weights are still those of the last completed step)."""
+        components = snapshot["components"] if snapshot else self._components()
         lr = self.learner
-        return save_checkpoint(self.out, self.step_idx, lr.model, lr.optimizer, lr.scheduler, {}, methods=components)
+        path = save_checkpoint(self.out, self.step_idx, lr.model, lr.optimizer, lr.scheduler, {}, methods=components,
+                               rng=snapshot["rng"] if snapshot else None)
+        self.last_saved_step = self.step_idx
+        return path
+
+    def _components(self) -> dict:
+        return {"loop": self.state_dict(), "learner": self.learner.state_dict(), "source": self.source.state_dict()}
+
+    def _snapshot(self) -> dict:
+        """What a step may change before its update is applied, so a step that fails can be undone."""
+        return {"components": copy.deepcopy(self._components()), "rng": rng_state(),
+                "optimizer_steps": _optimizer_steps(self.learner.optimizer)}
+
+    def _save_after_failure(self, snapshot: dict | None) -> None:
+        """Keep the last completed step when a reward, tool, loss or evaluation raises."""
+        if self.step_idx <= self.last_saved_step:
+            return
+        if snapshot is not None and _optimizer_steps(self.learner.optimizer) != snapshot["optimizer_steps"]:
+            log.error("step %d failed after part of its update was applied; the checkpoint of step %d stays "
+                      "the latest", self.step_idx + 1, self.last_saved_step)
+            return
+        try:
+            path = self.save(snapshot)
+            log.warning("step %d failed; saved step %d to %s (continue with --resume)", self.step_idx + 1,
+                        self.step_idx, path)
+        except Exception:  # the original error matters more than this one
+            log.exception("could not save a checkpoint after the failure")
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.out)
@@ -178,7 +215,7 @@ class Loop:
             return False
         lr = self.learner
         state = load_checkpoint(path, lr.model, lr.optimizer, lr.scheduler)
-        self.step_idx = state["step"]
+        self.step_idx = self.last_saved_step = state["step"]
         components = state["methods"]
         self.load_state_dict(components["loop"])
         self.learner.load_state_dict(components["learner"])
@@ -200,13 +237,15 @@ class Loop:
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+        (self.out / "config.yaml").write_text(dump_config(cfg))
         resumed = self.resume() if resume else False
         if resume and not resumed:
             log.info("no checkpoint in %s; starting from scratch", self.out)
         sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None)
         sample_log = SampleLog(self.out / "samples.jsonl", self.step_idx if resumed else None)
         summary: dict = {}
+        every = self.checkpoint_every()
+        snapshot = None
         # Ctrl-C handling needs the main thread (a Ray actor may run us elsewhere)
         main = threading.current_thread() is threading.main_thread()
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if main else None
@@ -219,7 +258,9 @@ class Loop:
                 log.info("held-out before training: %s", _fmt(before))
             bar = _progress(cfg, self.step_idx)
             while self.step_idx < cfg.train.steps and not self.budget_spent():
+                snapshot = self._snapshot()
                 metrics = self.step()
+                snapshot = None  # the step completed: a later failure keeps the live state
                 step = self.step_idx
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                     metrics.update(self.evaluate())
@@ -239,7 +280,7 @@ class Loop:
                     raise NonFiniteLoss(
                         f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient (last at step "
                         f"{step}); stopping. Lower train.lr, enable train.grad_clip, or check the rewards.")
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                if every and step % every == 0:
                     self.save()
                 if self._stop_requested:
                     path = self.save()
@@ -256,6 +297,9 @@ class Loop:
                 s.write(self.step_idx, after)
             self.save()
             summary["export"] = str(self.export())
+        except BaseException:
+            self._save_after_failure(snapshot)
+            raise
         finally:
             if main:
                 signal.signal(signal.SIGINT, old_handler)
@@ -292,3 +336,13 @@ def _progress(cfg, start: int):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+
+
+def _optimizer_steps(optimizer) -> float:
+    """How many steps the optimizer has taken (its first parameter's count; 0 before the first)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if step is not None:
+                return float(step)
+    return 0.0

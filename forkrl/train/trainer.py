@@ -20,7 +20,7 @@ import torch
 from forkrl.collect import Collector, DemoCollector, build_env
 from forkrl.config import RunConfig
 from forkrl.metrics import evaluate
-from forkrl.models import load_policy
+from forkrl.models import check_model_spec, load_policy
 from forkrl.rollout import build_engine
 from forkrl.tasks import Task, build_task
 from forkrl.train.learner import Learner
@@ -49,6 +49,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_before_loading(cfg: RunConfig, model_given: bool = False) -> None:
+    """The run's inputs besides the task (which `build_task` checks): the model path, LoRA options,
+    the SFT data and optional dependencies. Raises a one-line UserError; loads nothing heavy."""
+    import importlib.util
+
+    from forkrl.errors import DataError, missing_dependency
+    if not model_given:
+        check_model_spec(cfg.model.name, cfg.model.lora)
+    if cfg.sft.train_path and not Path(cfg.sft.train_path).exists():
+        raise DataError(f"sft.train_path: data file not found: {cfg.sft.train_path}")
+    if cfg.log.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise missing_dependency("wandb", "wandb", "log.wandb_project")
+    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise missing_dependency("vllm", "gpu", "rollout.engine=vllm")
+
+
 class Trainer:
     """A run: its parts (`model`, `tokenizer`, `task`, `engine`, `env`, `source`, `learner`) and its
     `loop`. `source` replaces the default batch source (the Ray learner passes its rollout client);
@@ -59,12 +75,14 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         seed_everything(cfg.seed)
+        # everything a user can get wrong is checked before any weights load
+        self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
+        check_before_loading(cfg, model_given=model is not None)
         if model is None:
             model, tokenizer = load_policy(cfg.model.name, dtype=cfg.model.dtype, lora=cfg.model.lora, seed=cfg.seed)
         self.model, self.tokenizer = model, tokenizer
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
         self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.seed)
         self.env = build_env(cfg, model, tokenizer, seed_of_call=lambda: self.loop.step_idx)
         t = cfg.train
@@ -116,14 +134,16 @@ class Trainer:
         return self.loop.resume()
 
     # -- evaluation and export --------------------------------------------------------------------
-    def evaluate(self) -> dict:
+    def evaluate(self, generations: bool = False) -> dict:
+        """Held-out metrics; with `generations`, also every completion under "generations"."""
         e, r = self.cfg.eval, self.cfg.rollout
         samples = self.task.eval[:e.size] if e.size else self.task.eval
         res = evaluate(self.engine, self.task, samples, max_new_tokens=e.max_new_tokens or r.max_new_tokens,
                        stop=r.stop, pass_k=e.pass_k, n_samples=e.samples, temperature=e.temperature,
                        seed=self.cfg.seed + 17, generate=self._tool_rollout if self.env is not None else None,
                        tools=self.env is not None)
-        res.pop("examples", None)
+        if not generations:
+            res.pop("generations", None)
         return res
 
     def _tool_rollout(self, prompts, samples, params, seed, groups=None):

@@ -1,0 +1,68 @@
+"""A run's output directory: what a run leaves there, refusing to write over it, finding its model again.
+
+    OUTPUT/config.yaml        the resolved config (a recipe: `forkrl train OUTPUT/config.yaml` repeats the run)
+    OUTPUT/metrics.jsonl      per-step metrics;   samples.jsonl: a few completions per step, token by token
+    OUTPUT/checkpoints/       step_NNNNNN/ and `latest` (forkrl.train.checkpoint)
+    OUTPUT/tensorboard/       event files;   summary.json: held-out before/after, steps
+    OUTPUT/final/             the trained model (merged), README.md its model card;   adapter/: LoRA adapters
+    OUTPUT/eval/              `forkrl eval OUTPUT`: scores.json and generations.jsonl
+    OUTPUT/report.html        `forkrl report OUTPUT`, with report/ for its PNGs
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from forkrl.errors import RunDirError
+
+# what marks a directory as holding a run, and what --overwrite removes (nothing else is touched)
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "config.yaml", "report.html")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "final", "adapter", "eval", "report")
+
+
+def holds_run(out: Path) -> bool:
+    out = Path(out)
+    return any((out / f).exists() for f in ("metrics.jsonl", "summary.json", "checkpoints"))
+
+
+def prepare_output_dir(out: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an output directory that holds a run unless the user chose to continue it (--resume)
+    or replace it (--overwrite, which removes forkrl's own files there and nothing else)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in output_dir and --overwrite replaces it: choose one")
+    if not holds_run(out) or resume:
+        return
+    if not overwrite:
+        found = [f for f in ("metrics.jsonl", "checkpoints", "summary.json") if (out / f).exists()]
+        raise RunDirError(f"output_dir {out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                          f"replace it with --overwrite, or choose another output_dir=...")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def find_run(path: str | Path) -> Path | None:
+    """The run directory `path` names: the directory itself, or the one holding a config.yaml given
+    as `path`; None when `path` is not part of a run (a recipe)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name == "config.yaml" else None
+    if folder is not None and (folder / "config.yaml").exists() and holds_run(folder):
+        return folder
+    if path.is_dir():
+        what = "has no config.yaml" if not (path / "config.yaml").exists() else "has no metrics or checkpoints"
+        raise RunDirError(f"{path} is not a forkrl run: it {what} (give a run's output_dir or a YAML recipe)")
+    return None
+
+
+def trained_model(run: Path) -> tuple[str, Path | None]:
+    """Where a run's trained weights are: ("final", OUTPUT/final) when the run finished, else
+    ("checkpoint", the latest checkpoint)."""
+    from forkrl.train.checkpoint import latest_checkpoint
+    if (run / "final" / "config.json").exists():
+        return "final", run / "final"
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        return "checkpoint", ckpt
+    raise RunDirError(f"{run} has no trained model yet (neither final/ nor a checkpoint)")
