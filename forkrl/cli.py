@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from forkrl.config import ConfigError, dump_config, load_config
+from forkrl.config import ConfigError, ModelConfig, dump_config, load_config
 from forkrl.errors import UserError
 
 
@@ -29,11 +29,11 @@ def _setup(threads: int | None) -> None:
 def cmd_train(args, sft: bool = False) -> int:
     from forkrl.train import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    # SFT trains with the NLL loss whatever loss the recipe names (its parameters go with it)
+    cfg = load_config(args.config, args.overrides + (["algo.loss=nll", "algo.loss_params={}"] if sft else []))
     if sft:
         if not cfg.sft.train_path:
             raise ConfigError("forkrl sft needs sft.train_path: a .jsonl/.parquet file of {\"messages\": [...]} rows")
-        cfg.algo.loss, cfg.algo.loss_params = "nll", {}
     elif cfg.sft.train_path:
         raise ConfigError("sft.train_path is set: run this recipe with `forkrl sft`")
     from forkrl.train.run_dir import prepare_output_dir
@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
     cfg = load_config(run / "config.yaml" if run else args.config, args.overrides)
     kind, where = trained_model(run) if run else ("base", None)
     if kind == "final":  # the exported model is merged: LoRA is already in its weights
-        cfg.model.name, cfg.model.lora = str(where), None
+        cfg.model = ModelConfig(name=str(where), dtype=cfg.model.dtype)
     if run:
         cfg.output_dir = str(run)
     trainer = Trainer(cfg)  # the same evaluation as in training, tools included

@@ -34,6 +34,15 @@ class ModelConfig(Section):
     name: str = "smollm2-135m"          # smollm2-135m | tiny-random | HF folder/hub id | file.gguf
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora: dict[str, Any] | None = None  # peft.LoraConfig kwargs, e.g. {r: 16, lora_alpha: 32}
+    # with LoRA, what the run exports: merged (OUTPUT/final, a plain model), adapter (OUTPUT/adapter, for
+    # peft's PeftModel.from_pretrained on the base model) or both
+    export: Literal["merged", "adapter", "both"] = "merged"
+
+    @model_validator(mode="after")
+    def _adapters_need_lora(self):
+        if self.export != "merged" and not self.lora:
+            raise ValueError(f"model.export={self.export!r} exports LoRA adapters, but model.lora is not set")
+        return self
 
 
 class RewardConfig(Section):
@@ -345,7 +354,9 @@ class SFTConfig(Section):
 
 class LogConfig(Section):
     tensorboard: bool = True                     # when tensorboard is installed
-    wandb_project: str | None = None
+    wandb_project: str | None = None             # a resumed run continues the same wandb run (OUTPUT/wandb_id)
+    # the names TensorBoard and wandb get: forkrl's, or verl's/TRL's where they have one (forkrl/metrics/names.py)
+    metric_names: Literal["forkrl", "verl", "trl"] = "forkrl"
     progress: bool = True
     # trained tokens whose full next-token distributions are kept before and after each update, to log
     # the measured entropy change next to its first-order prediction (algorithms.md §4); 0 = off

@@ -166,3 +166,50 @@ def test_config_prints_a_recipe_that_loads_back(tmp_path, capsys):
     path.write_text(text)
     assert load_config(path) == load_config("configs/dapo.yaml", ["train.lr=3e-6"])
     assert yaml.safe_load(text)["train"]["lr"] == 3e-6
+
+
+def test_eval_run_dir_scores_the_trained_model_and_lora_adapters_load_with_peft(tmp_path, capsys):
+    """SFT teaches tiny-random to answer 7 (every answer of the task): the run's model scores what the
+    base model cannot, `forkrl eval RUN_DIR` finds it, and the exported adapters equal the merged model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "sevens.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about the number {i}.", "answer": "7"}) + "\n"
+                               for i in range(40)))
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {i}."},
+                                                      {"role": "assistant", "content": "7"}]}) + "\n" for i in range(16)))
+    run = tmp_path / "sft"
+    common = ["task.source=file", f"task.train_path={prompts}", "task.eval_size=8", "task.extractor=last_number",
+              "task.system_prompt=", "task.prompt_template=Tell me about {prompt}",
+              "rollout.max_new_tokens=4"] + TINY
+    assert main(["sft", "configs/quickstart.yaml", f"sft.train_path={demos}", "sft.batch_size=8", "train.steps=25",
+                 "train.lr=3e-2", "model.lora={r: 16, lora_alpha: 32, target_modules: all-linear}",
+                 "model.export=both", f"output_dir={run}"] + common) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["eval", "configs/quickstart.yaml", f"output_dir={tmp_path}/base"] + common) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert trained["trained"] and not base["trained"] and trained["model"] == str(run / "final")
+    assert trained["eval/accuracy"] >= base["eval/accuracy"] + 0.5, (trained, base)
+    gens = [json.loads(line) for line in open(run / "eval" / "generations.jsonl")]
+    assert len(gens) == trained["eval/n_prompts"] and sum(g["correct"] for g in gens) / len(gens) == trained["eval/accuracy"]
+    # a run's config.yaml names the run too (it used to evaluate the base model)
+    assert main(["eval", str(run / "config.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out)["eval/accuracy"] == trained["eval/accuracy"]
+    # the adapters, on the base model, are the merged model
+    merged = AutoModelForCausalLM.from_pretrained(run / "final")
+    base_model = AutoModelForCausalLM.from_pretrained(run / "final")  # same architecture; base weights below
+    from forkrl.models import load_policy
+    tiny, _ = load_policy("tiny-random", seed=0)
+    base_model.load_state_dict(tiny.state_dict())
+    adapted = PeftModel.from_pretrained(base_model, run / "adapter")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+    card = (run / "final" / "README.md").read_text()
+    assert "base_model: tiny-random" in card and "| accuracy |" in card
+    assert "library_name: peft" in (run / "adapter" / "README.md").read_text()

@@ -80,12 +80,17 @@ def test_bad_budget_names_the_allowed_forms(tmp_path, capsys):
     assert "steps=N or tokens=N" in capsys.readouterr().err
 
 
-def test_a_shared_task_keeps_each_recipes_reward_terms(tmp_path):
-    """--task replaces the task, not the method: DAPO's overlong shaping stays (unless the task file sets terms)."""
+def test_a_shared_task_keeps_each_recipes_rewards_and_reward_terms(tmp_path):
+    """--task replaces the task, not the method: DAPO's +1/-1 rewards and overlong shaping stay (unless
+    the task file sets them)."""
     from forkrl.train.compare import _run_data
     data, _ = _run_data("configs/dapo.yaml", task={"dataset": "chain_sum"}, evaluation={}, seed=0, budget=None,
                         out=tmp_path, overrides=[])
-    assert data["task"] == {"dataset": "chain_sum", "reward_terms": [{"name": "overlong", "buffer": 8, "factor": 1.0}]}
-    data, _ = _run_data("configs/dapo.yaml", task={"dataset": "chain_sum", "reward_terms": []}, evaluation={},
+    assert data["task"] == {"dataset": "chain_sum", "reward_terms": [{"name": "overlong", "buffer": 8, "factor": 1.0}],
+                            "rewards": [{"name": "correct", "weight": 2.0},
+                                        {"function": "forkrl.tasks.rewards:constant_minus_one", "name": "offset",
+                                         "weight": 1.0}]}
+    data, _ = _run_data("configs/dapo.yaml", task={"dataset": "chain_sum", "reward_terms": [],
+                                                   "rewards": [{"name": "correct"}]}, evaluation={},
                         seed=0, budget=None, out=tmp_path, overrides=[])
-    assert data["task"]["reward_terms"] == []
+    assert data["task"]["reward_terms"] == [] and data["task"]["rewards"] == [{"name": "correct"}]

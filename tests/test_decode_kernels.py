@@ -206,3 +206,19 @@ def test_the_portable_build_computes_what_this_build_computes(kernel, tmp_path):
                           portable.add_rms_norm(x.clone(), delta, w, 1e-5, torch.float32), atol=1e-5)
     gate_up = torch.randn(3, 64, generator=g)
     assert torch.allclose(kernel.silu_mul(gate_up), portable.silu_mul(gate_up), atol=1e-6)
+
+
+def test_the_build_cache_is_keyed_by_the_whole_compile_command(monkeypatch, tmp_path):
+    """Two environments on one machine keep two builds instead of rebuilding each other's."""
+    import sys
+
+    from forkrl.rollout import kernels
+    monkeypatch.setenv("FORKRL_CACHE", str(tmp_path))
+    here = kernels._build_dir()
+    assert kernels._build_dir() == here  # stable
+    monkeypatch.setattr(sys, "executable", "/other/venv/bin/python")
+    assert kernels._build_dir() != here
+    monkeypatch.undo()
+    monkeypatch.setenv("FORKRL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_CFLAGS", kernels._CFLAGS + ["-g"])
+    assert kernels._build_dir() != here

@@ -29,7 +29,27 @@ def test_report_from_a_tiny_run(report):
     pngs = sorted(p.name for p in (report.parent / "report").glob("*.png"))
     assert {"reward.png", "entropy.png", "entropy_change.png", "clipping.png", "length.png"} <= set(pngs)
     assert page.count('title="H = ') > 10                                 # tokens shaded by entropy
-    assert "Fitted law" in page or "needs three held-out evaluations" in page
+    # a summary first: recipe, held-out before/after, wall time, final entropy, the law
+    head = page[:page.index('<div class="grid">')]
+    for row in ("recipe", "held-out accuracy", "wall time", "final sampling entropy", "entropy–reward law"):
+        assert f"<th>{row}</th>" in head
+    assert re.search(r"\d\.\d{3} before → \d\.\d{3} after", head)
+    assert re.search(r"predicted ceiling|no fit|needs three held-out evaluations", head)
+    assert page.count("<figcaption>") == len(images)  # one caption per plot
+
+
+def test_a_law_against_its_sign_is_no_fit(tmp_path):
+    """Accuracy that rises with entropy contradicts R = -a exp(H) + b: the report says so, no ceiling."""
+    import json
+    rows = [{"step": i, "rollout/entropy": h, "eval/accuracy": acc, "reward/mean": acc, "time/total_s": 10.0 * i}
+            for i, (h, acc) in enumerate([(0.2, 0.1), (0.5, 0.3), (0.9, 0.6), (1.2, 0.8)])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "config.yaml").write_text("name: rising\n")
+    from forkrl.metrics.report import write_report
+    page = write_report(tmp_path).read_text()
+    assert "no fit: held-out accuracy rose with entropy" in page and "predicted ceiling" not in page
+    assert not (tmp_path / "report" / "entropy_law.png").exists()
+    assert "0.100 before → 0.800 after" in page and "30 s" in page
 
 
 def _chromium() -> str | None:
@@ -73,3 +93,24 @@ def _has_playwright() -> bool:
         return True
     except ImportError:
         return False
+
+
+def test_metric_names_for_verl_and_trl_dashboards():
+    from forkrl.metrics.names import rename
+    m = {"reward/mean": 0.5, "reward/std": 0.1, "reward/correct": 0.4, "response_length/mean": 12.0,
+         "response/clip_frac": 0.25, "policy/entropy": 1.5, "clip/low_frac": 0.01, "clip/high_frac": 0.02,
+         "kl": 0.003, "lr": 1e-5, "adv/zero_std_groups_frac": 0.5, "time/sampling_s": 3.0, "eval/accuracy": 0.7,
+         "entropy/p90": 2.0}
+    trl = rename(m, "trl", {"correct"})
+    assert trl["reward"] == 0.5 and trl["reward_std"] == 0.1 and trl["rewards/correct/mean"] == 0.4
+    assert trl["completions/mean_length"] == 12.0 and trl["completions/clipped_ratio"] == 0.25
+    assert trl["entropy"] == 1.5 and trl["clip_ratio/low_mean"] == 0.01 and trl["clip_ratio/region_mean"] == 0.03
+    assert trl["frac_reward_zero_std"] == 0.5 and trl["learning_rate"] == 1e-5 and trl["eval_accuracy"] == 0.7
+    verl = rename(m, "verl", {"correct"}, task="chain_sum")
+    assert verl["critic/score/mean"] == 0.5 and verl["response_length/clip_ratio"] == 0.25
+    assert verl["actor/entropy"] == 1.5 and verl["actor/pg_clipfrac"] == 0.03 and "clip/low_frac" not in verl
+    assert verl["actor/kl_loss"] == 0.003 and verl["timing_s/gen"] == 3.0
+    assert verl["val-core/chain_sum/accuracy"] == 0.7
+    for renamed in (trl, verl):  # nothing is dropped: a metric without a counterpart keeps its name
+        assert renamed["entropy/p90"] == 2.0
+    assert rename(m, "forkrl") == m

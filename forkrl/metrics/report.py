@@ -63,6 +63,8 @@ def _law_figure(rows, plt):
     if len(pts) < 3 or len({round(h, 9) for h, _ in pts}) < 3:
         return None, None
     law = fit_entropy_law([h for h, _ in pts], [a for _, a in pts])
+    if law.a <= 0:  # accuracy rising with entropy contradicts R = -a exp(H) + b: no ceiling to read off
+        return None, law
     import numpy as np
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.scatter([h for h, _ in pts], [a for _, a in pts], label="evaluations")
@@ -71,7 +73,6 @@ def _law_figure(rows, plt):
     ax.axhline(law.ceiling, linestyle="--", color="gray", label=f"ceiling {law.ceiling:.3f} ± {law.ceiling_se:.3f}")
     ax.set_xlabel("entropy (nats)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("Entropy–reward law")
     ax.legend(fontsize=8)
     return fig, law
 
@@ -88,6 +89,39 @@ def _shade(tokens: list[str], entropy: list, mask: list[int], top: float) -> str
     return "".join(spans)
 
 
+def _summary_table(run: Path, rows: list[dict], law_text: str) -> str:
+    """The run in a few lines: recipe, model, task, steps, held-out before/after, wall time, final
+    entropy and the fitted ceiling (from config.yaml, summary.json and metrics.jsonl)."""
+    import yaml
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    done = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    evals = [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
+    before = done.get("before", {}).get("eval/accuracy", evals[0]["eval/accuracy"] if evals and evals[0]["step"] == 0
+                                        else None)
+    after = done.get("after", {}).get("eval/accuracy", evals[-1]["eval/accuracy"] if evals else None)
+    steps = [r for r in rows if "reward/mean" in r]
+    wall = next((r["time/total_s"] for r in reversed(rows) if isinstance(r.get("time/total_s"), (int, float))), None)
+    entropy = next((r["rollout/entropy"] for r in reversed(rows) if isinstance(r.get("rollout/entropy"), (int, float))),
+                   None)
+    task = cfg.get("task", {})
+    algo = cfg.get("algo", {})
+    fmt = (lambda v, spec=".3f": "–" if v is None else format(v, spec))
+    lines = [
+        ("recipe", f"{cfg.get('name', run.name)}" + (f" ({cfg['paper']})" if cfg.get("paper") else "")),
+        ("method", f"advantage {algo.get('advantage', '?')}, loss {algo.get('loss', '?')}, aggregation "
+                   f"{algo.get('agg', '?')}"),
+        ("model", str(cfg.get("model", {}).get("name", "?"))),
+        ("task", f"{task.get('source', '?')}: {task.get('dataset') or task.get('train_path') or '?'}"),
+        ("steps", f"{steps[-1]['step'] if steps else 0}" + ("" if done else " (not finished)")),
+        ("held-out accuracy", f"{fmt(before)} before → {fmt(after)} after"),
+        ("wall time", "–" if wall is None else f"{wall:.0f} s"),
+        ("final sampling entropy", f"{fmt(entropy)} nats"),
+        ("entropy–reward law", law_text),
+    ]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in lines)
+    return f'<table class="summary">{cells}</table>'
+
+
 def write_report(run_dir: str | Path, samples_per_step: int = 1, max_steps_shown: int = 6) -> Path:
     """Writes RUN_DIR/report.html and RUN_DIR/report/*.png; returns the HTML path."""
     import matplotlib
@@ -101,23 +135,27 @@ def write_report(run_dir: str | Path, samples_per_step: int = 1, max_steps_shown
     png_dir = run / "report"
     png_dir.mkdir(exist_ok=True)
     figures = []
+    from matplotlib.ticker import MaxNLocator
     for name, title, keys in PANELS:
         present = [(k, label) for k, label in keys if _series(rows, k)[0]]
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for k, label in present:
+        # series that coincide (reward = accuracy under a 0/1 reward) stay apart: own line style and marker
+        for (k, label), style, marker, width in zip(present, ("-", "--", ":"), ("o", "s", "^"), (2.6, 1.6, 1.2)):
             x, y = _series(rows, k)
-            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+            ax.plot(x, y, linestyle=style, linewidth=width, marker=marker if len(x) < 30 else None, markersize=4,
+                    markerfacecolor="none", label=label)
         ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         figures.append((name, title, png_bytes(fig)))
         plt.close(fig)
     fig, law = _law_figure(rows, plt)
     if fig is not None:
-        figures.append(("entropy_law", "Entropy–reward law", png_bytes(fig)))
+        figures.append(("entropy_law", "Entropy–reward law: held-out accuracy against sampling entropy",
+                        png_bytes(fig)))
         plt.close(fig)
     for name, _, data in figures:
         (png_dir / f"{name}.png").write_bytes(data)
@@ -134,12 +172,15 @@ def write_report(run_dir: str | Path, samples_per_step: int = 1, max_steps_shown
                 f'<div class="sample"><div class="meta">step {step} · reward {s["reward"]:.3g} · '
                 f'{"correct" if s.get("correct") else "wrong"} · {html.escape(s.get("prompt", "")[:160])}</div>'
                 f'<div class="tokens">{_shade(s["tokens"], s["entropy"], s["mask"], top)}</div></div>')
-    last = rows[-1]
-    summary = {k: last[k] for k in ("step", "eval/accuracy", "eval/pass@1", "rollout/entropy") if k in last}
-    law_line = (f"<p>Fitted law: R = {-law.a:+.3g}·exp(H) {law.b:+.3g}; predicted ceiling at H = 0: "
-                f"{law.ceiling:.3f} ± {law.ceiling_se:.3f} ({law.n} evaluations).</p>" if law else
-                "<p>The entropy–reward law needs three held-out evaluations at different entropies "
-                "(set <code>eval.every</code>).</p>")
+    if law is None:
+        law_text = "needs three held-out evaluations at different entropies (set eval.every)"
+    elif law.a <= 0:
+        law_text = (f"no fit: held-out accuracy rose with entropy (a = {law.a:.3g} over {law.n} evaluations), "
+                    "against R = −a·exp(H) + b with a > 0")
+    else:
+        law_text = (f"R = {-law.a:+.3g}·exp(H) {law.b:+.3g}; predicted ceiling at H = 0: {law.ceiling:.3f} ± "
+                    f"{law.ceiling_se:.3f} ({law.n} evaluations)")
+    summary_html = _summary_table(run, rows, law_text)
     imgs = figures_html([(t, d) for _, t, d in figures])
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>forkrl report: {html.escape(run.name)}</title>
@@ -147,14 +188,15 @@ def write_report(run_dir: str | Path, samples_per_step: int = 1, max_steps_shown
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 1em; }} figure {{ margin: 0; }} img {{ max-width: 560px; }}
 figcaption {{ font-size: 0.85em; color: #555; }}
+table.summary {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+table.summary th {{ text-align: left; padding: 0.2em 1.2em 0.2em 0; color: #555; font-weight: normal; }}
 .sample {{ border: 1px solid #ddd; border-radius: 6px; padding: 0.6em; margin: 0.8em 0; }}
 .meta {{ font-size: 0.8em; color: #666; margin-bottom: 0.4em; }}
 .tokens {{ font-family: ui-monospace, monospace; font-size: 0.9em; line-height: 1.7; }}
 .obs {{ color: #1a5fb4; background: #eef4ff; }}
 </style></head><body>
 <h1>forkrl report: {html.escape(run.name)}</h1>
-<p>Last logged: {html.escape(json.dumps(summary))}</p>
-{law_line}
+{summary_html}
 <div class="grid">{imgs}</div>
 <h2>Sampled completions</h2>
 <p>Each generated token is shaded by its entropy at sampling time (darker = more uncertain; hover for

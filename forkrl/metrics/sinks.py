@@ -6,6 +6,8 @@ import logging
 import math
 from pathlib import Path
 
+from forkrl.metrics.names import rename
+
 log = logging.getLogger(__name__)
 
 
@@ -49,12 +51,12 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    def __init__(self, project: str, name: str, config: dict, resume: bool):
+    def __init__(self, project: str, name: str, config: dict, run_id: str):
         try:
             import wandb
         except ImportError as e:
             raise ImportError("log.wandb_project is set but wandb is not installed: pip install 'forkrl[wandb]'") from e
-        self.run = wandb.init(project=project, name=name, config=config, resume="allow" if resume else None)
+        self.run = wandb.init(project=project, name=name, config=config, id=run_id, resume="allow")
 
     def write(self, step: int, metrics: dict) -> None:
         self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -63,16 +65,48 @@ class WandbSink:
         self.run.finish()
 
 
+class Renamed:
+    """A sink that receives metrics under another framework's names (log.metric_names)."""
+
+    def __init__(self, sink, scheme: str, reward_names: set[str], task: str):
+        self.sink, self.scheme, self.reward_names, self.task = sink, scheme, reward_names, task
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.sink.write(step, rename(metrics, self.scheme, self.reward_names, self.task))
+
+    def close(self) -> None:
+        self.sink.close()
+
+
 def make_sinks(out_dir: Path, cfg, resume_step: int | None) -> list:
+    """metrics.jsonl always (forkrl's names: the report reads it); TensorBoard and wandb under
+    log.metric_names. A resumed run appends to the same TensorBoard folder and wandb run."""
     sinks: list = [JsonlSink(out_dir / "metrics.jsonl", resume_step)]
+    dashboards: list = []
     if cfg.log.tensorboard:
         try:
-            sinks.append(TensorBoardSink(out_dir / "tensorboard"))
+            dashboards.append(TensorBoardSink(out_dir / "tensorboard"))
         except ImportError:
             log.info("tensorboard not installed; metrics go to metrics.jsonl only")
     if cfg.log.wandb_project:
-        sinks.append(WandbSink(cfg.log.wandb_project, cfg.name, cfg.model_dump(), resume_step is not None))
-    return sinks
+        dashboards.append(WandbSink(cfg.log.wandb_project, cfg.name, cfg.model_dump(), run_id=wandb_run_id(out_dir, fresh=resume_step is None)))
+    if cfg.log.metric_names != "forkrl":
+        names = {r.name if r.name != "correct" or not r.function else r.function.rsplit(":", 1)[-1]
+                 for r in cfg.task.rewards}
+        task = cfg.task.dataset or cfg.name
+        dashboards = [Renamed(d, cfg.log.metric_names, names, task) for d in dashboards]
+    return sinks + dashboards
+
+
+def wandb_run_id(out_dir: Path, fresh: bool) -> str:
+    """The run's wandb id, kept in OUTPUT/wandb_id so --resume continues the same wandb run."""
+    path = out_dir / "wandb_id"
+    if path.exists() and not fresh:
+        return path.read_text().strip()
+    import secrets
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id)
+    return run_id
 
 
 class SampleLog(JsonlSink):

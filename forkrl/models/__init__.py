@@ -1,4 +1,9 @@
 """Loading a policy and its tokenizer (see `load_policy`)."""
-from forkrl.models.loader import EMBEDDED_MODEL, check_model_spec, load_policy, load_tokenizer
+from forkrl.models.loader import (
+    EMBEDDED_MODEL,
+    check_model_spec,
+    load_policy,
+    load_tokenizer,
+)
 
 __all__ = ["EMBEDDED_MODEL", "check_model_spec", "load_policy", "load_tokenizer"]

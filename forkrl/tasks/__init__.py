@@ -1,11 +1,10 @@
 """Prompt sources and verifiable rewards (see `build_task`)."""
 import functools
 
-from forkrl.errors import UserError
+from forkrl.errors import RewardFunctionError, UserError
 from forkrl.io import load_function
 from forkrl.registry import REWARDS, TASK_SOURCES
 from forkrl.tasks.answers import answers_match, extract_answer
-from forkrl.errors import RewardFunctionError
 from forkrl.tasks.task import (
     Sample,
     Task,

@@ -39,11 +39,13 @@ def _run_data(recipe: str, *, task: dict | None, evaluation: dict, seed: int, bu
     data = read_recipe(recipe)
     name = data.get("name") or Path(recipe).stem
     if task is not None:
-        # the recipe's reward terms are its method (DAPO's overlong shaping, FAPO's penalty), not its task
-        terms = (data.get("task") or {}).get("reward_terms")
+        # a recipe's rewards and reward terms are part of its method (DAPO's -1 offset and overlong shaping,
+        # FAPO's penalty), not of its task: they stay unless the task file sets them
+        own = data.get("task") or {}
         data["task"] = dict(task)
-        if terms and "reward_terms" not in task:
-            data["task"]["reward_terms"] = terms
+        for key in ("rewards", "reward_terms"):
+            if key in own and key not in task:
+                data["task"][key] = own[key]
     data["eval"] = evaluation
     data["seed"] = seed
     data["output_dir"] = str(out / name / f"seed{seed}")
@@ -57,8 +59,9 @@ def compare(recipes: list[str], *, task: str | None = None, seeds: int = 2, budg
             out: str = "runs/compare", overrides: list[str] | None = None) -> dict[str, Path]:
     """Trains every recipe with seeds 0..seeds-1 and writes the comparison; returns its file paths.
 
-    task: a YAML file whose `task` section (or, without one, whole content) replaces each recipe's;
-    without it the recipes must already share a task. The first recipe's `eval` section is used for
+    task: a YAML file whose `task` section (or, without one, whole content) replaces each recipe's,
+    except the recipe's rewards and reward terms unless the file sets them; without it the recipes
+    must already share a task. The first recipe's `eval` section is used for
     all, so every run is measured the same way. overrides (key=value) apply to every run.
     """
     from forkrl.train.trainer import Trainer
@@ -105,6 +108,8 @@ def compare(recipes: list[str], *, task: str | None = None, seeds: int = 2, budg
                 gc.collect()
             results.append(read_run(run_dir, name, seed))
     budget_text = (f"{parsed_budget[1]:,} {parsed_budget[0]}" if parsed_budget else "each recipe's own steps")
+    rewards = ("" if task_section is None else " Rewards: the task file's." if "rewards" in task_section
+               else " Rewards: each recipe's own (the task file sets none).")
     description = (f"{len(recipes)} recipes × {seeds} seeds, budget {budget_text}, task from "
-                   f"{task or recipes[0]}, evaluation from {recipes[0]}.")
+                   f"{task or recipes[0]}, evaluation from {recipes[0]}.{rewards}")
     return write_comparison(results, root, description)

@@ -30,7 +30,12 @@ from forkrl.metrics import make_sinks
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.tools import tool_metrics
-from forkrl.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from forkrl.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from forkrl.train.learner import NonFiniteLoss
 from forkrl.types import RolloutBatch, Trajectory
 
@@ -68,13 +73,13 @@ class Loop:
     source:    next_batch / set_policy / state_dict / load_state_dict (forkrl.collect)
     learner:   learn(batch, step) -> (metrics, feedback), state_dict / load_state_dict, model, optimizer,
                scheduler (forkrl.train.learner.Learner)
-    evaluate:  () -> held-out metrics;   export: () -> path of the exported model
+    evaluate:  () -> held-out metrics;   export: (summary) -> path of the exported model
     tool_tags: the env's tool tags (tool-use metrics);  tokenizer: for the logged token samples
     on_step:   hooks called after each step as fn(loop, step, metrics); `request_stop()` ends the run
                after the current step with a checkpoint, as Ctrl-C does
     """
 
-    def __init__(self, cfg, *, source, learner, evaluate: Callable[[], dict], export: Callable[[], Path],
+    def __init__(self, cfg, *, source, learner, evaluate: Callable[[], dict], export: Callable[[dict], Path],
                  tokenizer=None, tool_tags: list[str] | None = None, out_dir: Path | None = None,
                  on_step: list[Callable] | None = None):
         self.cfg, self.source, self.learner = cfg, source, learner
@@ -296,7 +301,7 @@ class Loop:
             for s in sinks:
                 s.write(self.step_idx, after)
             self.save()
-            summary["export"] = str(self.export())
+            summary["export"] = str(self.export(summary))
         except BaseException:
             self._save_after_failure(snapshot)
             raise

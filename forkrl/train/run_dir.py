@@ -16,7 +16,7 @@ from pathlib import Path
 from forkrl.errors import RunDirError
 
 # what marks a directory as holding a run, and what --overwrite removes (nothing else is touched)
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "config.yaml", "report.html")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "config.yaml", "report.html", "wandb_id")
 RUN_FOLDERS = ("checkpoints", "tensorboard", "final", "adapter", "eval", "report")
 
 
@@ -66,3 +66,33 @@ def trained_model(run: Path) -> tuple[str, Path | None]:
     if ckpt is not None:
         return "checkpoint", ckpt
     raise RunDirError(f"{run} has no trained model yet (neither final/ nor a checkpoint)")
+
+
+def write_model_card(folder: Path, cfg, summary: dict, adapter: bool = False) -> Path:
+    """folder/README.md: what was trained, from what, with which recipe, and its held-out scores."""
+    before, after = summary.get("before", {}), summary.get("after", {})
+    rows = []
+    for key in ("eval/accuracy", "eval/pass@1", "eval/sampled_accuracy", "eval/tool_use_frac"):
+        if key in after:
+            old = before.get(key)
+            rows.append(f"| {key.removeprefix('eval/')} | {'-' if old is None else f'{old:.3f}'} | {after[key]:.3f} |")
+    task = cfg.task.dataset if cfg.task.source in ("reasoning_gym", "hf") else cfg.task.train_path
+    load = (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), \"{folder}\")" if adapter
+            else f"AutoModelForCausalLM.from_pretrained(\"{folder}\")")
+    lines = ["---", f"base_model: {cfg.model.name}", f"library_name: {'peft' if adapter else 'transformers'}",
+             f"tags: [forkrl, reinforcement-learning, {cfg.algo.advantage}, {cfg.algo.loss}]", "---", "",
+             f"# {cfg.name}", "",
+             f"{'LoRA adapters for' if adapter else 'A fine-tune of'} `{cfg.model.name}`, trained by forkrl with the "
+             f"recipe `{cfg.name}`" + (f" ({cfg.paper})" if cfg.paper else "") + f" on {cfg.task.source} task "
+             f"`{task}` for {summary.get('steps', '?')} steps: advantage `{cfg.algo.advantage}`, loss `{cfg.algo.loss}`, "
+             f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples per step, "
+             f"lr {cfg.train.lr}.", ""]
+    if rows:
+        n = after.get("eval/n_prompts")
+        lines += [f"Held-out scores ({n} prompts disjoint from training; greedy unless noted):", "",
+                  "| metric | before | after |", "|---|---|---|", *rows, ""]
+    lines += ["Load it with:", "", "```python", load, "```", "",
+              "The full recipe is the run's `config.yaml` (`forkrl train config.yaml` repeats it).", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -153,12 +153,23 @@ class Trainer:
                                    version=self.step_idx)
         return [trajs[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
 
-    def export(self) -> Path:
-        """The trained policy as a Hugging Face folder (LoRA merged), loadable as model.name."""
-        path = self.out / "final"
-        model = self.model
-        if hasattr(model, "merge_and_unload"):
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
+    def export(self, summary: dict | None = None) -> Path:
+        """The trained policy as Hugging Face folders, each with a model card (recipe, held-out scores):
+        OUTPUT/final (LoRA merged; loadable as model.name) and, with model.export adapter|both,
+        OUTPUT/adapter (peft adapters for the base model). Returns the first one written."""
+        from forkrl.train.run_dir import write_model_card
+        mode = self.cfg.model.export if self.cfg.model.lora else "merged"
+        paths = []
+        if mode in ("merged", "both"):
+            model = self.model
+            if hasattr(model, "merge_and_unload"):
+                model = copy.deepcopy(model).merge_and_unload()
+            paths.append(self.out / "final")
+            model.save_pretrained(paths[-1])
+        if mode in ("adapter", "both"):
+            paths.append(self.out / "adapter")
+            self.model.save_pretrained(paths[-1])  # a PeftModel saves its adapters only
+        for path in paths:
+            self.tokenizer.save_pretrained(path)
+            write_model_card(path, self.cfg, summary or {}, adapter=path.name == "adapter")
+        return paths[0]
