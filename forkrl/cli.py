@@ -20,7 +20,7 @@ def _setup(threads: int | None) -> None:
     import torch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("httpx", "transformers", "urllib3"):
+    for noisy in ("httpx", "transformers", "urllib3", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads:
         torch.set_num_threads(threads)

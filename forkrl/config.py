@@ -77,7 +77,8 @@ class TaskConfig(Section):
     dataset: str | None = "chain_sum"   # reasoning-gym dataset name; hf: a hub name, a local file or saved folder
     split: str = "train"                # hf: the training split
     eval_split: str | None = None       # hf: the held-out split (None: a content-hash split of the training one)
-    dataset_config: dict[str, Any] = Field(default_factory=dict)  # reasoning-gym options; hf: load_dataset kwargs
+    dataset_config: dict[str, Any] = Field(default_factory=dict)  # reasoning-gym options
+    load_kwargs: dict[str, Any] = Field(default_factory=dict)     # hf: datasets.load_dataset keywords, e.g. {name: main}
     train_size: int = Field(1000, gt=0)
     eval_size: int = Field(100, gt=0)
     train_path: str | None = None       # file source: .jsonl / .json / .parquet

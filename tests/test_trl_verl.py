@@ -112,3 +112,41 @@ def test_a_json_array_file_loads(tmp_path):
     path.write_text(json.dumps([{"prompt": f"q{i}", "answer": str(i)} for i in range(20)]))
     task = build_task(build_config({"task": {"source": "file", "train_path": str(path), "eval_size": 2}}).task)
     assert len(task.train) + len(task.eval) == 20
+
+
+def test_readme_coming_from_trl_or_verl_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's TRL/verl walk-through: its files written out, its commands run (tiny model)."""
+    import re
+    import runpy
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from forkrl.cli import main
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "README.md").read_text()
+    section = re.search(r"### Coming from TRL or verl(.*?)\n### ", text, re.DOTALL).group(1)
+    files = re.findall(r"```python\n# (\w+\.py)\n(.*?)```", section, re.DOTALL)
+    assert [f for f, _ in files] == ["make_data.py", "my_rewards.py", "verl_reward.py"]
+    for name, body in files:
+        (tmp_path / name).write_text(body)
+    commands = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).strip().splitlines()
+    assert commands[0] == "python make_data.py"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["make_data.py"])
+    runpy.run_path("make_data.py")
+    small = ["model.name=tiny-random", "train.steps=2", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+             "rollout.max_new_tokens=6", "eval.size=4", "eval.at_start=false", "log.progress=false",
+             "log.tensorboard=false"]
+    for line in commands[1:]:
+        argv = shlex.split(line)
+        assert argv[0] == "forkrl"
+        argv = [a.replace("configs/", f"{repo}/configs/") for a in argv[1:]]
+        assert main(argv + small) == 0, capsys.readouterr().err
+        out = json.loads(capsys.readouterr().out)
+        assert out["steps"] == 2
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "trl_sums" / "metrics.jsonl")]
+    assert all(r["reward/brevity"] <= 0 for r in rows if "reward/brevity" in r)
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "verl_sums" / "metrics.jsonl")]
+    assert any("reward/compute_score" in r for r in rows)

@@ -295,8 +295,8 @@ def _from_file(cfg, seed: int = 0, **common) -> Task:
 
 @register_task_source("hf")
 def _from_hf(cfg, seed: int = 0, **common) -> Task:
-    train = load_hf_rows(cfg.dataset, cfg.split, cfg.dataset_config)
-    held_out = load_hf_rows(cfg.dataset, cfg.eval_split, cfg.dataset_config) if cfg.eval_split else None
+    train = load_hf_rows(cfg.dataset, cfg.split, cfg.load_kwargs)
+    held_out = load_hf_rows(cfg.dataset, cfg.eval_split, cfg.load_kwargs) if cfg.eval_split else None
     return rows_task(f"hf/{Path(cfg.dataset).stem if Path(cfg.dataset).exists() else cfg.dataset}", train, held_out,
                      prompt_field=cfg.prompt_field, answer_field=cfg.answer_field, eval_size=cfg.eval_size,
                      extractor=cfg.extractor, **common)
