@@ -78,13 +78,23 @@ def test_a_reward_that_cannot_take_forkrls_arguments_fails_when_the_task_is_buil
 def test_verl_parquet_trains_with_compute_score_and_trl_rewards(tmp_path):
     path = _verl_parquet(tmp_path / "train.parquet")
     summary, rows = _run(tmp_path, {"source": "hf", "dataset": path, "rewards": [
-        {"function": "tests.rewards:compute_score"}, {"function": "tests.rewards:reward_len", "weight": 0.01}]})
+        {"function": "tests.rewards:compute_score"}]})
     assert len(rows) == 2 and summary["steps"] == 2
-    assert all(0.0 <= r["reward/compute_score"] <= 1.0 and r["reward/reward_len"] <= 0 for r in rows)
+    assert all(0.0 <= r["reward/compute_score"] <= 1.0 for r in rows)
     task = build_task(build_config({"task": {"source": "hf", "dataset": path}}).task)
     s = task.train[0]
     assert s.messages is not None and s.answer == str(int(s.prompt.split()[2]) + 1)
     assert s.columns["reward_model"]["style"] == "rule"  # every column reaches the reward functions
+
+
+def test_trl_standard_dataset_trains_with_the_documentations_reward_len(tmp_path):
+    """TRL's standard prompt-only format saved with datasets, and TRL's own example reward."""
+    path = tmp_path / "trl_standard.jsonl"
+    datasets.Dataset.from_list([{"prompt": f"Write about {i}.", "task": "len"} for i in range(30)]).to_json(str(path))
+    summary, rows = _run(tmp_path, {"source": "hf", "dataset": str(path), "rewards": [
+        {"function": "tests.rewards:reward_len"}]})
+    assert len(rows) == 2
+    assert all(r["reward/reward_len"] <= 0.0 and r["reward/mean"] == r["reward/reward_len"] for r in rows)
 
 
 def test_trl_conversational_dataset_trains_with_none_rewards(tmp_path):
