@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -18,7 +19,9 @@ from forkrl.errors import UserError
 
 def _setup(threads: int | None) -> None:
     import torch
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 tells the story; the others only warn
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=("" if rank == 0 else f"[rank {rank}] ") + "%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "transformers", "urllib3", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -37,7 +40,10 @@ def cmd_train(args, sft: bool = False) -> int:
     elif cfg.sft.train_path:
         raise ConfigError("sft.train_path is set: run this recipe with `forkrl sft`")
     from forkrl.train.run_dir import prepare_output_dir
-    prepare_output_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run directory
+        prepare_output_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
+    if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_ranks(args, cfg)
     start = time.perf_counter()
     if getattr(args, "ray", False) or cfg.distributed.swarm.enabled:
         from forkrl.distributed import (
@@ -64,7 +70,35 @@ def cmd_train(args, sft: bool = False) -> int:
     return _report(cfg, summary, start)
 
 
+def _launch_ranks(args, cfg) -> int:
+    """`forkrl train --nproc N`: the same command as N ranks under torchrun (one machine; for several,
+    run torchrun yourself with its rendezvous flags, see the README). The task, rewards and model path
+    are checked here first, so a mistake is one line before any rank starts."""
+    import subprocess
+
+    from forkrl.tasks import build_task
+    from forkrl.train.trainer import check_before_loading
+    build_task(cfg.task, seed=cfg.seed)
+    check_before_loading(cfg)
+    if cfg.rollout.prompts_per_step % args.nproc:
+        raise UserError(f"--nproc {args.nproc}: rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not a "
+                        "multiple of it (each rank collects whole groups of its own)")
+    child, skip = [], False
+    for a in args.raw_argv:  # the same arguments, without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            child.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "forkrl.cli", *child]
+    return subprocess.run(cmd).returncode
+
+
 def _report(cfg, summary: dict, start: float) -> int:
+    if summary.get("export") is None and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the run
     before, after = summary.get("before", {}), summary["after"]
     result = {"name": cfg.name, "steps": summary["steps"], "wall_s": round(time.perf_counter() - start, 1),
               "held_out_accuracy_before": before.get("eval/accuracy"),
@@ -156,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--overwrite", action="store_true",
                            help="replace the run in output_dir (forkrl's files there only)")
         if name == "train":
+            p.add_argument("--nproc", type=int, default=1, metavar="N",
+                           help="N data-parallel ranks on this machine (torchrun; FSDP2 learner, gloo on CPU)")
             p.add_argument("--ray", action="store_true",
                            help="decoupled rollout workers and learner on Ray (the distributed section; pip install 'forkrl[ray]')")
         p.set_defaults(fn=fn)
@@ -171,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write RUN_DIR/report.html (plots, entropy-shaded samples) from a run's logs")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
-    args = parser.parse_args(argv)
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    args = parser.parse_args(raw)
+    args.raw_argv = raw
     _setup(args.threads)
     try:
         return args.fn(args)

@@ -306,8 +306,19 @@ class TrainConfig(Section):
     bf16_autocast: bool | Literal["auto"] = "auto"
     # auto: at every evaluation or every 50 steps, whichever comes first; 0: only at the end, on Ctrl-C
     # and after a failed step (a failure always keeps the last completed step)
+    # where the learner runs: auto (the CPU until the CUDA learner lands) | cpu; under torchrun each rank
+    # joins a gloo process group on an explicit device mesh
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: Literal["auto"] | NonNegativeInt = Field("auto", union_mode="left_to_right")
     max_nonfinite: int = Field(3, gt=0)          # stop after this many non-finite losses in a row
+
+
+    @field_validator("device")
+    @classmethod
+    def _device_built(cls, v):
+        if v == "cuda":
+            raise ValueError("cuda: the CUDA engine and learner are not built yet; use auto or cpu")
+        return v
 
 
 class EvalConfig(Section):

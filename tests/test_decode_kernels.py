@@ -216,7 +216,7 @@ def test_the_build_cache_is_keyed_by_the_whole_compile_command(monkeypatch, tmp_
     monkeypatch.setenv("FORKRL_CACHE", str(tmp_path))
     here = kernels._build_dir()
     assert kernels._build_dir() == here  # stable
-    monkeypatch.setattr(sys, "executable", "/other/venv/bin/python")
+    monkeypatch.setattr(sys, "prefix", "/other/venv")
     assert kernels._build_dir() != here
     monkeypatch.undo()
     monkeypatch.setenv("FORKRL_CACHE", str(tmp_path))

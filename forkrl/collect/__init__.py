@@ -7,6 +7,7 @@ from forkrl.collect.collector import (
     CollectContext,
     Collector,
     LocalPositions,
+    RankPositions,
     Refill,
     build_env,
     derive_seed,
@@ -14,5 +15,5 @@ from forkrl.collect.collector import (
 )
 from forkrl.collect.demos import DemoCollector
 
-__all__ = ["CollectContext", "Collector", "DemoCollector", "LocalPositions", "Refill", "build_env", "derive_seed",
-           "groups_of"]
+__all__ = ["CollectContext", "Collector", "DemoCollector", "LocalPositions", "RankPositions", "Refill", "build_env",
+           "derive_seed", "groups_of"]

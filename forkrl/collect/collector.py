@@ -60,6 +60,21 @@ class LocalPositions:
         self.next = state["next"]
 
 
+class RankPositions(LocalPositions):
+    """One rank's share of the training stream (`forkrl train --nproc N`): when every rank takes k
+    positions at once, rank r gets the r-th k of the N*k a single process would take, so the ranks
+    together draw the prompts one process would, each exactly once."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__()
+        self.rank, self.world = rank, world
+
+    def take(self, k: int) -> list[int]:
+        start = self.next * self.world + self.rank * k
+        self.next += k
+        return list(range(start, start + k))
+
+
 @dataclass
 class CollectContext:
     """What reward terms and gates may read: the step, the recipe's group shape and lengths, the

@@ -56,7 +56,8 @@ def _build_dir() -> Path:
     torch installation whose headers it includes. Two environments on one machine then keep two builds
     instead of rebuilding each other's (PyTorch's loader rebuilds when any of these changed)."""
     from torch.utils.cpp_extension import include_paths
-    parts = [_SOURCE.read_text(), " ".join(_CFLAGS + _LDFLAGS), _compiler(), _cpu_flags(), sys.executable,
+    # sys.prefix, not sys.executable: python, python3 and python3.11 of one environment share a build
+    parts = [_SOURCE.read_text(), " ".join(_CFLAGS + _LDFLAGS), _compiler(), _cpu_flags(), sys.prefix,
              sys.version, torch.__version__, *include_paths()]
     key = hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
     path = cache_dir() / "kernels" / key

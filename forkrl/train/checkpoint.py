@@ -80,3 +80,54 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     methods = path / "methods.pt"
     state["methods"] = torch.load(methods, weights_only=False) if methods.exists() else {}
     return state
+
+
+# -- sharded checkpoints (forkrl train --nproc N): torch.distributed.checkpoint, one folder for all ranks
+def save_sharded_checkpoint(out_dir: Path, step: int, root, optimizer, scheduler, dp, keep: int = 2,
+                            methods: dict | None = None, rng: dict | None = None) -> Path:
+    """Every rank writes its shards of the model and optimizer (DCP, under `sharded/`) and its own
+    `rank{r}.pt` (scheduler, random states, its components' state); rank 0 names it latest. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    root_dir = out_dir / "checkpoints"
+    path, tmp = root_dir / f"step_{step:06d}", root_dir / f".tmp_step_{step:06d}"
+    if dp.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dp.barrier()
+    model_sd, optim_sd = get_state_dict(root, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "sharded"))
+    torch.save({"scheduler": scheduler.state_dict(), "rng": rng or rng_state(), "methods": methods or {}},
+               tmp / f"rank{dp.rank}.pt")
+    dp.barrier()
+    if dp.is_main:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": dp.world}, indent=1))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        (root_dir / "latest").write_text(path.name)
+        for old in sorted(p for p in root_dir.glob("step_*") if p != path)[:-(keep - 1) or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    dp.barrier()
+    return path
+
+
+def load_sharded_checkpoint(path: Path, root, optimizer, scheduler, dp) -> dict:
+    """The inverse of save_sharded_checkpoint, at the same world size. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from forkrl.errors import UserError
+    state = json.loads((path / "state.json").read_text())
+    if state.get("world_size", 1) != dp.world:
+        raise UserError(f"{path} was written by {state.get('world_size', 1)} rank(s); resume it with "
+                        f"--nproc {state.get('world_size', 1)} (this run has {dp.world})")
+    model_sd, optim_sd = get_state_dict(root, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "sharded"))
+    set_state_dict(root, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    mine = torch.load(path / f"rank{dp.rank}.pt", weights_only=False)
+    scheduler.load_state_dict(mine["scheduler"])
+    torch.set_rng_state(mine["rng"]["torch"])
+    random.setstate(mine["rng"]["python"])
+    np.random.set_state(mine["rng"]["numpy"])
+    state["methods"] = mine["methods"]
+    return state

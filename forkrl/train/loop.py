@@ -33,10 +33,13 @@ from forkrl.metrics.tools import tool_metrics
 from forkrl.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from forkrl.train.learner import NonFiniteLoss
+from forkrl.train.parallel import DataParallel
 from forkrl.types import RolloutBatch, Trajectory
 
 log = logging.getLogger("forkrl")
@@ -77,12 +80,16 @@ class Loop:
     tool_tags: the env's tool tags (tool-use metrics);  tokenizer: for the logged token samples
     on_step:   hooks called after each step as fn(loop, step, metrics); `request_stop()` ends the run
                after the current step with a checkpoint, as Ctrl-C does
+    dp:        this process's rank among N (forkrl.train.parallel): rank 0 writes logs and exports and
+               evaluates (the others get its results); the step's metrics are over every rank's
+               trajectories; checkpoints are sharded; a stop on any rank stops all of them
     """
 
     def __init__(self, cfg, *, source, learner, evaluate: Callable[[], dict], export: Callable[[dict], Path],
                  tokenizer=None, tool_tags: list[str] | None = None, out_dir: Path | None = None,
-                 on_step: list[Callable] | None = None):
+                 on_step: list[Callable] | None = None, dp: DataParallel | None = None):
         self.cfg, self.source, self.learner = cfg, source, learner
+        self.dp = dp or DataParallel()
         self.evaluate, self.export, self.tokenizer = evaluate, export, tokenizer
         self.tool_tags = list(tool_tags or [])
         self.out = Path(out_dir if out_dir is not None else cfg.output_dir)
@@ -111,14 +118,17 @@ class Loop:
         return self._account(step, batch, metrics, t0, time.perf_counter() - t1)
 
     def observe(self, batch: RolloutBatch) -> dict:
-        """The batch's own metrics plus what the policy did this step (over everything generated)."""
+        """The batch's own metrics plus what the policy did this step (over everything generated, on
+        every rank)."""
         metrics: dict = dict(batch.metrics)
         if "sampler/trajectories" in metrics:  # ratios of the step's totals, not sums of ratios
             metrics["sampler/tokens_per_trajectory"] = (metrics["sampler/decoded_tokens"] + metrics[
                 "sampler/prefilled_tokens"]) / max(metrics["sampler/trajectories"], 1)
-        self.last_generated = batch.generated
-        if batch.generated:
-            metrics.update(rollout_metrics(batch.generated, self.tool_tags))
+        generated = [t for part in self.dp.gather(batch.generated) for t in part]
+        self.last_generated = generated
+        self._decoded = sum(self.dp.gather(batch.decoded_tokens))
+        if generated:
+            metrics.update(rollout_metrics(generated, self.tool_tags))
         return metrics
 
     def _account(self, step: int, batch: RolloutBatch, metrics: dict, t0: float, t_learn: float) -> dict:
@@ -129,8 +139,8 @@ class Loop:
         else:
             self.nonfinite_streak = 0
         totals = self.totals  # what the run has spent so far (checkpointed, so resumes continue it)
-        totals["sampled_tokens"] += batch.decoded_tokens
-        totals["tool_calls"] += sum(len(t.tool_calls) for t in batch.generated)
+        totals["sampled_tokens"] += self._decoded
+        totals["tool_calls"] += sum(len(t.tool_calls) for t in self.last_generated)
         totals["seconds"] += time.perf_counter() - t0
         metrics.update({"budget/sampled_tokens": float(totals["sampled_tokens"]),
                         "budget/tool_calls": float(totals["tool_calls"]), "time/total_s": totals["seconds"]})
@@ -186,8 +196,12 @@ class Loop:
         that failed began: the weights are still those of the last completed step)."""
         components = snapshot["components"] if snapshot else self._components()
         lr = self.learner
-        path = save_checkpoint(self.out, self.step_idx, lr.model, lr.optimizer, lr.scheduler, {}, methods=components,
-                               rng=snapshot["rng"] if snapshot else None)
+        if self.dp.distributed:
+            path = save_sharded_checkpoint(self.out, self.step_idx, lr.forward, lr.optimizer, lr.scheduler, self.dp,
+                                           methods=components, rng=snapshot["rng"] if snapshot else None)
+        else:
+            path = save_checkpoint(self.out, self.step_idx, lr.model, lr.optimizer, lr.scheduler, {},
+                                   methods=components, rng=snapshot["rng"] if snapshot else None)
         self.last_saved_step = self.step_idx
         return path
 
@@ -202,6 +216,10 @@ class Loop:
     def _save_after_failure(self, snapshot: dict | None) -> None:
         """Keep the last completed step when a reward, tool, loss or evaluation raises."""
         if self.step_idx <= self.last_saved_step:
+            return
+        if self.dp.distributed:  # the other ranks are not here to write their shards
+            log.error("step %d failed on rank %d; the checkpoint of step %d stays the latest", self.step_idx + 1,
+                      self.dp.rank, self.last_saved_step)
             return
         if snapshot is not None and _optimizer_steps(self.learner.optimizer) != snapshot["optimizer_steps"]:
             log.error("step %d failed after part of its update was applied; the checkpoint of step %d stays "
@@ -219,7 +237,14 @@ class Loop:
         if path is None:
             return False
         lr = self.learner
-        state = load_checkpoint(path, lr.model, lr.optimizer, lr.scheduler)
+        if self.dp.distributed:
+            state = load_sharded_checkpoint(path, lr.forward, lr.optimizer, lr.scheduler, self.dp)
+            lr.sync_sampling_weights()
+        elif (path / "sharded").exists():
+            from forkrl.errors import UserError
+            raise UserError(f"{path} is a sharded checkpoint; resume it with the --nproc it was written with")
+        else:
+            state = load_checkpoint(path, lr.model, lr.optimizer, lr.scheduler)
         self.step_idx = self.last_saved_step = state["step"]
         components = state["methods"]
         self.load_state_dict(components["loop"])
@@ -241,38 +266,42 @@ class Loop:
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(dump_config(cfg))
+        main = self.dp.is_main  # rank 0 writes; every rank trains
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.dp.barrier()
         resumed = self.resume() if resume else False
         if resume and not resumed:
             log.info("no checkpoint in %s; starting from scratch", self.out)
-        sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None)
-        sample_log = SampleLog(self.out / "samples.jsonl", self.step_idx if resumed else None)
+        sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None) if main else []
+        sample_log = SampleLog(self.out / "samples.jsonl", self.step_idx if resumed else None) if main else None
         summary: dict = {}
         every = self.checkpoint_every()
         snapshot = None
         # Ctrl-C handling needs the main thread (a Ray actor may run us elsewhere)
-        main = threading.current_thread() is threading.main_thread()
-        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if main else None
+        main_thread = threading.current_thread() is threading.main_thread()
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         try:
             if cfg.eval.at_start and self.step_idx == 0:
-                before = self.evaluate()
+                before = self._evaluate()
                 summary["before"] = before
                 for s in sinks:
                     s.write(0, before)
                 log.info("held-out before training: %s", _fmt(before))
-            bar = _progress(cfg, self.step_idx)
+            bar = _progress(cfg, self.step_idx) if main else None
             while self.step_idx < cfg.train.steps and not self.budget_spent():
                 snapshot = self._snapshot()
                 metrics = self.step()
                 snapshot = None  # the step completed: a later failure keeps the live state
                 step = self.step_idx
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                    metrics.update(self.evaluate())
+                    metrics.update(self._evaluate())
                     metrics.update(self.entropy_law(metrics))
                 for s in sinks:
                     s.write(step, metrics)
-                sample_log.write(step, self._token_samples())
+                if sample_log is not None:
+                    sample_log.write(step, self._token_samples())
                 self.history.append(metrics)
                 if bar is not None:
                     bar.set_postfix({short: f"{metrics[k]:.3g}" for short, k in _BAR_KEYS if k in metrics},
@@ -287,13 +316,13 @@ class Loop:
                         f"{step}); stopping. Lower train.lr, enable train.grad_clip, or check the rewards.")
                 if every and step % every == 0:
                     self.save()
-                if self._stop_requested:
+                if self.dp.max_int(int(self._stop_requested)):  # any rank's Ctrl-C stops every rank
                     path = self.save()
                     log.warning("stopped at step %d; checkpoint %s (continue with --resume)", step, path)
                     raise KeyboardInterrupt
             if bar is not None:
                 bar.close()
-            after = self.evaluate()
+            after = self._evaluate()
             if self.history:  # the final evaluation is the law's last point, at the last step's entropy
                 after.update(self.entropy_law({**after, "rollout/entropy": self.history[-1].get("rollout/entropy")}))
                 after.update({k: v for k, v in self.history[-1].items() if k.startswith("budget/")})
@@ -301,19 +330,25 @@ class Loop:
             for s in sinks:
                 s.write(self.step_idx, after)
             self.save()
-            summary["export"] = str(self.export(summary))
+            summary["export"] = str(self.export(summary)) if main else None
         except BaseException:
             self._save_after_failure(snapshot)
             raise
         finally:
-            if main:
+            if main_thread:
                 signal.signal(signal.SIGINT, old_handler)
             for s in sinks:
                 s.close()
-            sample_log.close()
+            if sample_log is not None:
+                sample_log.close()
         summary["steps"] = self.step_idx
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _evaluate(self) -> dict:
+        """Held-out evaluation: on rank 0 (its engine holds the full policy), shared with every rank."""
+        return self.dp.broadcast(self.evaluate() if self.dp.is_main else None)
 
     def _token_samples(self, k: int = 2) -> list[dict]:
         """The first k trajectories of the last step, as token strings with entropy and mask."""

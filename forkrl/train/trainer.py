@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forkrl.collect import Collector, DemoCollector, build_env
+from forkrl.collect import Collector, DemoCollector, RankPositions, build_env
 from forkrl.config import RunConfig
 from forkrl.metrics import evaluate
 from forkrl.models import check_model_spec, load_policy
 from forkrl.rollout import build_engine
 from forkrl.tasks import Task, build_task
+from forkrl.train.forward import PolicyForward, resolve_autocast
 from forkrl.train.learner import Learner
 from forkrl.train.loop import Loop
+from forkrl.train.parallel import DataParallel
 
 
 def lr_lambda(t):
@@ -65,6 +67,26 @@ def check_before_loading(cfg: RunConfig, model_given: bool = False) -> None:
         raise missing_dependency("vllm", "gpu", "rollout.engine=vllm")
 
 
+def check_data_parallel(cfg: RunConfig, dp: DataParallel, custom_source: bool) -> None:
+    """What cannot run as N ranks yet is refused, in one line (UserError)."""
+    if not dp.distributed:
+        return
+    from forkrl.errors import UserError
+    P = cfg.rollout.prompts_per_step
+    problems = []
+    if P % dp.world:
+        problems.append(f"rollout.prompts_per_step={P} is not a multiple of the {dp.world} ranks (each collects "
+                        "whole groups of its own)")
+    if cfg.sft.train_path:
+        problems.append("forkrl sft (its demonstration batches are not split across ranks yet)")
+    if any(g["name"] == "entropy_target" for g in cfg.rollout.gates):
+        problems.append("the entropy_target gate (it steers on the batch's entropy, which a rank sees only part of)")
+    if custom_source:
+        problems.append("a custom batch source (Ray rollouts, swarm peers)")
+    if problems:
+        raise UserError(f"--nproc {dp.world} cannot run: " + "; ".join(problems))
+
+
 class Trainer:
     """A run: its parts (`model`, `tokenizer`, `task`, `engine`, `env`, `source`, `learner`) and its
     `loop`. `source` replaces the default batch source (the Ray learner passes its rollout client);
@@ -83,8 +105,13 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.seed)
-        self.env = build_env(cfg, model, tokenizer, seed_of_call=lambda: self.loop.step_idx)
+        # one process, or this rank of `forkrl train --nproc N` (torchrun): the learner is then sharded and
+        # the engine samples from its own full copy of the weights, refreshed after every update
+        self.dp = dp = DataParallel.from_env(cfg.train.device)
+        check_data_parallel(cfg, dp, source is not None or wrap_source is not None)
+        sampling_model = copy.deepcopy(model) if dp.distributed else model
+        self.engine = build_engine(cfg.rollout, sampling_model, tokenizer, seed=cfg.seed)
+        self.env = build_env(cfg, sampling_model, tokenizer, seed_of_call=lambda: self.loop.step_idx)
         t = cfg.train
         if cfg.sft.train_path:
             from forkrl.tasks.conversations import load_conversations
@@ -93,6 +120,11 @@ class Trainer:
                 t.steps = math.ceil(cfg.sft.epochs * len(demos) / cfg.sft.batch_size)
             source = source or DemoCollector(demos, batch_size=cfg.sft.batch_size, seed=cfg.seed,
                                              group_by_length=cfg.sft.group_by_length)
+        if source is None and dp.distributed:  # this rank's share of the groups, from its own data positions
+            share = cfg.model_copy(deep=True)
+            share.rollout.prompts_per_step = cfg.rollout.prompts_per_step // dp.world
+            source = Collector(share, task=self.task, engine=self.engine, tokenizer=tokenizer, env=self.env,
+                               positions=RankPositions(dp.rank, dp.world), seed_salt=dp.rank)
         if source is None:
             source = Collector(cfg, task=self.task, engine=self.engine, tokenizer=tokenizer, env=self.env)
         self.source = wrap_source(source) if wrap_source is not None else source
@@ -101,15 +133,21 @@ class Trainer:
             self.ref_model = copy.deepcopy(model).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        temperature = cfg.rollout.temperature or 1.0
+        self.policy = PolicyForward(model, temperature=temperature, chunk=t.logprob_chunk,
+                                    autocast=resolve_autocast(t.bf16_autocast, model))
+        dp.shard(self.policy, model)  # FSDP2 under torchrun; nothing in one process
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
         self.learner = Learner(model, self.optimizer, self.scheduler, cfg, ref_model=self.ref_model,
-                               pad_id=self.engine.pad_id, temperature=cfg.rollout.temperature or 1.0,
-                               max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+                               pad_id=self.engine.pad_id, temperature=temperature,
+                               max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, forward=self.policy, dp=dp,
+                               sampling_model=sampling_model if dp.distributed else None)
+        self.sampling_model = sampling_model
         self.loop = Loop(cfg, source=self.source, learner=self.learner, evaluate=self.evaluate, export=self.export,
                          tokenizer=tokenizer, tool_tags=list(self.env.tools) if self.env is not None else None,
-                         out_dir=self.out)
+                         out_dir=self.out, dp=dp)
 
     # the loop's counters, read by callers and tests
     @property
@@ -161,14 +199,14 @@ class Trainer:
         mode = self.cfg.model.export if self.cfg.model.lora else "merged"
         paths = []
         if mode in ("merged", "both"):
-            model = self.model
+            model = self.sampling_model  # the policy itself in one process; its full copy on each rank
             if hasattr(model, "merge_and_unload"):
                 model = copy.deepcopy(model).merge_and_unload()
             paths.append(self.out / "final")
             model.save_pretrained(paths[-1])
         if mode in ("adapter", "both"):
             paths.append(self.out / "adapter")
-            self.model.save_pretrained(paths[-1])  # a PeftModel saves its adapters only
+            self.sampling_model.save_pretrained(paths[-1])  # a PeftModel saves its adapters only
         for path in paths:
             self.tokenizer.save_pretrained(path)
             write_model_card(path, self.cfg, summary or {}, adapter=path.name == "adapter")

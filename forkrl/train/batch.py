@@ -1,0 +1,161 @@
+"""The learner's batch: trajectories as tensors (`pack`), the rows a micro-batch takes (`micro_batches`),
+and which tokens several tree branches share (`token_origin`, `first_occurrence`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from forkrl.types import Trajectory
+
+
+@dataclass
+class PackedBatch:
+    """Trajectories as tensors. Each distinct prompt is stored once (left-padded, [P, Tp]) and
+    responses point at their prompt row (`prompt_index`), so a group of n samples runs its prompt
+    through the model once and shares it, with gradient, across the n responses."""
+    prompt_ids: Tensor       # [P, Tp] left-padded
+    prompt_mask: Tensor      # [P, Tp]
+    prompt_index: Tensor     # [B] row of prompt_ids each response continues
+    resp_ids: Tensor         # [B, L] right-padded
+    resp_mask: Tensor        # [B, L] 1 on every response token (generated or observation)
+    loss_mask: Tensor        # [B, L] 1 on tokens the policy generated
+    sampling_logp: Tensor    # [B, L]
+    sampling_entropy: Tensor # [B, L] entropy at sampling time (0 where loss_mask is 0)
+    rewards: Tensor          # [B]
+    group_ids: Tensor        # [B]
+    fixed_adv: Tensor        # [B] advantage set on the trajectory (nan: use the estimator's)
+    replay: Tensor           # [B] bool: self-imitation rows (their own loss term)
+    stats_only: Tensor       # [B] bool: rows that count in group statistics but do not train
+    train_mask: Tensor | None = None  # [B, L] tokens the loss counts: loss_mask narrowed by a token selector
+    # [B, L] which sampled token each position is: row * L + position of the row that generated it, so
+    # a branch's prefix carries its parent's keys (tree samplers); -1 on padding
+    token_origin: Tensor | None = None
+    # [B] the rank that trains each row (data parallelism: every rank holds the global batch); None: this one
+    owner: Tensor | None = None
+
+    def __post_init__(self):
+        if self.train_mask is None:
+            self.train_mask = self.loss_mask
+
+    def rows_of(self, rank: int) -> Tensor:
+        """The rows rank `rank` trains, in order."""
+        if self.owner is None:
+            return torch.arange(len(self))
+        return (self.owner == rank).nonzero().flatten()
+
+    def __len__(self) -> int:
+        return self.resp_ids.shape[0]
+
+    def select(self, idx: Tensor) -> PackedBatch:
+        """Rows `idx` with only the prompts they use, trimmed to their longest response."""
+        used, prompt_index = torch.unique(self.prompt_index[idx], return_inverse=True)
+        pm = self.prompt_mask[used]
+        tp = int(pm.sum(-1).max())
+        lm = self.loss_mask[idx]
+        L = max(int(((lm > 0) * torch.arange(1, lm.shape[1] + 1)).max()), 1)
+        return PackedBatch(self.prompt_ids[used, -tp:], pm[:, -tp:], prompt_index, self.resp_ids[idx, :L],
+                           self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L],
+                           self.sampling_entropy[idx, :L], self.rewards[idx], self.group_ids[idx],
+                           self.fixed_adv[idx], self.replay[idx], self.stats_only[idx], self.train_mask[idx, :L],
+                           None if self.token_origin is None else self.token_origin[idx, :L],
+                           None if self.owner is None else self.owner[idx])
+
+
+def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
+    """The one place a list of trajectories becomes tensors."""
+    prompts: dict[tuple[int, ...], int] = {}
+    for t in trajectories:
+        prompts.setdefault(tuple(t.prompt_ids), len(prompts))
+    P, Tp = len(prompts), max(len(p) for p in prompts)
+    prompt_ids = torch.full((P, Tp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((P, Tp), dtype=torch.long)
+    for p, row in prompts.items():
+        prompt_ids[row, Tp - len(p):] = torch.tensor(p)
+        prompt_mask[row, Tp - len(p):] = 1
+    B, L = len(trajectories), max(max(len(t.tokens) for t in trajectories), 1)
+    resp_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((B, L), dtype=torch.long)
+    loss_mask = torch.zeros((B, L), dtype=torch.float32)
+    logp = torch.zeros((B, L), dtype=torch.float32)
+    entropy = torch.zeros((B, L), dtype=torch.float32)
+    groups: dict[str, int] = {}
+    for b, t in enumerate(trajectories):
+        n = len(t.tokens)
+        if n:
+            resp_ids[b, :n] = torch.tensor(t.tokens)
+            resp_mask[b, :n] = 1
+            loss_mask[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
+            logp[b, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
+            entropy[b, :n] = torch.nan_to_num(torch.tensor(t.entropies, dtype=torch.float32)) * loss_mask[b, :n]
+        groups.setdefault(t.group, len(groups))
+    return PackedBatch(
+        prompt_ids, prompt_mask, torch.tensor([prompts[tuple(t.prompt_ids)] for t in trajectories]),
+        resp_ids, resp_mask, loss_mask, logp, entropy,
+        torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
+        torch.tensor([groups[t.group] for t in trajectories], dtype=torch.long),
+        torch.tensor([math.nan if t.advantage is None else t.advantage for t in trajectories], dtype=torch.float32),
+        torch.tensor([t.source == "replay" for t in trajectories], dtype=torch.bool),
+        torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool),
+        token_origin=token_origin(trajectories, L))
+
+
+def token_origin(trajectories: list[Trajectory], L: int) -> Tensor:
+    """[B, L] key of the sampled token at each position (see PackedBatch.token_origin). A branch
+    (`parent` = index of an earlier member of its group, `branch_at` = tokens it shares) takes its
+    parent's keys for the shared prefix, checked token by token so a stale index cannot merge
+    different tokens."""
+    B = len(trajectories)
+    origin = torch.full((B, L), -1, dtype=torch.long)
+    members: dict[str, list[int]] = {}
+    for b, t in enumerate(trajectories):
+        rows = members.setdefault(t.group, [])
+        n = len(t.tokens)
+        origin[b, :n] = b * L + torch.arange(n)
+        p, k = t.parent, t.branch_at
+        if p is not None and k and 0 <= p < len(rows):
+            parent = trajectories[rows[p]]
+            if parent.prompt_ids == t.prompt_ids and k <= min(len(parent.tokens), n) and parent.tokens[:k] == t.tokens[:k]:
+                origin[b, :k] = origin[rows[p], :k]
+        rows.append(b)
+    return origin
+
+
+def first_occurrence(origin: Tensor) -> Tensor:
+    """[B, L] True where a token key appears for the first time in row-major order (and on padding)."""
+    flat = origin.flatten()
+    valid = flat >= 0
+    _, inverse = torch.unique(flat[valid], return_inverse=True)
+    pos = torch.arange(len(flat))[valid]
+    first = torch.full((int(inverse.max()) + 1 if len(inverse) else 0,), len(flat), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+    out = torch.ones_like(flat, dtype=torch.bool)
+    out[pos] = first[inverse] == pos
+    return out.view_as(origin)
+
+
+def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int) -> list[Tensor]:
+    """Split `rows` (in order) into micro-batches of at most `max_rows` sequences and about `max_tokens`
+    tokens: each distinct prompt once plus every response (what `pack_rows` runs; a single longer row
+    goes alone)."""
+    prompt_len = batch.prompt_mask.sum(-1).tolist()
+    pos = torch.arange(1, batch.loss_mask.shape[1] + 1)
+    resp_len = ((batch.loss_mask > 0) * pos).max(-1).values.tolist()
+    prompt_of = batch.prompt_index.tolist()
+    out, current, tokens, prompts = [], [], 0, set()
+    for r in rows.tolist():
+        cost = resp_len[r] + (0 if prompt_of[r] in prompts else prompt_len[prompt_of[r]])
+        if current and (len(current) >= max_rows or tokens + cost > max_tokens):
+            out.append(torch.tensor(current))
+            current, tokens, prompts = [], 0, set()
+            cost = resp_len[r] + prompt_len[prompt_of[r]]
+        current.append(r)
+        tokens += cost
+        prompts.add(prompt_of[r])
+    if current:
+        out.append(torch.tensor(current))
+    return out
+
+

@@ -1,0 +1,221 @@
+"""The learner's forward: packed rows through the decoder, and the vocabulary projection only where
+the loss reads, in chunks.
+
+Memory: the projection runs on chunks of `chunk` response tokens under activation checkpointing, so
+neither the forward nor the backward ever holds a [batch, time, vocab] tensor; only response tokens
+the policy generated are projected (prompt and observation tokens are not).
+
+`PolicyForward` is a module so that FSDP2 can shard it: its forward is the root forward, whose hooks
+gather the parameters outside the decoder layers (embeddings, final norm, output head, tied or not).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from forkrl.train.batch import PackedBatch
+
+
+def _decoder_and_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _autocast(enabled: bool, device_type: str = "cpu"):
+    """bf16 autocast on the model's device (float32 master weights stay as they are)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor, Tensor]:
+    logits = head(h).float() * inv_temp
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@dataclass
+class PackedRows:
+    """Responses packed into rows behind their prompt, for one forward without padding waste.
+
+    Row layout: [prompt | response a | response b | ...], all responses of one prompt, filled up to
+    the longest (prompt + response) of the batch, so a packed row is never longer than an unpacked
+    one would be. A 4D mask lets each response see the prompt and its own earlier tokens only, and
+    positions restart after the prompt for each response, so every response computes exactly what it
+    would alone; the prompt runs once per row and gets the gradient of every response in it.
+    """
+    ids: Tensor       # [R, C]
+    positions: Tensor # [R, C]
+    mask: Tensor      # [R, 1, C, C] bool: key j visible to query i
+    before: Tensor    # [N] flat index into R*C of the state before each loss_mask token (row-major)
+    padding: float    # share of the R*C positions that are padding
+
+
+def pack_rows(batch: PackedBatch) -> PackedRows:
+    valid = batch.loss_mask > 0
+    L = valid.shape[1]
+    # response tokens that matter: up to the last one the loss reads
+    need = (valid * torch.arange(1, L + 1)).max(-1).values.tolist()
+    plen = batch.prompt_mask.sum(-1).tolist()
+    pidx = batch.prompt_index.tolist()
+    cap = max(plen[p] + n for p, n in zip(pidx, need))
+    rows: list[list[int]] = []          # per row: prompt, then trajectory indices
+    place: dict[int, tuple[int, int]] = {}  # trajectory -> (row, offset of its first token)
+    open_row: dict[int, tuple[int, int]] = {}  # prompt -> (row, used length)
+    for b, (p, n) in enumerate(zip(pidx, need)):
+        if n == 0:
+            continue
+        r, used = open_row.get(p, (-1, cap + 1))
+        if used + n > cap:
+            r, used = len(rows), plen[p]
+            rows.append([p])
+        rows[r].append(b)
+        place[b] = (r, used)
+        open_row[p] = (r, used + n)
+    R, C = max(len(rows), 1), cap
+    ids = torch.zeros((R, C), dtype=torch.long)  # padding ids: any token, the mask isolates them
+    pos = torch.zeros((R, C), dtype=torch.long)
+    seg = torch.full((R, C), -2, dtype=torch.long)      # -1 prompt, b response b, -2 padding
+    for r, (p, *members) in enumerate(rows):
+        n_p = plen[p]
+        ids[r, :n_p] = batch.prompt_ids[p, -n_p:]
+        pos[r, :n_p] = torch.arange(n_p)
+        seg[r, :n_p] = -1
+        for b in members:
+            _, off = place[b]
+            n = need[b]
+            ids[r, off:off + n] = batch.resp_ids[b, :n]
+            pos[r, off:off + n] = n_p + torch.arange(n)
+            seg[r, off:off + n] = b
+    causal = torch.ones((C, C), dtype=torch.bool).tril()
+    qs, ks = seg.unsqueeze(2), seg.unsqueeze(1)
+    mask = (causal & ((ks == qs) | (ks == -1))).unsqueeze(1)  # padding sees itself: no empty softmax row
+    before = []
+    for b, t in valid.nonzero().tolist():
+        r, off = place[b]
+        before.append(r * C + (plen[rows[r][0]] - 1 if t == 0 else off + t - 1))
+    padding = float((seg == -2).sum()) / (R * C)
+    return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding)
+
+
+class PolicyForward(torch.nn.Module):
+    """Log-prob of each response token and entropy of its full next-token distribution under
+    softmax(logits / temperature), [B, L] each and zero where loss_mask is 0; or, with
+    `full_distribution`, the whole next-token log-distribution at every trained position, [N, V]
+    (for small probes only). One forward over `pack_rows(batch)`."""
+
+    def __init__(self, model, *, temperature: float = 1.0, chunk: int = 1024, autocast: bool = False):
+        super().__init__()
+        self.model = model
+        self.inv_temp = 1.0 / temperature if temperature > 0 else 1.0
+        self.chunk, self.autocast = chunk, autocast
+
+    def forward(self, batch: PackedBatch, full_distribution: bool = False):
+        decoder, head = _decoder_and_head(self.model)
+        device = next(self.model.parameters()).device
+        packed = pack_rows(batch)
+        with _autocast(self.autocast, device.type):
+            out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
+                          position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
+        valid = batch.loss_mask > 0
+        h = out.reshape(-1, out.shape[-1])[packed.before.to(device)]
+        if full_distribution:
+            return torch.log_softmax(head(h).float() * self.inv_temp, dim=-1)
+        targets = batch.resp_ids[valid].to(device)
+        lp_parts, ent_parts = [], []
+        with _autocast(self.autocast, device.type):  # the head is a fifth of the matmuls: same precision
+            for s in range(0, h.shape[0], self.chunk):
+                hc, tc = h[s:s + self.chunk], targets[s:s + self.chunk]
+                if torch.is_grad_enabled():
+                    lp, ent = checkpoint(_project, head, hc, tc, self.inv_temp, use_reentrant=False)
+                else:
+                    lp, ent = _project(head, hc, tc, self.inv_temp)
+                lp_parts.append(lp)
+                ent_parts.append(ent)
+        B, L = batch.resp_ids.shape
+        logp = torch.zeros((B, L), dtype=torch.float32, device=device)
+        entropy = torch.zeros((B, L), dtype=torch.float32, device=device)
+        if lp_parts:
+            where = tuple(i.to(device) for i in valid.nonzero(as_tuple=True))
+            logp = logp.index_put(where, torch.cat(lp_parts))
+            entropy = entropy.index_put(where, torch.cat(ent_parts))
+        return logp, entropy
+
+
+def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = 1024,
+                      autocast: bool = False) -> tuple[Tensor, Tensor]:
+    """`PolicyForward(model, ...)(batch)`: log-probs and entropies of the response tokens, [B, L] each."""
+    return PolicyForward(model, temperature=temperature, chunk=chunk, autocast=autocast)(batch)
+
+
+@torch.no_grad()
+def response_log_softmax(model, batch: PackedBatch, *, temperature: float = 1.0) -> Tensor:
+    """The full next-token log-distribution at every trained response position, [N, V] (row-major
+    over loss_mask). For small probes only: N x V floats."""
+    forward = model if isinstance(model, PolicyForward) else PolicyForward(model, temperature=temperature)
+    return forward(batch, full_distribution=True)
+
+
+def entropy_change_states(before: Tensor, after: Tensor) -> tuple[Tensor, Tensor]:
+    """Per state, the measured entropy change and its first-order prediction, from the full
+    log-distributions before and after an update ([N, V] each).
+
+    Cui et al. (2025, arXiv 2505.22617, Lemma 1; algorithms.md §4): for a softmax policy whose logits
+    move by dz, H(after) - H(before) ~= -Cov_{a~pi}(log pi(a|s), dz(a)). d log pi differs from dz by
+    a constant per state, which the covariance ignores, so d log pi stands in for dz exactly.
+    """
+    p = before.exp()
+    h_before = -(p * before).sum(-1)
+    h_after = -(after.exp() * after).sum(-1)
+    centred = before + h_before.unsqueeze(-1)           # log pi - E_pi[log pi]
+    predicted = -(p * centred * (after - before)).sum(-1)
+    return h_after - h_before, predicted
+
+
+def entropy_change_metrics(measured: Tensor, predicted: Tensor) -> dict[str, float]:
+    """Their means and their correlation across states."""
+    if measured.numel() == 0:
+        return {}
+    out = {"entropy/delta_measured": float(measured.mean()), "entropy/delta_predicted": float(predicted.mean())}
+    if measured.numel() > 2 and float(measured.std()) > 0 and float(predicted.std()) > 0:
+        out["entropy/delta_state_corr"] = float(torch.corrcoef(torch.stack([measured, predicted]))[0, 1])
+    return out
+
+
+def entropy_change(before: Tensor, after: Tensor) -> dict[str, float]:
+    """Measured vs first-order predicted entropy change of the same states (see entropy_change_states)."""
+    return entropy_change_metrics(*entropy_change_states(before, after))
+
+
+def resolve_autocast(setting, model) -> bool:
+    """train.bf16_autocast resolved: "auto" is on exactly where rollout.engine_dtype=auto picks bf16."""
+    if setting != "auto":
+        return bool(setting)
+    from forkrl.rollout.engine import resolve_dtype
+    return next(model.parameters()).dtype == torch.float32 and resolve_dtype("auto", model) == torch.bfloat16
+
+
+def activation_bytes_per_token(model, checkpointing: bool = False, autocast: bool = False) -> int:
+    """Activation memory a trained token holds until backward, estimated from the model's shape.
+
+    Per decoder layer autograd keeps, in float32: the residual input and the two norm outputs, q, k, v,
+    the attention output and its projection (about 7 x hidden + 2 x kv width), and the MLP's gate, up,
+    activation and product (4 x intermediate); autocast adds bf16 copies of the matmul inputs (2 bytes
+    x (4 x hidden + intermediate)). With checkpointing a layer keeps only its input, plus one layer's
+    full set while it is recomputed. Against the bytes autograd actually saves on SmolLM2-135M
+    (tests/test_learner_memory.py) it is within 1.5x either way.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    c = base.config
+    d = c.hidden_size
+    inter = getattr(c, "intermediate_size", 4 * d)
+    kv = getattr(c, "num_key_value_heads", c.num_attention_heads) * (getattr(c, "head_dim", None) or d // c.num_attention_heads)
+    per_layer = 4 * (7 * d + 2 * kv + 4 * inter) + (2 * (4 * d + inter) if autocast else 0)
+    layers = c.num_hidden_layers
+    return 4 * d * layers + per_layer if checkpointing else per_layer * layers
+
+
