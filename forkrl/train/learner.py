@@ -253,10 +253,17 @@ class Learner:
         t, a = self.cfg.train, self.cfg.algo
         rank = self.dp.rank
         progress = self.progress(step)
-        batch = pack(trajectories, self.pad_id)
+        # one canonical order, by group (stable within it): which rank holds which group, and in which
+        # order the ranks arrive, changes nothing, not even the methods' random choices
+        order = sorted(range(len(trajectories)), key=lambda i: trajectories[i].group)
+        batch = pack([trajectories[i] for i in order], self.pad_id)
         if owner is not None:
-            batch.owner = torch.tensor(owner, dtype=torch.long)
+            batch.owner = torch.tensor([owner[i] for i in order], dtype=torch.long)
         batch, adv, adv_metrics = self.advantages(batch, progress)
+        seq_adv = [0.0] * len(order)
+        for row, i in enumerate(order):
+            seq_adv[i] = self.last_seq_adv[row]
+        self.last_seq_adv = seq_adv  # in the caller's order (SPEAR's buffer reads it)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         updates_per_batch = t.epochs * t.mini_batches
         if t.old_logprobs == "sampling":

@@ -81,6 +81,9 @@ def check_data_parallel(cfg: RunConfig, dp: DataParallel, custom_source: bool) -
         problems.append("forkrl sft (its demonstration batches are not split across ranks yet)")
     if any(g["name"] == "entropy_target" for g in cfg.rollout.gates):
         problems.append("the entropy_target gate (it steers on the batch's entropy, which a rank sees only part of)")
+    if cfg.algo.loss_params.get("scope") == "micro":
+        problems.append(f"algo.loss_params.scope=micro ({cfg.algo.loss}'s statistics per micro-batch depend on how "
+                        "rows fall into micro-batches on each rank; scope=batch is global)")
     if custom_source:
         problems.append("a custom batch source (Ray rollouts, swarm peers)")
     if problems:
