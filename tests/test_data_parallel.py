@@ -58,3 +58,56 @@ def test_placement_changes_no_statistic(equivalence, method):
                 assert m[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
             else:
                 assert m[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+def _prompts(tmp_path) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say something about the number {i}.", "answer": str(i)}) + "\n"
+                            for i in range(40)))
+    return str(path)
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "memory/"))}
+            for r in rows if "reward/mean" in r]
+
+
+def test_sharded_checkpoints_resume_exactly_at_world_size_2(tmp_path):
+    """Stopped after step 2 (a sharded checkpoint: DCP shards plus each rank's data position, random
+    states and method state), resumed by fresh processes: the per-step metrics of a run that never stopped."""
+    prompts = _prompts(tmp_path)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for out, mode in ((straight, "straight"), (stopped, "stop"), (stopped, "resume")):
+        run = torchrun("tests/dp_train_worker.py", str(out), prompts, mode)
+        assert run.returncode == 0, run.stderr[-3000:]
+        if mode == "stop":
+            ckpt = stopped / "checkpoints" / "step_000002"
+            assert (ckpt / "sharded").is_dir() and (ckpt / "rank0.pt").exists() and (ckpt / "rank1.pt").exists()
+            assert [r["step"] for r in _rows(stopped)] == [1, 2]
+    a, b = _rows(straight), _rows(stopped)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+    assert a[0]["train/sequences"] == 16  # both ranks' groups trained: 4 prompts x 4 samples
+
+
+def test_cli_nproc_2_trains_and_refuses_what_cannot_be_global(tmp_path, capsys):
+    from forkrl.cli import main
+    prompts = _prompts(tmp_path)
+    common = ["configs/quickstart.yaml", "model.name=tiny-random", "task.source=file", f"task.train_path={prompts}",
+              "task.eval_size=4", "rollout.max_new_tokens=6", "rollout.prompts_per_step=4",
+              "rollout.samples_per_prompt=2", "train.steps=2", "log.progress=false", "log.tensorboard=false",
+              'task.rewards=[{function: "tests.rewards:low_token_ids"}]']
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{ROOT}:{env_path}"  # the ranks import tests.rewards
+    try:
+        assert main(["train", "--nproc", "2", *common, f"output_dir={tmp_path / 'run'}"]) == 0
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["train/sequences"] == 8 for r in rows)
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    capsys.readouterr()
+    # prompts_per_step must split into whole groups per rank: one line, before any rank starts
+    assert main(["train", "--nproc", "2", *common, "rollout.prompts_per_step=3", f"output_dir={tmp_path / 'odd'}"]) == 2
+    assert "not a multiple" in capsys.readouterr().err

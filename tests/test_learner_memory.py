@@ -89,3 +89,61 @@ def test_activation_estimate_is_within_1_5x_of_what_autograd_saves(checkpointing
     tokens = int(batch.loss_mask.sum() + batch.prompt_mask.sum())
     ratio = activation_bytes_per_token(model, checkpointing, autocast) * tokens / saved_bytes(model, batch, autocast)
     assert 1 / 1.5 < ratio < 1.5, ratio
+
+
+def _padded_reference(model, batch):
+    """Log-probs and entropies of every response token from a plain padded batch: each sequence
+    (prompt + response) right-padded, a 2-D attention mask and explicit position ids, full logits."""
+    B, L = batch.resp_ids.shape
+    seqs = []
+    for b in range(B):
+        p = batch.prompt_index[b]
+        prompt = batch.prompt_ids[p][batch.prompt_mask[p] > 0]
+        n = int(batch.resp_mask[b].sum())
+        seqs.append(torch.cat([prompt, batch.resp_ids[b, :n]]))
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], mask[b, :len(s)] = s, 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    logp_all = torch.log_softmax(logits, -1)
+    logp, ent = torch.zeros((B, L)), torch.zeros((B, L))
+    for b, s in enumerate(seqs):
+        n = int(batch.resp_mask[b].sum())
+        start = len(s) - n
+        rows = logp_all[b, start - 1:start - 1 + n]  # the state before each response token
+        logp[b, :n] = rows.gather(-1, batch.resp_ids[b, :n].unsqueeze(-1)).squeeze(-1)
+        ent[b, :n] = -(rows.exp() * rows).sum(-1)
+    return logp * batch.loss_mask, ent * batch.loss_mask
+
+
+def test_packed_rows_compute_what_a_padded_batch_computes(tiny):
+    """Responses packed behind their prompt, several to a row, with per-sequence positions: log-probs
+    and entropies within 1e-5 (float32) of a padded batch, with prompts and responses of uneven length."""
+    model, tok = tiny
+    batch = _batch(model, tok, lengths=(3, 7, 25), n=3)
+    packed = pack_rows(batch)
+    assert packed.ids.shape[0] < len(batch)  # sequences really share rows
+    with torch.no_grad():
+        logp, ent = response_logprobs(model, batch)
+    ref_logp, ref_ent = _padded_reference(model, batch)
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+
+
+def test_a_packed_token_cannot_see_another_sequence(tiny):
+    """Changing one response changes nothing in the responses packed beside it in the same row."""
+    model, tok = tiny
+    batch = _batch(model, tok, lengths=(3, 20), n=4)
+    assert pack_rows(batch).ids.shape[0] == 1 + 4  # the four short responses share one row
+    with torch.no_grad():
+        before, _ = response_logprobs(model, batch)
+    changed = copy.deepcopy(batch)
+    changed.resp_ids[1] = (changed.resp_ids[1] + 17) % 1000  # another sequence's tokens
+    with torch.no_grad():
+        after, _ = response_logprobs(model, changed)
+    others = [0, 2, 3]
+    assert torch.equal(before[others], after[others])
+    assert not torch.equal(before[1], after[1])
