@@ -309,6 +309,9 @@ class TrainConfig(Section):
     # where the learner runs: auto (the CPU until the CUDA learner lands) | cpu; under torchrun each rank
     # joins a gloo process group on an explicit device mesh
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # warn when the sampler's and the learner's probabilities of the trained tokens drift apart:
+    # train/logprob_mismatch = mean exp(|log p_sampling - log p_learner|) above this (NeMo-RL gates on 1.1)
+    logprob_mismatch_bound: float = Field(1.1, ge=1.0)
     checkpoint_every: Literal["auto"] | NonNegativeInt = Field("auto", union_mode="left_to_right")
     max_nonfinite: int = Field(3, gt=0)          # stop after this many non-finite losses in a row
 

@@ -185,8 +185,8 @@ def test_eval_run_dir_scores_the_trained_model_and_lora_adapters_load_with_peft(
     common = ["task.source=file", f"task.train_path={prompts}", "task.eval_size=8", "task.extractor=last_number",
               "task.system_prompt=", "task.prompt_template=Tell me about {prompt}",
               "rollout.max_new_tokens=4"] + TINY
-    assert main(["sft", "configs/quickstart.yaml", f"sft.train_path={demos}", "sft.batch_size=8", "train.steps=25",
-                 "train.lr=3e-2", "model.lora={r: 16, lora_alpha: 32, target_modules: all-linear}",
+    assert main(["sft", "configs/quickstart.yaml", f"sft.train_path={demos}", "sft.batch_size=8", "train.steps=30",
+                 "train.lr=1e-2", "model.lora={r: 16, lora_alpha: 32, target_modules: all-linear}",
                  "model.export=both", f"output_dir={run}"] + common) == 0
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0

@@ -52,3 +52,19 @@ def rollout_correction_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Ten
             "rollout_corr/probs_diff_mean": float((rollout_logp.double().exp() - old_logp.double().exp())[valid].abs().mean()),
         }
     return w.float(), metrics
+
+
+def logprob_mismatch(learner_logp: Tensor, sampling_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far the sampler's probabilities are from the learner's on the same tokens (algorithms.md §16
+    a: the mismatch rollout correction corrects). Per token r = exp(|log p_sampling - log p_learner|)
+    (1 = identical); returned as sums over `mask` so ranks and micro-batches add up:
+        sum (of r), count_above_2 (tokens with r > 2), max (of r), tokens.
+    A row whose sampling log-probs were not recorded (all zero) is left out."""
+    m = mask > 0
+    recorded = (sampling_logp != 0).any(-1, keepdim=True)
+    m = m & recorded
+    if not m.any():
+        return {"sum": 0.0, "count_above_2": 0.0, "max": 1.0, "tokens": 0.0}
+    r = (learner_logp.detach().double() - sampling_logp.double()).abs().clamp(max=50).exp()[m]
+    return {"sum": float(r.sum()), "count_above_2": float((r > 2).sum()), "max": float(r.max()),
+            "tokens": float(m.sum())}

@@ -27,6 +27,8 @@ PANELS = [  # (file name, title, [(metric, label)])
     ("clipping", "Clipped tokens", [("clip/low_frac", "low bound"), ("clip/high_frac", "high bound"),
                                     ("clip/dual_frac", "dual clip")]),
     ("kl", "KL", [("kl", "to reference"), ("ppo_kl", "to old policy")]),
+    ("mismatch", "Sampler vs learner: mean exp(|Δ log p|) over trained tokens (1 = identical)",
+     [("train/logprob_mismatch", "mean"), ("train/logprob_mismatch_frac_above_2", "share of tokens above 2")]),
     ("length", "Response length (tokens)", [("response_length/mean", "mean"), ("response_length/max", "max")]),
     ("tools", "Tool use", [("tools/use_frac", "share calling a tool"), ("tools/calls_per_traj", "calls per trajectory"),
                            ("tools/error_rate", "error rate")]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from forkrl.algos import (
     kl_penalty,
     per_turn_index,
 )
-from forkrl.algos.correction import rollout_correction_weights
+from forkrl.algos.correction import logprob_mismatch, rollout_correction_weights
 from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.losses import AggNorm
 from forkrl.algos.schedules import cosine_ramp
@@ -51,6 +52,29 @@ from forkrl.types import PolicyFeedback, RolloutBatch, Trajectory
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+@dataclass
+class MicroBatch:
+    """What the loss terms read on one micro-batch: its rows, the policy's log-probs and entropies
+    (with grad), the old and reference log-probs, advantages, the mini-batch's normalisers and the
+    loss's batch statistics for these rows."""
+    sub: PackedBatch
+    logp: Tensor
+    entropy: Tensor
+    old: Tensor
+    adv: Tensor
+    norm: AggNorm
+    stats: dict
+    turn: Tensor
+    progress: float
+    replay: bool = False       # SPEAR's replayed rows: the policy term again, own normaliser and coefficient
+    coef: float = 1.0
+    ref_logp: Tensor | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        return self.sub.train_mask
 
 
 class Learner:
@@ -100,6 +124,40 @@ class Learner:
         self.last_seq_adv: list[float] = []  # per input trajectory, its mean advantage (SPEAR's buffer reads it)
         self.replay = ReplayBuffer(a.replay) if a.replay.enabled else None
         self.feedback = PolicyFeedback()  # what the last update told the collector (checkpointed)
+
+    # -- the loss terms of a micro-batch: each (value, metrics); the update sums them -------------------
+    @property
+    def loss_terms(self) -> list:
+        a = self.cfg.algo
+        return ([self.policy_term] + ([self.kl_term] if self.ref_forward is not None else [])
+                + ([self.entropy_term] if a.entropy_coef else []))
+
+    def policy_term(self, mb: MicroBatch) -> tuple[Tensor, dict]:
+        """The recipe's policy loss (algo.loss), times rollout-correction weights; on replayed rows,
+        times SPEAR's ramped coefficient, its metrics under replay/."""
+        a = self.cfg.algo
+        metrics, weight = {}, None
+        if a.rollout_correction.mode != "none":
+            rc = a.rollout_correction
+            weight, metrics = rollout_correction_weights(mb.old, mb.sub.sampling_logp, mb.mask, mode=rc.mode,
+                                                         cap=rc.cap, low=rc.low)
+        available = {"entropy": mb.entropy, "agg": a.agg, "norm": mb.norm, "weight": weight, "stats": mb.stats,
+                     "turn": mb.turn, "progress": mb.progress}
+        loss, m = call(self.loss_fn, mb.logp, mb.old, mb.adv, mb.mask, available=available, params=a.loss_params)
+        metrics.update({("replay/" if mb.replay else "") + k: v for k, v in m.items()})
+        return mb.coef * loss, metrics
+
+    def kl_term(self, mb: MicroBatch) -> tuple[Tensor, dict]:
+        """algo.kl_coef x KL(policy || reference) by algo.kl_estimator, aggregated like the loss."""
+        a = self.cfg.algo
+        kl = kl_penalty(mb.logp, mb.ref_logp, a.kl_estimator)
+        mean = float((kl.detach() * mb.mask).sum() / mb.mask.sum().clamp(min=1))
+        return a.kl_coef * agg_loss(kl, mb.mask, a.agg, mb.norm), {"kl": mean}
+
+    def entropy_term(self, mb: MicroBatch) -> tuple[Tensor, dict]:
+        """-algo.entropy_coef x the policy's entropy, aggregated like the loss (a bonus when positive)."""
+        a = self.cfg.algo
+        return -a.entropy_coef * agg_loss(mb.entropy, mb.mask, a.agg, mb.norm), {}
 
     # -- one update from a rollout batch, and what the collector learns from it --------------------
     def learn(self, batch: RolloutBatch, step: int) -> tuple[dict[str, float], PolicyFeedback]:
@@ -294,6 +352,8 @@ class Learner:
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         loss_total, n_minis = 0.0, 0  # the loss: summed over micro-batches and ranks, averaged over mini-batches
+        # sampler vs learner on the tokens the learner sees before this update's first optimizer step
+        mismatch = {"sum": 0.0, "count_above_2": 0.0, "max": 1.0, "tokens": 0.0}
 
         def add(name, value, w=1.0):
             sums[name] = sums.get(name, 0.0) + float(value) * w
@@ -326,30 +386,23 @@ class Learner:
                         L = sub.resp_ids.shape[1]
                         logp, entropy = self.forward(sub)
                         logp, entropy = logp.cpu(), entropy.cpu()
-                        mask = sub.train_mask
-                        old = logp.detach() if old_logp is None else old_logp[micro, :L]
-                        ntok = float(mask.sum())
-                        weight = None
-                        if a.rollout_correction.mode != "none":
-                            rc = a.rollout_correction
-                            weight, rc_metrics = rollout_correction_weights(old, sub.sampling_logp, mask, mode=rc.mode,
-                                                                            cap=rc.cap, low=rc.low)
-                            for k, v in rc_metrics.items():
+                        mb = MicroBatch(sub=sub, logp=logp, entropy=entropy,
+                                        old=logp.detach() if old_logp is None else old_logp[micro, :L],
+                                        adv=adv[micro, :L], norm=norm, stats={k: rows(v, micro, L) for k, v in stats.items()},
+                                        turn=turn[micro, :L], progress=progress, replay=is_replay, coef=coef,
+                                        ref_logp=None if ref_logp is None else ref_logp[micro, :L])
+                        ntok = float(sub.train_mask.sum())
+                        if n_minis == 0 and not is_replay:
+                            part_mm = logprob_mismatch(logp, sub.sampling_logp, sub.train_mask)
+                            for k in ("sum", "count_above_2", "tokens"):
+                                mismatch[k] += part_mm[k]
+                            mismatch["max"] = max(mismatch["max"], part_mm["max"])
+                        loss = 0.0
+                        for term in self.loss_terms:  # policy, KL, entropy: summed, each with its own metrics
+                            value, m = term(mb)
+                            loss = loss + value
+                            for k, v in m.items():
                                 add(k, v, ntok)
-                        available = {"entropy": entropy, "agg": a.agg, "norm": norm, "weight": weight,
-                                     "stats": {k: rows(v, micro, L) for k, v in stats.items()},
-                                     "turn": turn[micro, :L], "progress": progress}
-                        loss, m = call(self.loss_fn, logp, old, adv[micro, :L], mask, available=available,
-                                       params=a.loss_params)
-                        for k, v in m.items():
-                            add(("replay/" if is_replay else "") + k, v, ntok)
-                        loss = coef * loss
-                        if ref_logp is not None:
-                            kl = kl_penalty(logp, ref_logp[micro, :L], a.kl_estimator)
-                            loss = loss + a.kl_coef * agg_loss(kl, mask, a.agg, norm)
-                            add("kl", float((kl.detach() * mask).sum() / mask.sum().clamp(min=1)), ntok)
-                        if a.entropy_coef:
-                            loss = loss - a.entropy_coef * agg_loss(entropy, mask, a.agg, norm)
                         generated = sub.loss_mask  # every generated token, selected for the loss or not
                         if not is_replay:
                             add("policy/entropy",
@@ -372,15 +425,23 @@ class Learner:
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         # every rank's sums: weighted means over the whole batch
-        for r, (part_sums, part_weights, part_loss) in enumerate(self.dp.gather((sums, weights, loss_total))):
+        for r, (part_sums, part_weights, part_loss, part_mm) in enumerate(
+                self.dp.gather((sums, weights, loss_total, mismatch))):
             if r == self.dp.rank:
                 continue
             for k, v in part_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
                 weights[k] = weights.get(k, 0.0) + part_weights[k]
             loss_total += part_loss
+            for k in ("sum", "count_above_2", "tokens"):
+                mismatch[k] += part_mm[k]
+            mismatch["max"] = max(mismatch["max"], part_mm["max"])
         metrics = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
         metrics["loss"] = loss_total / max(n_minis, 1)
+        if mismatch["tokens"]:
+            metrics["train/logprob_mismatch"] = mismatch["sum"] / mismatch["tokens"]
+            metrics["train/logprob_mismatch_max"] = mismatch["max"]
+            metrics["train/logprob_mismatch_frac_above_2"] = mismatch["count_above_2"] / mismatch["tokens"]
         probe_after = self._probe_distributions(probe)
         states = entropy_change_states(probe_before, probe_after) if probe_before is not None else None
         if probe is not None:  # every rank's probed states, in row order

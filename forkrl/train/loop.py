@@ -132,6 +132,12 @@ class Loop:
         return metrics
 
     def _account(self, step: int, batch: RolloutBatch, metrics: dict, t0: float, t_learn: float) -> dict:
+        bound = self.cfg.train.logprob_mismatch_bound
+        if metrics.get("train/logprob_mismatch", 1.0) > bound and self.dp.is_main:
+            log.warning("step %d: the sampler's and the learner's probabilities differ (train/logprob_mismatch "
+                        "%.3f > %.2f, max %.3g): stale engine weights, or sampling precision; see "
+                        "algo.rollout_correction", step, metrics["train/logprob_mismatch"], bound,
+                        metrics.get("train/logprob_mismatch_max", float("nan")))
         if metrics.get("train/nonfinite_updates", 0) > 0:
             self.nonfinite_streak += 1
             log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
@@ -364,7 +370,7 @@ class Loop:
 
 
 _BAR_KEYS = (("reward", "reward/mean"), ("acc", "accuracy"), ("entropy", "policy/entropy"),
-             ("len", "response_length/mean"), ("s/step", "time/step_s"))
+             ("len", "response_length/mean"), ("mismatch", "train/logprob_mismatch"), ("s/step", "time/step_s"))
 
 
 def _fmt(m: dict) -> str:

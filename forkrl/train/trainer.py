@@ -150,7 +150,8 @@ class Trainer:
         self.sampling_model = sampling_model
         self.loop = Loop(cfg, source=self.source, learner=self.learner, evaluate=self.evaluate, export=self.export,
                          tokenizer=tokenizer, tool_tags=list(self.env.tools) if self.env is not None else None,
-                         out_dir=self.out, dp=dp)
+                         out_dir=self.out, dp=dp, on_step=[self._check_greedy_after_first_sync])
+        self.greedy_agreement: float | None = None
 
     # the loop's counters, read by callers and tests
     @property
@@ -173,6 +174,36 @@ class Trainer:
 
     def resume(self) -> bool:
         return self.loop.resume()
+
+    def _check_greedy_after_first_sync(self, loop, step: int, metrics: dict) -> None:
+        if step == 1 and not self.cfg.sft.train_path and self.task.eval:
+            self.greedy_agreement = self.greedy_agreement_check()
+
+    def greedy_agreement_check(self, n_prompts: int = 4, max_tokens: int = 16) -> float:
+        """Once, after the first weight sync: the engine decodes a few held-out prompts greedily, and the
+        learner's argmax at each of those positions should be the token the engine chose. Below 1 means
+        the two disagree beyond near-ties (weights not synced, precision, a template mismatch); logged."""
+        import logging
+
+        from forkrl.train.forward import response_log_softmax
+        from forkrl.train.learner import pack
+        from forkrl.types import GenerationRequest, SamplingParams, Trajectory
+        samples = self.task.eval[:n_prompts]
+        prompts = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        outs = self.engine.generate([GenerationRequest(p, params) for p in prompts], seed=self.cfg.seed)
+        trajs = [Trajectory.from_completion(p, o[0], group=str(i)) for i, (p, o) in enumerate(zip(prompts, outs))
+                 if o[0].token_ids]
+        if not trajs:
+            return 1.0
+        batch = pack(trajs, self.engine.pad_id)
+        argmax = response_log_softmax(self.policy, batch).argmax(-1).cpu()
+        agree = float((argmax == batch.resp_ids[batch.loss_mask > 0]).float().mean())
+        log = logging.getLogger("forkrl")
+        (log.info if agree >= 0.95 else log.warning)(
+            "greedy sampling and the learner's argmax agree on %.0f%% of %d tokens after the first weight sync%s",
+            100 * agree, len(argmax), "" if agree >= 0.95 else ": check the engine's weights and precision")
+        return agree
 
     # -- evaluation and export --------------------------------------------------------------------
     def evaluate(self, generations: bool = False) -> dict:
