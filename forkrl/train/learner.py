@@ -173,6 +173,15 @@ class Learner:
             replay_coef = cosine_ramp(step, self.cfg.algo.replay.warmup_steps, self.cfg.algo.replay.loss_coef)
         # every rank's rows, in rank order: statistics over the whole batch, on every rank
         everyone = self.dp.gather(trajs + replayed)
+        if self.dp.distributed:  # a group is one rank's; a name two ranks gave their own groups is told apart
+            ranks_of: dict[str, set[int]] = {}
+            for r, part in enumerate(everyone):
+                for t in part:
+                    ranks_of.setdefault(t.group, set()).add(r)
+            for r, part in enumerate(everyone):
+                for t in part:
+                    if len(ranks_of[t.group]) > 1:
+                        t.group = f"rank{r}/{t.group}"
         flat = [t for part in everyone for t in part]
         if not flat:
             return metrics, self.feedback

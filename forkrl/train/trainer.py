@@ -137,9 +137,11 @@ class Trainer:
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
         temperature = cfg.rollout.temperature or 1.0
-        self.policy = PolicyForward(model, temperature=temperature, chunk=t.logprob_chunk,
-                                    autocast=resolve_autocast(t.bf16_autocast, model))
-        dp.shard(self.policy, model)  # FSDP2 under torchrun; nothing in one process
+        autocast = resolve_autocast(t.bf16_autocast, model)
+        self.policy = PolicyForward(model, temperature=temperature, chunk=t.logprob_chunk, autocast=autocast)
+        # FSDP2 under torchrun (nothing in one process); where the learner computes in bf16 anyway, the
+        # shards are gathered in bf16 too (half the traffic) and gradients reduced in float32
+        dp.shard(self.policy, model, mixed_precision=autocast)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
