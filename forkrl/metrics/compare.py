@@ -58,8 +58,8 @@ def read_run(run_dir: str | Path, recipe: str, seed: int) -> RunResult:
     meta = json.loads((run / "compare_run.json").read_text()) if (run / "compare_run.json").exists() else {}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     values: dict[str, float] = {}
-    for k, v in after.items():
-        if k.startswith("eval/pass@"):
+    for k, v in after.items():  # pass@k itself, not its interval (eval/pass@k_ci)
+        if k.startswith("eval/pass@") and k.rsplit("@", 1)[1].isdigit() and isinstance(v, (int, float)):
             values[f"after:{k}"] = v
     for _, key, _ in COLUMNS:
         source, name = key.split(":", 1)
