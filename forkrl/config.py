@@ -528,16 +528,16 @@ def suggest_key(key: str) -> str:
 
 
 def _format(err: ValidationError) -> str:
-    parts = []
-    union: dict[str, list[str]] = {}  # a union field (auto | int) reports each branch: one line for all
+    parts: list = []  # lines, or (key, input, branches) of a union field (auto | int): one line for all its branches
+    union: dict[str, tuple] = {}
     for e in err.errors():
         loc = tuple(e["loc"])
         if loc and isinstance(loc[-1], str) and ("[" in loc[-1] or "-" in loc[-1]):
             key = ".".join(str(p) for p in loc[:-1])
             if key not in union:
-                union[key] = []
-                parts.append(f"{key}: got {e.get('input')!r}; allowed: " + "{" + key + "}")
-            union[key].append(e["msg"].replace("Input should be ", ""))
+                union[key] = (key, e.get("input"), [])
+                parts.append(union[key])
+            union[key][2].append(e["msg"].replace("Input should be ", ""))
             continue
         name = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
@@ -550,9 +550,8 @@ def _format(err: ValidationError) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"{name}: {msg}" + (f" (got {e.get('input')!r})" if e["type"] != "value_error" else ""))
-    for key, branches in union.items():
-        parts = [p.replace("{" + key + "}", " or ".join(branches)) for p in parts]
-    return "invalid config: " + "; ".join(parts)
+    return "invalid config: " + "; ".join(
+        p if isinstance(p, str) else f"{p[0]}: got {p[1]!r}; allowed: {' or '.join(p[2])}" for p in parts)
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -56,6 +56,7 @@ class Task:
                  few_shot: list[dict[str, str]] | None = None):
         self.name = name
         self.few_shot = list(few_shot or [])  # [{user, assistant}] turns shown before every prompt
+        self._warned_no_reward = False  # "every reward returned None" is logged once
         self.train = train
         self.eval = eval
         self.verifier = verifier
@@ -165,7 +166,7 @@ class Task:
         total = []
         for i, s in enumerate(samples):
             applied = [r.weight * per_fn[r.name][i] for r in self.rewards if not math.isnan(per_fn[r.name][i])]
-            if not applied and not getattr(self, "_warned_no_reward", False):
+            if not applied and not self._warned_no_reward:
                 self._warned_no_reward = True
                 log.warning("every reward function returned None for sample %r: its reward is 0 (reported once)", s.id)
             total.append(float(sum(applied)))

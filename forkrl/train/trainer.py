@@ -10,6 +10,7 @@ the held-out evaluation. The loop itself is `forkrl.train.loop.Loop`; the Traine
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 from pathlib import Path
@@ -23,10 +24,14 @@ from forkrl.metrics import evaluate
 from forkrl.models import check_model_spec, load_policy
 from forkrl.rollout import build_engine
 from forkrl.tasks import Task, build_task
-from forkrl.train.forward import PolicyForward, resolve_autocast
+from forkrl.train.batch import pack
+from forkrl.train.forward import PolicyForward, resolve_autocast, response_log_softmax
 from forkrl.train.learner import Learner
 from forkrl.train.loop import Loop
 from forkrl.train.parallel import DataParallel
+from forkrl.types import GenerationRequest, SamplingParams, Trajectory
+
+log = logging.getLogger("forkrl")
 
 
 def lr_lambda(t):
@@ -185,11 +190,6 @@ class Trainer:
         """Once, after the first weight sync: the engine decodes a few held-out prompts greedily, and the
         learner's argmax at each of those positions should be the token the engine chose. Below 1 means
         the two disagree beyond near-ties (weights not synced, precision, a template mismatch); logged."""
-        import logging
-
-        from forkrl.train.forward import response_log_softmax
-        from forkrl.train.learner import pack
-        from forkrl.types import GenerationRequest, SamplingParams, Trajectory
         samples = self.task.eval[:n_prompts]
         prompts = [self.task.prompt_ids(s, self.tokenizer) for s in samples]
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -201,7 +201,6 @@ class Trainer:
         batch = pack(trajs, self.engine.pad_id)
         argmax = response_log_softmax(self.policy, batch).argmax(-1).cpu()
         agree = float((argmax == batch.resp_ids[batch.loss_mask > 0]).float().mean())
-        log = logging.getLogger("forkrl")
         (log.info if agree >= 0.95 else log.warning)(
             "greedy sampling and the learner's argmax agree on %.0f%% of %d tokens after the first weight sync%s",
             100 * agree, len(argmax), "" if agree >= 0.95 else ": check the engine's weights and precision")
