@@ -9,6 +9,7 @@ Settings (each a recipe variant, trained with seeds 0..S-1):
   float32         rollout.engine_dtype=float32, train.bf16_autocast=false
   bf16-token_tis  the default plus truncated importance weights for the sampler/learner mismatch
                   (algo.rollout_correction.mode=token_tis, cap 2)
+  bf16-sampling   bf16 sampling weights and KV cache, the learner in float32 (train.bf16_autocast=false)
 
 Setups:
   quickstart  configs/quickstart.yaml as it is (20 steps); evaluation: 100 held-out prompts, greedy and
@@ -42,6 +43,8 @@ SETTINGS = {
     "float32": ["rollout.engine_dtype=float32", "train.bf16_autocast=false"],
     # the measurements' suggestion: keep bf16's speed, correct the sampler/learner mismatch it measures
     "bf16-token_tis": ["algo.rollout_correction.mode=token_tis"],
+    # which half costs the per-step gap: bf16 sampling with a float32 learner
+    "bf16-sampling": ["train.bf16_autocast=false"],
 }
 SETUPS = {
     "quickstart": ["eval.samples=8", "eval.temperature=1.0", "log.progress=false"],

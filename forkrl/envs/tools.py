@@ -14,12 +14,13 @@ sandbox, `calculator` walks a syntax tree, `search` ranks a local corpus with BM
 """
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from forkrl.arithmetic import eval_arithmetic
-from forkrl.envs.sandbox import PythonSandbox, SandboxLimits, ToolResult, truncate
+from forkrl.envs.sandbox import ISOLATIONS, PythonSandbox, SandboxLimits, ToolResult, limit_names, truncate
 from forkrl.registry import TOOLS
 from forkrl.registry import register_tool as _register
 
@@ -37,6 +38,20 @@ class Tool:
 
     def __init__(self, tag: str | None = None, **_):
         self.tag = tag or self.name
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """The options a config entry may give this tool: its constructor's named parameters."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Raise ValueError naming any option this tool does not know (run by the config schema)."""
+        unknown = sorted(set(options) - cls.option_names())
+        if unknown:
+            raise ValueError(f"tool {cls.name!r} has no option {', '.join(unknown)}; allowed: "
+                             f"{', '.join(sorted(cls.option_names()))}")
 
     def __call__(self, query: str) -> ToolResult:
         raise NotImplementedError
@@ -59,6 +74,18 @@ class PythonTool(Tool):
     def __init__(self, tag: str | None = None, isolation: str = "auto", **limits):
         super().__init__(tag)
         self.sandbox = PythonSandbox(SandboxLimits(**limits), isolation=isolation)
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return super().option_names() | set(limit_names())
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        if options.get("isolation", "auto") not in ISOLATIONS:
+            raise ValueError(f"tool 'python' option isolation must be one of {', '.join(ISOLATIONS)}; "
+                             f"got {options['isolation']!r}")
+        SandboxLimits(**{k: v for k, v in options.items() if k in limit_names()})
 
     @staticmethod
     def _print_last_expression(code: str) -> str:
@@ -198,7 +225,6 @@ def build_tools(specs: list[dict], **context) -> dict[str, Tool]:
         name = spec.pop("name")
         if name not in TOOLS:
             raise ValueError(f"unknown tool {name!r}; registered: {sorted(TOOLS)}")
-        import inspect
         accepted = inspect.signature(TOOLS[name].__init__).parameters
         shared = {k: v for k, v in context.items() if k in accepted}
         tool = TOOLS[name](**{**shared, **spec})

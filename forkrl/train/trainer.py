@@ -70,6 +70,19 @@ def check_before_loading(cfg: RunConfig, model_given: bool = False) -> None:
         raise missing_dependency("wandb", "wandb", "log.wandb_project")
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise missing_dependency("vllm", "gpu", "rollout.engine=vllm")
+    if cfg.env.enabled:
+        check_sandbox(cfg.env.tools)
+
+
+def check_sandbox(tools: list) -> None:
+    """The python tool's isolation exists here, or the user asked for none (UserError otherwise)."""
+    from forkrl.envs.sandbox import bwrap_available
+    from forkrl.errors import UserError
+    for t in tools:
+        name, options = (t, {}) if isinstance(t, str) else (t.get("name"), t)
+        if name == "python" and options.get("isolation", "auto") != "process" and not bwrap_available():
+            raise UserError("env.tools: the python tool needs bubblewrap to isolate model-written code (apt-get install "
+                            "bubblewrap; user namespaces enabled); isolation: process runs it unprotected")
 
 
 def check_data_parallel(cfg: RunConfig, dp: DataParallel, custom_source: bool) -> None:
