@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from forkrl.envs.sandbox import PythonSandbox, SandboxLimits, bwrap_available, cgroups_available
+from forkrl.envs.sandbox import (
+    PythonSandbox,
+    SandboxLimits,
+    bwrap_available,
+    cgroups_available,
+)
 
 REQUIRE_BWRAP = os.environ.get("FORKRL_REQUIRE_BWRAP") == "1"
 SECRET = "forkrl-fake-secret-7f3a9c"

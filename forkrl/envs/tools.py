@@ -20,7 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forkrl.arithmetic import eval_arithmetic
-from forkrl.envs.sandbox import ISOLATIONS, PythonSandbox, SandboxLimits, ToolResult, limit_names, truncate
+from forkrl.envs.sandbox import (
+    ISOLATIONS,
+    PythonSandbox,
+    SandboxLimits,
+    ToolResult,
+    limit_names,
+    truncate,
+)
 from forkrl.registry import TOOLS
 from forkrl.registry import register_tool as _register
 
