@@ -260,10 +260,12 @@ def hapo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
 # ---------------------------------------------------------------------------------------------
 
 def steer_omega(logp: Tensor, old_logp: Tensor, adv: Tensor, entropy: Tensor) -> Tensor:
-    """Omega_t = (A_t / p_old) * p (1 - p) * (log p + H_t), detached (§8 b)."""
+    """Omega_t = (A_t / p_old) * p (1 - p) * (log p + H_t), detached (§8 b), computed as
+    A_t * (p / p_old) * (1 - p) * (log p + H_t) with the ratio's log clamped to ±20 like every ratio
+    here, so a vanishing p_old cannot overflow it."""
     lp = logp.detach()
-    p = lp.exp()
-    return adv.detach() / old_logp.detach().exp() * p * (1 - p) * (lp + entropy.detach())
+    _, ratio = _ratio(lp, old_logp.detach())
+    return adv.detach() * ratio * (1 - lp.exp()) * (lp + entropy.detach())
 
 
 def steer_weights(omega: Tensor, omega_max: float, *, mode: str = "exponential", w_min: float = 0.8,

@@ -40,6 +40,8 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, norm: AggNorm | None = N
       seq-mean-token-mean:     (1/B) sum_i (sum_t l_i / |o_i|)          (original GRPO)
       seq-mean-token-sum:      (1/B) sum_i sum_t l_i
       seq-mean-token-sum-norm: (1/(B*C)) sum_{i,t} l                    (Dr. GRPO, C = max length)
+    B counts every row given (or `norm.seqs`), fully masked rows included: a row with no valid token
+    adds zero to the sum and one to the denominator, as in verl.
     """
     norm = norm or AggNorm()
     m = mask.to(loss_mat.dtype)
@@ -63,6 +65,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "low_var_kl") -> Tens
     """Per-token KL(pi_theta || pi_ref) estimate on sampled tokens (algorithms.md §0; Schulman's k1-k3):
       k1 = log pi - log pi_ref;  abs = |k1|;  k2 = 0.5 (log pi - log pi_ref)^2
       k3 = low_var_kl = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1, clamped to [-10, 10]
+    with the log-ratio clamped to ±20 first, so that exp cannot overflow (an infinite value times the
+    clamp's zero gradient would be NaN): beyond the clamp the gradient is zero, as intended.
     A "+" suffix keeps the estimator's value but takes the unbiased k2 gradient (straight-through).
     """
     if kind not in KL_ESTIMATORS:
@@ -76,7 +80,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "low_var_kl") -> Tens
     elif base == "k2":
         value = 0.5 * diff.square()
     else:  # k3 / low_var_kl
-        value = torch.clamp(torch.exp(-diff) + diff - 1, min=-10, max=10)
+        d = torch.clamp(diff, -20.0, 20.0)
+        value = torch.clamp(torch.exp(-d) + d - 1, min=-10, max=10)
     if kind.endswith("+"):
         k2 = 0.5 * diff.square()
         value = k2 - k2.detach() + value.detach()
@@ -150,16 +155,17 @@ def gspo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
         log s_i   = (1/|o_i|) sum_t (logp - old_logp)                  (sequence ratio, geometric mean)
         s_{i,t}   = sg[s_i] * pi(o_t) / sg[pi(o_t)]                     (value s_i, own token's gradient)
         l_{i,t}   = max(-s_{i,t} A, -clip(s_{i,t}, 1 - clip_low, 1 + clip_high) A)
-    log s_{i,t} is capped at 10 and the aggregation is always seq-mean-token-mean, as in verl;
-    `agg` is accepted for a uniform signature and ignored.
+    log s_{i,t} is capped at 10. The paper averages over tokens then sequences (seq-mean-token-mean,
+    the default here and in configs/gspo.yaml); another `agg` is honoured. `ppo_kl` is the per-token
+    mean of -(logp - old_logp), as for every other loss.
     """
     m = mask.to(logp.dtype)
     seq_log_ratio = ((logp - old_logp) * m).sum(-1) / m.sum(-1).clamp(min=1)
     log_s = seq_log_ratio.detach().unsqueeze(-1) + logp - logp.detach()
     s = torch.exp(torch.clamp(log_s, max=10.0))
     loss_mat, metrics = clipped_surrogate(s, adv, mask, clip_low, clip_high)
-    metrics["ppo_kl"] = float(-seq_log_ratio.detach().mean())
-    return agg_loss(loss_mat, mask, "seq-mean-token-mean", norm, weight), metrics
+    metrics.update(ratio_metrics(torch.clamp(logp - old_logp, -20.0, 20.0), mask))
+    return agg_loss(loss_mat, mask, agg, norm, weight), metrics
 
 
 @register_loss("nll")
