@@ -91,6 +91,7 @@ class TaskConfig(Section):
     few_shot: list[dict[str, str]] = Field(default_factory=list)  # [{user, assistant}] example turns
     extractor: Literal["answer_tag", "boxed", "last_number", "raw", "auto"] = "auto"
     rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig()])
+    reward_timeout_s: float | None = Field(60.0, gt=0)  # a reward call past it stops the run, naming the sample
     # shaping added after the rewards, in order: [{name: overlong, buffer: 32}, {name: flawed_positive}, ...]
     reward_terms: list[str | dict[str, Any]] = Field(default_factory=list)
 

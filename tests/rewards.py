@@ -44,3 +44,20 @@ def fails_on_the_third_batch(prompts, completions, **_):
     if BATCHES_SCORED["n"] == 3:
         raise RuntimeError("the reward server is down")
     return [0.0] * len(completions)
+
+
+def hangs_on_seven(prompts, completions, **_):
+    """A reward that never returns for a prompt with a 7 in it."""
+    import time
+    if any("7" in p for p in prompts):
+        time.sleep(3600)
+    return [0.0] * len(completions)
+
+
+def exits_on_the_third_batch(prompts, completions, **_):
+    """A reward that ends the process (sys.exit) at the third batch it scores."""
+    import sys
+    BATCHES_SCORED["n"] += 1
+    if BATCHES_SCORED["n"] == 3:
+        sys.exit(3)
+    return [0.0] * len(completions)

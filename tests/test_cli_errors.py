@@ -145,6 +145,19 @@ def test_cli_failure_mid_run_says_which_step_was_saved(tmp_path, capsys):
     assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_000002"
 
 
+def test_sys_exit_in_a_reward_leaves_a_checkpoint_and_a_message(tmp_path, capsys):
+    import tests.rewards as rewards
+    rewards.BATCHES_SCORED["n"] = 0
+    code = main(["train", "configs/quickstart.yaml", "task.source=file", f"task.train_path={_data(tmp_path)}",
+                 "task.rewards=[{function: 'tests.rewards:exits_on_the_third_batch'}]", f"output_dir={tmp_path}/r",
+                 "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "train.steps=5", "eval.at_start=false",
+                 "rollout.max_new_tokens=4"] + TINY)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "exits_on_the_third_batch" in err and "called sys.exit(3)" in err, err
+    assert "step 2 is saved" in err
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_000002"
+
+
 def test_second_run_into_the_same_directory_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
     data = _data(tmp_path)
     argv = ["train", "configs/quickstart.yaml", "task.source=file", f"task.train_path={data}", "train.steps=1",

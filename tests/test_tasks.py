@@ -107,6 +107,32 @@ def test_failing_reward_function_names_the_sample():
         task.score(samples, ["3", "7"])
 
 
+def test_hanging_reward_function_stops_at_its_deadline_naming_the_sample():
+    import time
+
+    from tests.rewards import hangs_on_seven
+    samples = [Sample("ok/1", "what is 3?", "3"), Sample("bad/2", "what is 7?", "7")]
+    task = Task("t", samples, [], verifier=lambda s, c: 0.0, rewards=[WeightedReward("slow", hangs_on_seven)])
+    task.reward_timeout_s = 0.3
+    start = time.perf_counter()
+    with pytest.raises(RewardFunctionError, match=r"'slow' failed on sample 'bad/2'.*DeadlineExceeded: no result "
+                                                  r"within 0.3 s \(task.reward_timeout_s\)"):
+        task.score(samples, ["3", "7"])
+    assert time.perf_counter() - start < 2                        # the batch's deadline, then the sample's
+    _, total, _ = task.score(samples[:1], ["3"])                  # the deadline is disarmed afterwards
+    time.sleep(0.4)
+    assert total == [0.0]
+
+
+def test_sys_exit_in_a_reward_becomes_an_error_naming_the_sample():
+    def exits(prompts, completions, **_):
+        raise SystemExit(3)
+    samples = [Sample("s/0", "p", "1")]
+    task = Task("t", samples, [], verifier=lambda s, c: 0.0, rewards=[WeightedReward("quitter", exits)])
+    with pytest.raises(RewardFunctionError, match=r"'quitter' failed on sample 's/0'.*called sys.exit\(3\)"):
+        task.score(samples, ["1"])
+
+
 def test_reward_function_returning_nan_is_an_error():
     samples = [Sample("x", "p", "1")]
     task = Task("t", samples, [], verifier=lambda s, c: 0.0,

@@ -40,6 +40,7 @@ def build_task(cfg, seed: int = 0) -> Task:
             fn = functools.partial(fn, **r.params)
         rewards.append(WeightedReward(name, fn, r.weight, style=style))
     task.rewards = rewards
+    task.reward_timeout_s = cfg.reward_timeout_s
     task.check_rewards()
     return task
 

@@ -15,6 +15,8 @@ what forkrl passes fails before any weights load, naming the parameter.
 from __future__ import annotations
 
 import inspect
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,51 @@ from forkrl.errors import RewardFunctionError
 TRL_ARGUMENTS = ("prompts", "completions", "completion_ids")
 VERL_ARGUMENTS = ("data_source", "solution_str", "ground_truth", "extra_info")
 STYLES = ("auto", "trl", "verl", "builtin")
+
+
+class DeadlineExceeded(Exception):
+    """A reward call ran past `task.reward_timeout_s`."""
+
+
+_deadline = {"armed": None}   # the token of the deadline that may fire now (main thread only)
+_handler_lock = threading.Lock()
+
+
+def _on_deadline(signum, frame):
+    token = _deadline["armed"]
+    if token is not None and token["fired"]:
+        _deadline["armed"] = None
+        raise DeadlineExceeded(f"no result within {token['seconds']:g} s (task.reward_timeout_s)")
+
+
+def call_with_deadline(fn: Callable[[], Any], seconds: float | None) -> Any:
+    """fn() with a wall-clock deadline. A timer thread sends SIGUSR2 to the main thread, whose handler
+    raises DeadlineExceeded there, interrupting Python loops, sleeps and blocking I/O alike (not one
+    long C call that never checks for signals). It uses neither SIGALRM nor the interval timer, so a
+    reward's own alarm-based timeout (math-verify's) keeps working. The handler stays installed once
+    set. Off the main thread (a Ray actor), or with `seconds` None, fn() runs without a deadline."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        return fn()
+    with _handler_lock:
+        if signal.getsignal(signal.SIGUSR2) is not _on_deadline:
+            signal.signal(signal.SIGUSR2, _on_deadline)
+    token = {"fired": False, "seconds": seconds}
+    main = threading.main_thread().ident
+
+    def fire():
+        if _deadline["armed"] is token:
+            token["fired"] = True
+            signal.pthread_kill(main, signal.SIGUSR2)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    _deadline["armed"] = token
+    timer.start()
+    try:
+        return fn()
+    finally:
+        _deadline["armed"] = None
+        timer.cancel()
 
 
 def _parameters(fn: Callable) -> list[inspect.Parameter] | None:

@@ -23,7 +23,7 @@ from forkrl.errors import DataError, RewardFunctionError
 from forkrl.io import read_rows
 from forkrl.registry import register_reward, register_task_source
 from forkrl.tasks.answers import answers_match, extract_answer
-from forkrl.tasks.reward_calls import call_trl, call_verl, check_signature, reward_style
+from forkrl.tasks.reward_calls import call_trl, call_verl, call_with_deadline, check_signature, reward_style
 from forkrl.types import Sample
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Task:
         self.name = name
         self.few_shot = list(few_shot or [])  # [{user, assistant}] turns shown before every prompt
         self._warned_no_reward = False  # "every reward returned None" is logged once
+        self.reward_timeout_s: float | None = None  # a deadline on each reward call (task.reward_timeout_s)
         self.train = train
         self.eval = eval
         self.verifier = verifier
@@ -194,17 +195,23 @@ class Task:
             keywords["completion_ids"] = completion_ids
         return call_trl(r.fn, keywords)
 
-    @classmethod
-    def _call_reward(cls, r: WeightedReward, samples, completions, completion_ids, columns) -> list[float]:
+    def _call_reward(self, r: WeightedReward, samples, completions, completion_ids, columns) -> list[float]:
+        def invoke(rows: slice):
+            ids = completion_ids[rows] if completion_ids is not None else None
+            call = lambda: self._invoke(r, samples[rows], completions[rows], ids,  # noqa: E731
+                                        {k: v[rows] for k, v in columns.items()})
+            try:
+                return call_with_deadline(call, self.reward_timeout_s)
+            except SystemExit as e:  # user code may not end the run: it becomes this sample's error
+                raise RuntimeError(f"called sys.exit({e.code!r})") from e
+
         try:
-            values = cls._invoke(r, samples, completions, completion_ids, columns)
+            values = invoke(slice(None))
         except Exception as batch_error:
             # find the first sample that fails on its own, so the message can name it
             for i, s in enumerate(samples):
                 try:
-                    cls._invoke(r, samples[i:i + 1], completions[i:i + 1],
-                                completion_ids[i:i + 1] if completion_ids is not None else None,
-                                {k: v[i:i + 1] for k, v in columns.items()})
+                    invoke(slice(i, i + 1))
                 except Exception as e:
                     raise RewardFunctionError(
                         f"reward function {r.name!r} failed on sample {s.id!r} (prompt {s.prompt[:80]!r}, "

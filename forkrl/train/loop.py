@@ -337,7 +337,11 @@ class Loop:
                 s.write(self.step_idx, after)
             self.save()
             summary["export"] = str(self.export(summary)) if main else None
-        except BaseException:
+        except SystemExit as e:  # a tool, hook or plugin may not end the run silently
+            self._save_after_failure(snapshot)
+            from forkrl.errors import UserError
+            raise UserError(f"user code called sys.exit({e.code!r}) during step {self.step_idx + 1}") from e
+        except BaseException:  # KeyboardInterrupt included: Ctrl-C still stops, with the last step kept
             self._save_after_failure(snapshot)
             raise
         finally:
