@@ -36,6 +36,18 @@ def load_function(ref: str) -> Callable:
         raise AttributeError(f"{mod_name} has no function {fn_name!r}") from None
 
 
+def read_text(path: Path) -> str:
+    """A data file's text as UTF-8; a byte that is not names the file, line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a .jsonl, .json (JSON Lines or one array of objects; an array's
     rows are numbered by position) or .parquet file; a bad row names file and line."""
@@ -45,7 +57,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     if path.suffix == ".parquet":
         import pandas as pd
         return [(i + 1, row) for i, row in enumerate(pd.read_parquet(path).to_dict("records"))]
-    text = path.read_text()
+    text = read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)

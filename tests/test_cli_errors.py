@@ -41,6 +41,12 @@ def _bad_inputs(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     not_a_run = tmp_path / "empty_dir"
     not_a_run.mkdir()
+    long_prompt = tmp_path / "long.jsonl"
+    long_prompt.write_text('{"prompt": "short", "answer": "1"}\n' + json.dumps({"prompt": "word " * 20000, "answer": "2"}) + "\n")
+    null_answer = tmp_path / "null.jsonl"
+    null_answer.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": null}\n')
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n')
     file = ["train", "configs/quickstart.yaml", "task.source=file", f"output_dir={tmp_path}/out"] + TINY
     return {
         "missing data file": (file + [f"task.train_path={tmp_path}/nope.jsonl"], "data file not found"),
@@ -64,6 +70,14 @@ def _bad_inputs(tmp_path):
         "unknown config key": (["train", "configs/quickstart.yaml", "train.learning_rate=1e-5"], "train.lr"),
         "hf dataset file missing": (file[:2] + [f"output_dir={tmp_path}/out", "task.source=hf", f"task.dataset={tmp_path}/nope.parquet"] + TINY,
                                     "data file not found"),
+        "prompt longer than the context": (file + [f"task.train_path={long_prompt}"],
+                                           r"long.jsonl:2: the prompt is \d+ tokens, more than the \d+ that fit"),
+        "null answer": (file + [f"task.train_path={null_answer}"], r"null.jsonl:2: the answer field 'answer' is null"),
+        "not UTF-8": (file + [f"task.train_path={latin1}"], r"latin1.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"),
+        "unknown sandbox option": (file + [f"task.train_path={good}", "env.enabled=true",
+                                           "env.tools=[{name: python, memroy_mb: 100}]"], "tool 'python' has no option memroy_mb"),
+        "sandbox limit not positive": (file + [f"task.train_path={good}", "env.enabled=true",
+                                               "env.tools=[{name: python, timeout_s: 0}]"], "timeout_s must be a positive"),
         "bad LoRA options": (file + [f"task.train_path={good}", "model.lora={r: 8, no_such_option: 1}"], "model.lora"),
     }
 

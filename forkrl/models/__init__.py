@@ -4,6 +4,7 @@ from forkrl.models.loader import (
     check_model_spec,
     load_policy,
     load_tokenizer,
+    model_context,
 )
 
-__all__ = ["EMBEDDED_MODEL", "check_model_spec", "load_policy", "load_tokenizer"]
+__all__ = ["EMBEDDED_MODEL", "check_model_spec", "load_policy", "load_tokenizer", "model_context"]

@@ -111,12 +111,23 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def model_context(spec: str) -> int | None:
+    """The model's context length (max_position_embeddings) from its config, without its weights."""
+    if spec == "tiny-random":
+        return TINY_CONTEXT
+    from transformers import AutoConfig
+    return getattr(AutoConfig.from_pretrained(_resolve_folder(spec)), "max_position_embeddings", None)
+
+
+TINY_CONTEXT = 2048
+
+
 def _tiny_random(tokenizer, seed: int, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_CONTEXT,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
         # a wide init makes next-token distributions peaked, as in a trained model, instead of

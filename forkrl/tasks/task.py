@@ -96,6 +96,23 @@ class Task:
             return list(ids)
         return tokenizer("\n".join(m["content"] for m in msgs) + "\n", add_special_tokens=True)["input_ids"]
 
+    def check_prompt_lengths(self, tokenizer, max_prompt_tokens: int, why: str) -> None:
+        """Raise a DataError naming the first row whose prompt is longer than `max_prompt_tokens` (the
+        model's context less the tokens it may generate, `why`). Only rows that could be too long are
+        tokenized: a byte-level tokenizer gives at most one token per UTF-8 byte of a prompt, on top of
+        what the template, system prompt and few-shot turns add (measured once, on an empty prompt)."""
+        base = None
+        for sample in [*self.train, *self.eval]:
+            size = sum(len(str(m.get("content", "")).encode()) for m in sample.messages or []) + len(sample.prompt.encode())
+            if base is None:
+                base = len(self.prompt_ids(Sample(id="", prompt=""), tokenizer))
+            if size + base <= max_prompt_tokens:
+                continue
+            n = len(self.prompt_ids(sample, tokenizer))
+            if n > max_prompt_tokens:
+                raise DataError(f"{sample.id}: the prompt is {n} tokens, more than the {max_prompt_tokens} that fit "
+                                f"({why}); shorten or drop the row")
+
     # -- scoring -----------------------------------------------------------------------------
     def correct_reward(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
         """Built-in reward: the task's verifier score (1 = correct)."""
@@ -397,9 +414,12 @@ def samples_from_rows(rows, prompt_field: str = "prompt", answer_field: str | No
         for field in candidates:
             try:
                 answer = _dotted(row, field)
-                break
             except KeyError:
                 continue
+            if answer is None:  # not the string "None", which a verifier could match
+                raise DataError(f"{where}: the answer field {field!r} is null; give every row an answer, or set "
+                                "task.answer_field: null for rewards that need none")
+            break
         else:
             if answer_field and answer_field != "answer":
                 raise DataError(f"{where}: row has no answer field {answer_field!r} (fields: {sorted(row)})")

@@ -21,7 +21,7 @@ import torch
 from forkrl.collect import Collector, DemoCollector, RankPositions, build_env
 from forkrl.config import RunConfig
 from forkrl.metrics import evaluate
-from forkrl.models import check_model_spec, load_policy
+from forkrl.models import check_model_spec, load_policy, load_tokenizer, model_context
 from forkrl.rollout import build_engine
 from forkrl.tasks import Task, build_task
 from forkrl.train.batch import pack
@@ -121,8 +121,11 @@ class Trainer:
         # everything a user can get wrong is checked before any weights load
         self.task = task if task is not None else build_task(cfg.task, seed=cfg.seed)
         check_before_loading(cfg, model_given=model is not None)
-        if model is None:
+        if model is None:  # the tokenizer and the config first: a prompt too long for the model is a data error
+            self._check_prompt_lengths(load_tokenizer(cfg.model.name), model_context(cfg.model.name))
             model, tokenizer = load_policy(cfg.model.name, dtype=cfg.model.dtype, lora=cfg.model.lora, seed=cfg.seed)
+        else:
+            self._check_prompt_lengths(tokenizer, getattr(model.config, "max_position_embeddings", None))
         self.model, self.tokenizer = model, tokenizer
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -172,6 +175,12 @@ class Trainer:
                          tokenizer=tokenizer, tool_tags=list(self.env.tools) if self.env is not None else None,
                          out_dir=self.out, dp=dp, on_step=[self._check_greedy_after_first_sync])
         self.greedy_agreement: float | None = None
+
+    def _check_prompt_lengths(self, tokenizer, context: int | None) -> None:
+        if context and tokenizer is not None:
+            new_tokens = max(self.cfg.rollout.max_new_tokens, self.cfg.eval.max_new_tokens or 0)
+            self.task.check_prompt_lengths(tokenizer, context - new_tokens,
+                                           f"the model's context of {context} less {new_tokens} new tokens")
 
     # the loop's counters, read by callers and tests
     @property
