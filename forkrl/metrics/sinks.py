@@ -21,7 +21,13 @@ class JsonlSink:
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is not None and path.exists():
             # a resumed run continues the file from its checkpoint, dropping steps it will redo
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = []
+            for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line torn by a crash mid-write (or blank): the step is redone anyway
+                    if line.strip():
+                        log.warning("%s:%d: dropping a line that is not complete JSON", path, lineno)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= keep_until_step))
         elif keep_until_step is None and path.exists():
             path.unlink()

@@ -23,7 +23,13 @@ from forkrl.errors import DataError, RewardFunctionError
 from forkrl.io import read_rows
 from forkrl.registry import register_reward, register_task_source
 from forkrl.tasks.answers import answers_match, extract_answer
-from forkrl.tasks.reward_calls import call_trl, call_verl, call_with_deadline, check_signature, reward_style
+from forkrl.tasks.reward_calls import (
+    call_trl,
+    call_verl,
+    call_with_deadline,
+    check_signature,
+    reward_style,
+)
 from forkrl.types import Sample
 
 log = logging.getLogger(__name__)

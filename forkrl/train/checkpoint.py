@@ -1,13 +1,21 @@
 """Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG states, data position.
 
-Layout: OUTPUT/checkpoints/step_000010/{weights.safetensors, optimizer.pt, state.json, rng.pt, methods.pt};
-methods.pt holds the methods' state across steps (replay buffer, entropy histories), pickled.
-OUTPUT/checkpoints/latest names the newest complete one (written last, so a crash mid-save leaves
-the previous checkpoint in charge).
+Layout: OUTPUT/checkpoints/step_000010/{weights.safetensors, optimizer.pt, state.json, rng.pt, methods.pt,
+manifest.json}; methods.pt holds the methods' state across steps (replay buffer, entropy histories),
+pickled; state.json the step and the run's config; manifest.json every file's size, written last.
+
+A checkpoint is written into a hidden folder, synced, renamed into place, and only then named by
+OUTPUT/checkpoints/latest (itself replaced atomically); older ones are pruned after that, so a
+complete checkpoint exists at every moment. `find_checkpoint` checks each against its manifest and
+falls back to the newest intact one, saying which is broken; a full disk is reported as such and
+leaves no partial checkpoint behind.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -15,6 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from forkrl.errors import RunDirError
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -39,32 +52,154 @@ def rng_state() -> dict:
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
                     methods: dict | None = None, rng: dict | None = None) -> Path:
-    """`rng`: the random states to record (default: the current ones; the loop passes those of the
-    step's start when it saves after a failed step)."""
+    """`state`: what state.json records beside the step (the loop's config). `rng`: the random states
+    to record (default: the current ones; the loop passes those of the step's start when it saves
+    after a failed step)."""
     root = out_dir / "checkpoints"
-    path = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
+    path, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "weights.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save(rng or rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-    torch.save(methods or {}, tmp / "methods.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    (root / "latest").write_text(path.name)
-    for old in sorted(p for p in root.glob("step_*") if p != path)[:-(keep - 1) or None]:
-        shutil.rmtree(old, ignore_errors=True)
+    with _disk_full_is_reported(tmp, path):
+        save_file(trainable_state(model), str(tmp / "weights.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(rng or rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        torch.save(methods or {}, tmp / "methods.pt")
+        _write_manifest(tmp)
+        _publish(tmp, path, keep)
     return path
 
 
+class _disk_full_is_reported:
+    """Around a checkpoint's writes: any failure removes the partial folder; a full disk (ENOSPC, or
+    torch's "unexpected pos" from its zip writer) becomes a one-line RunDirError."""
+
+    def __init__(self, tmp: Path, path: Path):
+        self.tmp, self.path = tmp, path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None:
+            return False
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        text = str(error)
+        full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "unexpected pos" in text \
+            or "No space left" in text
+        if full:
+            latest = find_checkpoint(self.path.parent.parent, quiet=True)
+            raise RunDirError(f"disk full: could not write checkpoint {self.path.name} in {self.path.parent} (the "
+                              f"partial one was removed; {latest.name if latest else 'no checkpoint'} stays the "
+                              "latest): free some space, then --resume") from None
+        return False
+
+
+def _write_manifest(folder: Path) -> None:
+    """Every file's size, synced to disk, then the manifest itself: written last, it marks the folder complete."""
+    sizes = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            sizes[str(f.relative_to(folder))] = f.stat().st_size
+    _write_synced(folder / MANIFEST, json.dumps({"files": sizes}, indent=1))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, path: Path, keep: int) -> None:
+    """Rename the finished folder into place, point `latest` at it (atomically), then prune."""
+    root = path.parent
+    aside = None
+    if path.exists():  # the same step saved again: keep the old one until the new one is in place
+        aside = root / f".old_{path.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+    tmp.rename(path)
+    _write_synced(root / "latest.tmp", path.name)
+    os.replace(root / "latest.tmp", root / "latest")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    for old in sorted(p for p in root.glob("step_*") if p != path)[:-(keep - 1) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (naming the file), or None when it is intact."""
+    if not path.is_dir():
+        return "missing"
+    manifest = path / MANIFEST
+    if manifest.exists():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{manifest} is corrupt"
+        for name, size in files.items():
+            f = path / name
+            if not f.exists():
+                return f"{f} is missing"
+            if f.stat().st_size != size:
+                return f"{f} is truncated ({f.stat().st_size} of {size} bytes)"
+    else:  # written before manifests: the files must be there
+        weights = path / "sharded" if (path / "sharded").exists() else path / "weights.safetensors"
+        for f in (weights, path / "state.json") + (() if weights.name == "sharded" else (path / "optimizer.pt",)):
+            if not f.exists() or (f.is_file() and f.stat().st_size == 0):
+                return f"{f} is missing or empty"
+    try:
+        json.loads((path / "state.json").read_text())["step"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{path / 'state.json'} is corrupt"
+    return None
+
+
+def checkpoint_candidates(out_dir: Path) -> tuple[list[Path], list[str]]:
+    """The checkpoints to try, newest first (the one `latest` names leading), and what is wrong with
+    the `latest` marker itself."""
+    root = out_dir / "checkpoints"
+    marker = root / "latest"
+    notes, named = [], None
+    if marker.exists():
+        name = marker.read_text().strip()
+        if not name:
+            notes.append(f"{marker} is empty")
+        elif not (root / name).is_dir() or "/" in name:
+            notes.append(f"{marker} names {name!r}, which does not exist")
+        else:
+            named = root / name
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    return ([named] if named else []) + [p for p in steps if p != named], notes
+
+
+def find_checkpoint(out_dir: Path, quiet: bool = False) -> Path | None:
+    """The newest intact checkpoint, warning about each broken one passed over. None when there is no
+    checkpoint at all; a RunDirError naming the files when there are some and none is intact."""
+    candidates, problems = checkpoint_candidates(out_dir)
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems and not quiet:
+                log.warning("resuming from %s: %s", path, "; ".join(problems))
+            return path
+        problems.append(f"checkpoint {path.name} is broken ({problem})")
+    if candidates or (problems and not quiet):
+        if quiet:
+            return None
+        raise RunDirError(f"no intact checkpoint in {out_dir / 'checkpoints'}: " + "; ".join(problems))
+    return None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    marker = out_dir / "checkpoints" / "latest"
-    if not marker.exists():
+    """The newest intact checkpoint, or None (quietly: for readers of finished runs)."""
+    try:
+        return find_checkpoint(out_dir, quiet=True)
+    except RunDirError:
         return None
-    path = marker.parent / marker.read_text().strip()
-    return path if path.exists() else None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -84,7 +219,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 # -- sharded checkpoints (forkrl train --nproc N): torch.distributed.checkpoint, one folder for all ranks
 def save_sharded_checkpoint(out_dir: Path, step: int, root, optimizer, scheduler, dp, keep: int = 2,
-                            methods: dict | None = None, rng: dict | None = None) -> Path:
+                            methods: dict | None = None, rng: dict | None = None, state: dict | None = None) -> Path:
     """Every rank writes its shards of the model and optimizer (DCP, under `sharded/`) and its own
     `rank{r}.pt` (scheduler, random states, its components' state); rank 0 names it latest. Collective."""
     import torch.distributed.checkpoint as dcp
@@ -101,12 +236,10 @@ def save_sharded_checkpoint(out_dir: Path, step: int, root, optimizer, scheduler
                tmp / f"rank{dp.rank}.pt")
     dp.barrier()
     if dp.is_main:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": dp.world}, indent=1))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        (root_dir / "latest").write_text(path.name)
-        for old in sorted(p for p in root_dir.glob("step_*") if p != path)[:-(keep - 1) or None]:
-            shutil.rmtree(old, ignore_errors=True)
+        with _disk_full_is_reported(tmp, path):
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": dp.world, **(state or {})}, indent=1))
+            _write_manifest(tmp)
+            _publish(tmp, path, keep)
     dp.barrier()
     return path
 

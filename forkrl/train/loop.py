@@ -31,7 +31,8 @@ from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.metrics.sinks import SampleLog
 from forkrl.metrics.tools import tool_metrics
 from forkrl.train.checkpoint import (
-    latest_checkpoint,
+    checkpoint_candidates,
+    checkpoint_problem,
     load_checkpoint,
     load_sharded_checkpoint,
     rng_state,
@@ -202,11 +203,12 @@ class Loop:
         that failed began: the weights are still those of the last completed step)."""
         components = snapshot["components"] if snapshot else self._components()
         lr = self.learner
+        state = {"config": json.loads(self.cfg.model_dump_json())}  # what --resume compares its settings with
         if self.dp.distributed:
             path = save_sharded_checkpoint(self.out, self.step_idx, lr.forward, lr.optimizer, lr.scheduler, self.dp,
-                                           methods=components, rng=snapshot["rng"] if snapshot else None)
+                                           methods=components, rng=snapshot["rng"] if snapshot else None, state=state)
         else:
-            path = save_checkpoint(self.out, self.step_idx, lr.model, lr.optimizer, lr.scheduler, {},
+            path = save_checkpoint(self.out, self.step_idx, lr.model, lr.optimizer, lr.scheduler, state,
                                    methods=components, rng=snapshot["rng"] if snapshot else None)
         self.last_saved_step = self.step_idx
         return path
@@ -239,26 +241,52 @@ class Loop:
             log.exception("could not save a checkpoint after the failure")
 
     def resume(self) -> bool:
-        path = latest_checkpoint(self.out)
-        if path is None:
-            return False
+        """Continue from the newest intact checkpoint (warning about each broken one passed over), with
+        this run's settings where they can take effect (`resume_changes`). False when there is none;
+        a RunDirError naming the files when there are checkpoints and none can be loaded."""
+        from forkrl.errors import RunDirError, UserError
+        candidates, problems = checkpoint_candidates(self.out)
         lr = self.learner
-        if self.dp.distributed:
-            state = load_sharded_checkpoint(path, lr.forward, lr.optimizer, lr.scheduler, self.dp)
-            lr.sync_sampling_weights()
-        elif (path / "sharded").exists():
-            from forkrl.errors import UserError
-            raise UserError(f"{path} is a sharded checkpoint; resume it with the --nproc it was written with")
-        else:
-            state = load_checkpoint(path, lr.model, lr.optimizer, lr.scheduler)
-        self.step_idx = self.last_saved_step = state["step"]
-        components = state["methods"]
-        self.load_state_dict(components["loop"])
-        self.learner.load_state_dict(components["learner"])
-        self.source.load_state_dict(components["source"])
-        self.source.set_policy(self.step_idx, self.learner.feedback)
-        log.info("resumed from %s (step %d)", path, self.step_idx)
-        return True
+        for path in candidates:
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                problems.append(f"checkpoint {path.name} is broken ({problem})")
+                continue
+            saved = json.loads((path / "state.json").read_text())
+            changes = resume_changes(saved.get("config"), json.loads(self.cfg.model_dump_json()))
+            try:
+                if self.dp.distributed:
+                    state = load_sharded_checkpoint(path, lr.forward, lr.optimizer, lr.scheduler, self.dp)
+                    lr.sync_sampling_weights()
+                elif (path / "sharded").exists():
+                    raise UserError(f"{path} is a sharded checkpoint; resume it with the --nproc it was written with")
+                else:
+                    state = load_checkpoint(path, lr.model, lr.optimizer, lr.scheduler)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable file: try the next checkpoint
+                problems.append(f"checkpoint {path.name} could not be loaded ({type(e).__name__}: {str(e)[:200]})")
+                continue
+            if problems:
+                log.warning("resuming from %s: %s", path, "; ".join(problems))
+            self.step_idx = self.last_saved_step = state["step"]
+            components = state["methods"]
+            self.load_state_dict(components["loop"])
+            self.learner.load_state_dict(components["learner"])
+            self.source.load_state_dict(components["source"])
+            apply_optimizer_settings(lr.optimizer, lr.scheduler, self.cfg.train)
+            self.source.set_policy(self.step_idx, self.learner.feedback)
+            log.info("resumed from %s (step %d)", path, self.step_idx)
+            if changes and self.dp.is_main:
+                log.warning("resumed with changed settings, in effect from step %d: %s", self.step_idx + 1,
+                            ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+                with open(self.out / "resumes.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step_idx, "checkpoint": path.name,
+                                        "changed": {k: [old, new] for k, (old, new) in changes.items()}}) + "\n")
+            return True
+        if candidates or problems:
+            raise RunDirError(f"cannot resume: no intact checkpoint in {self.out / 'checkpoints'}: " + "; ".join(problems))
+        return False
 
     # -- the run ----------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -275,9 +303,10 @@ class Loop:
         main = self.dp.is_main  # rank 0 writes; every rank trains
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(cfg))
         self.dp.barrier()
-        resumed = self.resume() if resume else False
+        resumed = self.resume() if resume else False  # before config.yaml: a refused change leaves it as it was
+        if main:
+            (self.out / "config.yaml").write_text(dump_config(cfg))
         if resume and not resumed:
             log.info("no checkpoint in %s; starting from scratch", self.out)
         sinks = make_sinks(self.out, cfg, self.step_idx if resumed else None) if main else []
@@ -335,7 +364,8 @@ class Loop:
             summary["after"] = after
             for s in sinks:
                 s.write(self.step_idx, after)
-            self.save()
+            if self.last_saved_step != self.step_idx or latest_is_missing(self.out):
+                self.save()
             summary["export"] = str(self.export(summary)) if main else None
         except SystemExit as e:  # a tool, hook or plugin may not end the run silently
             self._save_after_failure(snapshot)
@@ -396,3 +426,56 @@ def _optimizer_steps(optimizer) -> float:
             if step is not None:
                 return float(step)
     return 0.0
+
+
+# settings a checkpoint's state depends on: --resume refuses to change them (the identity of the run,
+# its data stream, and the methods whose state the checkpoint carries)
+FIXED_ON_RESUME = ("seed", "plugins", "model.name", "model.dtype", "model.lora", "task.source", "task.dataset",
+                   "task.split", "task.eval_split", "task.dataset_config", "task.load_kwargs", "task.train_size",
+                   "task.eval_size", "task.train_path", "task.eval_path", "task.prompt_field", "task.answer_field",
+                   "rollout.sampler", "rollout.gates", "algo.advantage", "algo.loss", "algo.token_selector",
+                   "algo.sample_selector", "algo.replay.enabled", "env.enabled", "env.tools", "sft.train_path",
+                   "distributed.workers", "distributed.swarm.enabled")
+UNCOMPARED = ("name", "output_dir", "paper")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict | None, current: dict) -> dict[str, tuple]:
+    """{key: (checkpoint's value, this run's)} for the settings --resume changes; a UserError naming
+    the key for one that cannot change (FIXED_ON_RESUME). Checkpoints without a config: no comparison."""
+    if saved is None:
+        return {}
+    old, new = _flatten(saved), _flatten(current)
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in UNCOMPARED}
+    fixed = [k for k in changed if k in FIXED_ON_RESUME or k.startswith(tuple(f + "." for f in FIXED_ON_RESUME))]
+    if fixed:
+        from forkrl.errors import UserError
+        raise UserError("--resume cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in fixed)
+                        + ": the checkpoint depends on it; resume with the run's setting, or start a new run "
+                        "(--overwrite or another output_dir)")
+    return changed
+
+
+def apply_optimizer_settings(optimizer, scheduler, train) -> None:
+    """This run's learning rate, betas and weight decay over what the checkpoint's optimizer restored
+    (the scheduler's base rate too, so the schedule continues from the new rate at the same step)."""
+    for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
+        group["initial_lr"] = train.lr
+        group["lr"] = train.lr * factor
+        group["betas"] = tuple(train.betas)
+        group["weight_decay"] = train.weight_decay
+    scheduler.base_lrs = [train.lr] * len(optimizer.param_groups)
+
+
+def latest_is_missing(out: Path) -> bool:
+    return not (out / "checkpoints" / "latest").exists()
