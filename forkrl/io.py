@@ -17,6 +17,10 @@ def load_function(ref: str) -> Callable:
         raise ValueError(f"a function reference looks like 'module:function', got {ref!r}")
     mod_name, fn_name = ref.rsplit(":", 1)
     if mod_name.endswith(".py"):
+        import sys
+        folder = str(Path(mod_name).resolve().parent)
+        if folder not in sys.path:  # as `python file.py` would: the file's own folder is importable
+            sys.path.insert(0, folder)
         spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {mod_name}")

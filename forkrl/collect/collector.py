@@ -294,7 +294,9 @@ class Collector:
         for j, members in enumerate(groups):
             s = members[0].sample if members and members[0].sample is not None else samples[j]
             for t in members:
-                t.group, t.sample = f"{tag}/{j}:{s.id}", s
+                t.group = f"{tag}/{j}:{s.id}"
+                if t.sample is None or t.sample.id != s.id:  # a sampler may give a trajectory its own columns
+                    t.sample = s
                 out.append(t)
         return out
 

@@ -58,11 +58,12 @@ def _single_turn(engine):
 
 def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: list[str] | None = None,
              pass_k: list[int] = (1,), n_samples: int = 0, temperature: float = 1.0, seed: int = 0,
-             generate=None, tools: bool = False) -> dict:
+             generate=None, tools: bool = False, episode_rewards: bool = False) -> dict:
     """Greedy accuracy on `samples` (default: the task's held-out set) and, when n_samples > 0,
     pass@k for each k from n_samples completions per prompt at `temperature`.
     `generate(prompt_ids, samples, params, seed) -> trajectories per prompt` replaces plain sampling
-    (the trainer passes its multi-turn tool rollout); with tools, `eval/tool_use_frac` is reported."""
+    (the trainer passes its multi-turn tool rollout); with tools, `eval/tool_use_frac` is reported; with
+    `episode_rewards` (agent programs, whose episodes return their reward), `eval/reward` is their mean."""
     samples = list(task.eval if samples is None else samples)
     if not samples:
         raise ValueError(f"task {task.name} has no held-out samples to evaluate on")  # tasks refuse this earlier
@@ -78,6 +79,8 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
               "eval/response_length": sum(o[0].num_generated for o in outs) / len(outs)}
     if tools:
         result["eval/tool_use_frac"] = sum(bool(o[0].tool_calls) for o in outs) / len(outs)
+    if episode_rewards:
+        result["eval/reward"] = sum(o[0].reward for o in outs) / len(outs)
     if n_samples > 0:
         params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, n=n_samples, stop=list(stop or []))
         outs = generate(prompts, samples, params, seed + 1)
@@ -89,6 +92,8 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
             result[f"eval/pass@{k}"] = sum(per) / len(samples)
             result[f"eval/pass@{k}_ci"] = mean_interval(per)
         result["eval/sampled_accuracy"] = sum(flat_correct) / len(flat_correct)
+        if episode_rewards:
+            result["eval/sampled_reward"] = sum(c.reward for o in outs for c in o) / len(flat_correct)
         result[f"eval/mean@{n_samples}"] = result["eval/sampled_accuracy"]
         texts_flat = [c.text for o in outs for c in o]
         votes = [majority_vote([task.answer_of(x) for x in texts_flat[i * n_samples:(i + 1) * n_samples]],

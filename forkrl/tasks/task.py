@@ -263,6 +263,14 @@ class Task:
 
 # -- built-in rewards, by name (task.rewards[].name). `from_task`: the reward needs the task's
 # verifier, so the registered function takes the Task and returns the reward function.
+@register_reward("episode_reward")
+def episode_reward(prompts: list[str], completions: list[str], episode_reward: list | None = None, **_) -> list[float]:
+    """What an agent program returned for its episode (rollout.sampler: agent_program), as it is."""
+    if episode_reward is None:
+        raise ValueError("the episode_reward reward needs rollout.sampler: agent_program")
+    return [float(r) for r in episode_reward]
+
+
 @register_reward("format")
 def format_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
     """1 when the completion puts its answer in <answer>...</answer> tags."""

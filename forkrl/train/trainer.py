@@ -233,10 +233,15 @@ class Trainer:
         """Held-out metrics; with `generations`, also every completion under "generations"."""
         e, r = self.cfg.eval, self.cfg.rollout
         samples = self.task.eval[:e.size] if e.size else self.task.eval
+        generate = self._tool_rollout if self.env is not None else None
+        # a sampler that runs whole episodes itself (agent programs) evaluates through them
+        episodes = getattr(getattr(self.source, "sampler", None), "evaluation_rollout", None)
+        if episodes is not None:
+            generate = episodes(self.engine, self.tokenizer, self.step_idx)
         res = evaluate(self.engine, self.task, samples, max_new_tokens=e.max_new_tokens or r.max_new_tokens,
                        stop=r.stop, pass_k=e.pass_k, n_samples=e.samples, temperature=e.temperature,
-                       seed=self.cfg.seed + 17, generate=self._tool_rollout if self.env is not None else None,
-                       tools=self.env is not None)
+                       seed=self.cfg.seed + 17, generate=generate, tools=self.env is not None,
+                       episode_rewards=episodes is not None)
         if not generations:
             res.pop("generations", None)
         return res
