@@ -1,9 +1,8 @@
 """Two roles, one policy: a solver answers, a verifier (a separate conversation) judges the answer.
 The episode is rewarded for a right answer and for a verifier that judges it correctly; the two
 roles' calls do not extend each other, so they train as two trajectories of the episode."""
-from openai import OpenAI
-
 from agent_helpers import MODEL, last_number
+from openai import OpenAI
 
 
 def run(task_row, client: OpenAI):   # a plain function gets a synchronous client
