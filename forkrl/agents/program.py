@@ -65,7 +65,7 @@ class AgentProgramSampler:
         from forkrl.io import load_function
         try:
             self.fn = load_function(program)
-        except (ImportError, AttributeError, ValueError) as e:
+        except (ImportError, AttributeError, ValueError, OSError, SyntaxError) as e:
             raise ValueError(f"program: {e}") from None
         if not callable(self.fn):
             raise ValueError(f"program: {program} is not a function")

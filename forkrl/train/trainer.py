@@ -72,6 +72,10 @@ def check_before_loading(cfg: RunConfig, model_given: bool = False) -> None:
         raise missing_dependency("vllm", "gpu", "rollout.engine=vllm")
     if cfg.env.enabled:
         check_sandbox(cfg.env.tools)
+    if cfg.rollout.sampler == "agent_program":
+        for module in ("aiohttp", "openai"):
+            if importlib.util.find_spec(module) is None:
+                raise missing_dependency(module, "agents", "rollout.sampler=agent_program")
 
 
 def check_sandbox(tools: list) -> None:
@@ -192,7 +196,12 @@ class Trainer:
         return self.loop.history
 
     def train(self, resume: bool = False) -> dict:
-        return self.loop.run(resume=resume)
+        try:
+            return self.loop.run(resume=resume)
+        finally:  # a sampler that holds a server or workers (agent programs) lets them go
+            close = getattr(getattr(self.source, "sampler", None), "close", None)
+            if close is not None:
+                close()
 
     def step(self) -> dict:
         """One step of the loop (collect, learn, hand the new policy back), without sinks or evaluation."""
