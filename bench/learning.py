@@ -23,6 +23,11 @@ It is `forkrl compare` underneath (one mechanism): the runs, their tables and cu
 OUT/<setup>/ and `forkrl compare A.yaml B.yaml --seeds 3` runs the same comparison for any two recipes.
 The evaluation's own noise (the binomial standard error of the sampled accuracy) is printed next to the
 seeds' spread, so a reader sees whether the evaluation or the seeds dominate.
+
+Each run evaluates itself with its own engine, so a bf16 run's accuracy is measured by bf16 sampling.
+The `judge` entries score every final model, and the base model, with one judge instead: the float32
+engine, `--judge-samples` (16) samples per held-out prompt at T = 1 plus greedy, each seed's own
+held-out prompts and evaluation seed (`forkrl eval RUN_DIR rollout.engine_dtype=float32 ...`).
 """
 from __future__ import annotations
 
@@ -86,12 +91,39 @@ def read_seed(run: Path) -> dict:
             "mismatch_max": max(mismatch) if mismatch else None, "n_prompts": after["eval/n_prompts"]}
 
 
+JUDGE = ["rollout.engine_dtype=float32", "eval.temperature=1.0", "log.progress=false", "log.tensorboard=false"]
+
+
+def judge(target: str, overrides: list[str], out: Path) -> dict:
+    """Held-out scores of a run's final model (target = the run's folder) or a recipe's base model by one
+    judge for every setting: the float32 engine, `--judge-samples` samples per prompt at T = 1 and greedy,
+    the run's own held-out prompts and evaluation seed. Cached in `out`."""
+    if out.exists():
+        return json.loads(out.read_text())
+    import contextlib
+    import io
+
+    from forkrl.cli import main as forkrl_main
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = forkrl_main(["eval", target, *JUDGE, *overrides])
+    if code != 0:
+        raise RuntimeError(f"forkrl eval {target} failed ({code})")
+    text = buffer.getvalue()
+    scores = json.loads(text[text.index("{"):])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setup", nargs="+", default=["quickstart", "trl"], choices=list(SETUPS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--out", default="runs/bench_learning")
+    p.add_argument("--judge-samples", type=int, default=16,
+                   help="samples per held-out prompt for the common float32 judge (0: the runs' own evaluations only)")
     args = p.parse_args()
     import torch
 
@@ -127,6 +159,29 @@ def main() -> None:
                 # the evaluation's own noise: binomial standard error of a sampled accuracy over n answers
                 "eval_standard_error": round(math.sqrt(p_hat * (1 - p_hat) / n), 4), "eval_sampled_answers": n,
             }
+        if args.judge_samples:
+            judged = {}
+            n = args.judge_samples
+            for s_ in range(args.seeds):
+                recipe = out / "recipes" / f"{setup}-{args.settings[0]}.yaml"
+                judged[("base", s_)] = judge(str(recipe), [f"seed={s_}", f"eval.samples={n}", "output_dir=/tmp/forkrl-judge"],
+                                             out / "judge" / f"base-seed{s_}.json")
+                for name in args.settings:
+                    run = out / f"{setup}-{name}" / f"seed{s_}"
+                    judged[(name, s_)] = judge(str(run), [f"eval.samples={n}"], out / "judge" / f"{name}-seed{s_}.json")
+            for name in args.settings:
+                runs = [read_seed(out / f"{setup}-{name}" / f"seed{s_}") for s_ in range(args.seeds)]
+                after = [judged[(name, s_)]["eval/sampled_accuracy"] for s_ in range(args.seeds)]
+                before = [judged[("base", s_)]["eval/sampled_accuracy"] for s_ in range(args.seeds)]
+                gain = [a - b for a, b in zip(after, before)]
+                p_hat = statistics.mean(after)
+                per_setting[name]["judge"] = {
+                    "sampled_accuracy_before": spread(before), "sampled_accuracy_after": spread(after),
+                    "greedy_accuracy_after": spread([judged[(name, s_)]["eval/accuracy"] for s_ in range(args.seeds)]),
+                    "sampled_gain_per_step": spread([g / r["steps"] for g, r in zip(gain, runs)]),
+                    "sampled_gain_per_100s": spread([100 * g / r["wall_s"] for g, r in zip(gain, runs)]),
+                    "eval_standard_error": round(math.sqrt(p_hat * (1 - p_hat) / (runs[0]["n_prompts"] * n)), 4),
+                    "eval_sampled_answers": runs[0]["n_prompts"] * n}
         result["setups"][setup] = {"settings": per_setting, "wall_s": round(time.perf_counter() - start, 1),
                                    "compare_table": str(out / "compare.md")}
         print(json.dumps(result, indent=1), flush=True)

@@ -74,6 +74,8 @@ class AgentProgramSampler:
         self.concurrency, self.episode_timeout_s = concurrency, episode_timeout_s
         self.endpoint: PolicyEndpoint | None = None
         self._ids = itertools.count()
+        # the openai client logs every HTTP request at INFO through httpx: thousands per step
+        logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").level, logging.WARNING))
 
     # -- the sampler interface ----------------------------------------------------------------------
     def sample(self, engine, prompts, params: SamplingParams, seed: int, ctx):
