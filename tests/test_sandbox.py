@@ -436,7 +436,7 @@ def test_no_isolation_is_refused_unless_asked_for(monkeypatch):
 
 
 def test_limits_are_checked():
-    with pytest.raises(ValueError, match="memory_mb must be a positive number"):
+    with pytest.raises(ValueError, match="memory_mb must be a positive whole number"):
         SandboxLimits(memory_mb=0)
     with pytest.raises(ValueError, match="isolation must be one of auto, bwrap, process"):
         PythonSandbox(isolation="namespace")

@@ -126,8 +126,10 @@ class SandboxLimits:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"sandbox limit {f.name} must be a positive number; got {value!r}")
+            whole = f.type == "int"
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value <= 0:
+                kind = "a positive whole number" if whole else "a positive number"
+                raise ValueError(f"sandbox limit {f.name} must be {kind}; got {value!r}")
 
 
 def limit_names() -> list[str]:
