@@ -618,6 +618,26 @@ def _moved_keys(data: dict) -> None:
             raise ConfigError(f"{'.'.join(path)} is now a registered method; write {new}")
 
 
+def flatten_settings(d: dict, prefix: str = "") -> dict:
+    """A config dump as {dotted key: value} (lists and empty dicts stay whole)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_differ(saved: dict, current: dict) -> dict[str, tuple]:
+    """{key: (saved, current)} where two config dumps differ. A key the saved dump lacks (a setting a
+    later forkrl added) counts as its default, so an old run compares equal to the same recipe now."""
+    defaults = flatten_settings(RunConfig().model_dump(mode="json"))
+    old, new = flatten_settings(saved), flatten_settings(current)
+    return {k: (old.get(k, defaults.get(k)), new.get(k, defaults.get(k))) for k in sorted(set(old) | set(new))
+            if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))}
+
+
 def build_config(data: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
     data = dict(data or {})
     for item in overrides or []:

@@ -13,7 +13,13 @@ import logging
 import time
 from pathlib import Path
 
-from forkrl.config import ConfigError, build_config, read_recipe, set_dotted
+from forkrl.config import (
+    ConfigError,
+    build_config,
+    read_recipe,
+    set_dotted,
+    settings_differ,
+)
 from forkrl.metrics.compare import RunResult, read_run, write_comparison
 
 log = logging.getLogger(__name__)
@@ -92,7 +98,7 @@ def compare(recipes: list[str], *, task: str | None = None, seeds: int = 2, budg
             run_dir = Path(cfg.output_dir)
             settings = cfg.model_dump(mode="json")
             meta_path = run_dir / "compare_run.json"
-            if meta_path.exists() and json.loads(meta_path.read_text()).get("config") != settings:
+            if meta_path.exists() and settings_differ(json.loads(meta_path.read_text()).get("config") or {}, settings):
                 raise ConfigError(f"{run_dir} holds a run with other settings; choose another --out or remove it")
             if meta_path.exists() and (run_dir / "summary.json").exists():
                 log.info("compare: %s seed %d already finished in %s", name, seed, run_dir)

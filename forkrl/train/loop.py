@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forkrl.config import dump_config
+from forkrl.config import dump_config, settings_differ
 from forkrl.metrics import make_sinks
 from forkrl.metrics.entropy import entropy_stats, fit_entropy_law
 from forkrl.metrics.sinks import SampleLog
@@ -439,24 +439,12 @@ FIXED_ON_RESUME = ("seed", "plugins", "model.name", "model.dtype", "model.lora",
 UNCOMPARED = ("name", "output_dir", "paper")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_changes(saved: dict | None, current: dict) -> dict[str, tuple]:
     """{key: (checkpoint's value, this run's)} for the settings --resume changes; a UserError naming
     the key for one that cannot change (FIXED_ON_RESUME). Checkpoints without a config: no comparison."""
     if saved is None:
         return {}
-    old, new = _flatten(saved), _flatten(current)
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in UNCOMPARED}
+    changed = {k: v for k, v in settings_differ(saved, current).items() if k not in UNCOMPARED}
     fixed = [k for k in changed if k in FIXED_ON_RESUME or k.startswith(tuple(f + "." for f in FIXED_ON_RESUME))]
     if fixed:
         from forkrl.errors import UserError
