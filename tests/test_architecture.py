@@ -12,7 +12,7 @@ LAYERS = {
     "forkrl": 0, "forkrl.types": 0, "forkrl.registry": 0, "forkrl.io": 0, "forkrl.config": 0,
     "forkrl.arithmetic": 0, "forkrl.cpu": 0, "forkrl.errors": 0,
     "forkrl.models": 1, "forkrl.tasks": 1, "forkrl.envs": 1,
-    "forkrl.rollout": 2, "forkrl.algos": 2, "forkrl.metrics": 2,
+    "forkrl.rollout": 2, "forkrl.agents": 2, "forkrl.algos": 2, "forkrl.metrics": 2,
     "forkrl.collect": 3,
     "forkrl.train": 4,
     "forkrl.distributed": 5,
