@@ -153,6 +153,23 @@ def raises_on_row3(task_row, client):
     return 0.5
 
 
+async def never_returns(task_row, client):
+    await asyncio.sleep(60)
+
+
+def test_an_episode_past_its_deadline_is_dropped(tiny):
+    import time
+    model, tok = tiny
+    sampler = AgentProgramSampler("tests.test_agents:never_returns", episode_timeout_s=0.5)
+    try:
+        start = time.perf_counter()
+        results = sampler.run_episodes(TorchEngine(model, tok), tok, _samples(2), SamplingParams(max_tokens=4), seed=0)
+        assert time.perf_counter() - start < 5
+        assert [r.error for rs in results for r in rs] == ["no result within 0.5 s (episode_timeout_s)"] * 2
+    finally:
+        sampler.close()
+
+
 def test_32_concurrent_episodes_share_engine_calls(tiny):
     model, tok = tiny
     spy = SpyEngine(TorchEngine(model, tok, max_batch_size=64))
