@@ -145,7 +145,7 @@ print(found, seen, mem, os.environ.get('HOME'))
     r = sandbox.run(code)
     assert SECRET not in r.text
     if level == "bwrap-os-only":
-        assert r.ok and r.text == "[] [] FileNotFoundError /tmp", r.text
+        assert r.ok and r.text == "[] [] FileNotFoundError /sandbox", r.text
     else:
         assert r.error == "denied"
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 NOBODY = 65534
 ISOLATIONS = ("auto", "bwrap", "process")
-WORKDIR = "/tmp"   # the call's tmpfs, inside the bwrap sandbox
+WORKDIR = "/sandbox"   # the call's tmpfs inside the bwrap sandbox: no host path lies under it
 
 # Runs in the sandboxed interpreter before the model's code. The hook's tables live in a closure, not
 # in globals the model's code could reach and clear.
@@ -172,7 +172,7 @@ def _bwrap_command(interpreter: str, extra_ro: list[str], disk_bytes: int) -> li
         cmd += ["--ro-bind", path, path]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(disk_bytes), "--tmpfs", "/dev/shm",
             "--size", str(disk_bytes), "--tmpfs", WORKDIR, "--chdir", WORKDIR,
-            "--setenv", "HOME", WORKDIR, "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+            "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR, "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
             "--setenv", "PYTHONIOENCODING", "utf-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1", interpreter]
     return cmd
 
