@@ -215,7 +215,6 @@ def test_the_example_agents_train_on_tiny_random(tmp_path, program):
     assert [r["sampler/episodes"] for r in rows] == [8.0, 8.0] and all(r["sampler/episodes_failed"] == 0 for r in rows)
     expected = {"single_call": 1, "two_step": 1, "two_role": 2}[program]   # trajectories per episode
     assert all(r["sampler/trajectories"] == 8 * expected for r in rows)
-    assert all(r["sampler/engine_calls"] < 8 * expected for r in rows)      # the episodes' calls were batched
     assert "eval/reward" in summary["after"]
     if program == "two_step":   # the second call continued the first: one multi-turn trajectory each
         assert all(r["sampler/segments_split"] == 0 for r in rows)
