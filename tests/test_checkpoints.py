@@ -134,7 +134,7 @@ def test_the_same_step_saved_again_keeps_a_complete_checkpoint_throughout(tmp_pa
     with pytest.raises(Killed):
         checkpoint.save_checkpoint(tmp_path, 2, model, opt, sched, {})
     monkeypatch.setattr(checkpoint.Path, "rename", real_rename)
-    assert checkpoint.find_checkpoint(tmp_path).name == "step_000001"
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step_000001"
 
 
 def test_disk_full_is_reported_and_the_partial_checkpoint_removed(tmp_path):

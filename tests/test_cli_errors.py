@@ -145,14 +145,19 @@ def test_a_reward_that_raises_at_step_3_leaves_step_2_which_resumes_exactly(tmp_
     assert _rows(tmp_path / "straight") == _rows(tmp_path / "failing")
 
 
-def test_cli_failure_mid_run_says_which_step_was_saved(tmp_path, capsys):
+def _train_with_failing_reward(tmp_path, capsys, function: str) -> tuple[int, str]:
+    """`forkrl train` with a reward from tests/rewards.py that fails at its third batch: (exit code, last line)."""
     import tests.rewards as rewards
     rewards.BATCHES_SCORED["n"] = 0
     code = main(["train", "configs/quickstart.yaml", "task.source=file", f"task.train_path={_data(tmp_path)}",
-                 "task.rewards=[{function: 'tests.rewards:fails_on_the_third_batch'}]", f"output_dir={tmp_path}/r",
+                 f"task.rewards=[{{function: 'tests.rewards:{function}'}}]", f"output_dir={tmp_path}/r",
                  "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "train.steps=5", "eval.at_start=false",
                  "rollout.max_new_tokens=4"] + TINY)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_cli_failure_mid_run_says_which_step_was_saved(tmp_path, capsys):
+    code, err = _train_with_failing_reward(tmp_path, capsys, "fails_on_the_third_batch")
     assert code == 2 and "the reward server is down" in err
     assert "; step 2 is saved: fix it and continue with forkrl train configs/quickstart.yaml" in err
     assert err.endswith("--resume")
@@ -160,13 +165,7 @@ def test_cli_failure_mid_run_says_which_step_was_saved(tmp_path, capsys):
 
 
 def test_sys_exit_in_a_reward_leaves_a_checkpoint_and_a_message(tmp_path, capsys):
-    import tests.rewards as rewards
-    rewards.BATCHES_SCORED["n"] = 0
-    code = main(["train", "configs/quickstart.yaml", "task.source=file", f"task.train_path={_data(tmp_path)}",
-                 "task.rewards=[{function: 'tests.rewards:exits_on_the_third_batch'}]", f"output_dir={tmp_path}/r",
-                 "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "train.steps=5", "eval.at_start=false",
-                 "rollout.max_new_tokens=4"] + TINY)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    code, err = _train_with_failing_reward(tmp_path, capsys, "exits_on_the_third_batch")
     assert code == 2 and "exits_on_the_third_batch" in err and "called sys.exit(3)" in err, err
     assert "step 2 is saved" in err
     assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_000002"

@@ -6,8 +6,8 @@ pickled; state.json the step and the run's config; manifest.json every file's si
 
 A checkpoint is written into a hidden folder, synced, renamed into place, and only then named by
 OUTPUT/checkpoints/latest (itself replaced atomically); older ones are pruned after that, so a
-complete checkpoint exists at every moment. `find_checkpoint` checks each against its manifest and
-falls back to the newest intact one, saying which is broken; a full disk is reported as such and
+complete checkpoint exists at every moment. `checkpoint_problem` checks one against its manifest,
+and `Loop.resume` falls back to the newest intact one, saying which is broken; a full disk is reported as such and
 leaves no partial checkpoint behind.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ class _disk_full_is_reported:
         full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "unexpected pos" in text \
             or "No space left" in text
         if full:
-            latest = find_checkpoint(self.path.parent.parent, quiet=True)
+            latest = latest_checkpoint(self.path.parent.parent)
             raise RunDirError(f"disk full: could not write checkpoint {self.path.name} in {self.path.parent} (the "
                               f"partial one was removed; {latest.name if latest else 'no checkpoint'} stays the "
                               "latest): free some space, then --resume") from None
@@ -176,30 +176,11 @@ def checkpoint_candidates(out_dir: Path) -> tuple[list[Path], list[str]]:
     return ([named] if named else []) + [p for p in steps if p != named], notes
 
 
-def find_checkpoint(out_dir: Path, quiet: bool = False) -> Path | None:
-    """The newest intact checkpoint, warning about each broken one passed over. None when there is no
-    checkpoint at all; a RunDirError naming the files when there are some and none is intact."""
-    candidates, problems = checkpoint_candidates(out_dir)
-    for path in candidates:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            if problems and not quiet:
-                log.warning("resuming from %s: %s", path, "; ".join(problems))
-            return path
-        problems.append(f"checkpoint {path.name} is broken ({problem})")
-    if candidates or (problems and not quiet):
-        if quiet:
-            return None
-        raise RunDirError(f"no intact checkpoint in {out_dir / 'checkpoints'}: " + "; ".join(problems))
-    return None
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest intact checkpoint, or None (quietly: for readers of finished runs)."""
-    try:
-        return find_checkpoint(out_dir, quiet=True)
-    except RunDirError:
-        return None
+    """The newest intact checkpoint, or None. `Loop.resume` walks the same candidates itself, to warn
+    about the broken ones and to fall back past one that fails to load."""
+    candidates, _ = checkpoint_candidates(out_dir)
+    return next((p for p in candidates if checkpoint_problem(p) is None), None)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
