@@ -25,12 +25,13 @@ def load_baseline(rev: str):
     """The sandbox module as it was at `rev` (its isolation `auto` picked what it picked then)."""
     text = subprocess.run(["git", "show", f"{rev}:forkrl/envs/sandbox.py"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "baseline_sandbox.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("baseline_sandbox", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "baseline_sandbox.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("baseline_sandbox", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module   # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
     return module
 
 
