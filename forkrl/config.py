@@ -225,6 +225,21 @@ class ReplayConfig(Section):
     warmup_steps: int = Field(200, gt=0)    # ... over this many steps (cosine)
 
 
+class CriticConfig(Section):
+    """PPO's learned critic (algorithms.md §19-20; verl's PPO): a value model initialised from the
+    policy's weights with a zero scalar head, trained with the clipped value loss on the lambda-returns
+    of GAE(gamma, lam); `algo.advantage: gae` reads its values. verl's defaults: gamma = lam = 1,
+    value clip 0.5, no warm-up."""
+    enabled: bool = False
+    lr: float = Field(1e-5, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    value_clip: float | None = Field(0.5, gt=0)   # None: the unclipped squared error
+    huber_delta: float | None = Field(None, gt=0)  # MARFT's Huber error (delta 10) in place of the square
+    warmup_steps: int = Field(0, ge=0)             # the first steps train the critic only
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
 class AlgoConfig(Section):
     advantage: str = "grpo"
     advantage_params: dict[str, Any] = Field(default_factory=dict)
@@ -244,6 +259,21 @@ class AlgoConfig(Section):
     entropy_coef: float = 0.0
     rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+
+    @model_validator(mode="after")
+    def _critic_and_its_reader(self):
+        import inspect
+
+        from forkrl.registry import ADVANTAGES
+        reads = "values" in inspect.signature(ADVANTAGES.get(self.advantage)).parameters
+        if reads and not self.critic.enabled:
+            raise ValueError(f"algo.advantage {self.advantage!r} reads a learned critic's values: set "
+                             "algo.critic.enabled: true")
+        if self.critic.enabled and not reads:
+            raise ValueError(f"algo.critic.enabled trains a value model that algo.advantage {self.advantage!r} does "
+                             "not read; use algo.advantage: gae")
+        return self
 
     @model_validator(mode="after")
     def _shared_prefix_needs_token_aggregation(self):

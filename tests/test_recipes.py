@@ -19,7 +19,7 @@ METHOD_METRIC = {
     "grpo_roc": "roc/pool", "sft_tools": "sft/nll", "arpo": "sampler/arpo/branches", "latr": "sampler/latr/eta",
     "april": "sampler/april/returned_groups", "dars": "dars/extra_rollouts", "brorl": "sampler/broad/prefill_shared_tokens",
     "etmr": "sampler/etmr/leaves", "aepo": "sampler/aepo/global_per_prompt",
-    "agent_single_call": "sampler/episodes", "agent_two_step": "sampler/episodes",
+    "agent_single_call": "sampler/episodes", "agent_two_step": "sampler/episodes", "ppo": "critic/vf_explained_var",
 }
 
 

@@ -4,10 +4,18 @@ ground floor's registry).
 - advantages: rewards of a group -> per-token advantages
 - entropy_losses: losses that restrict the tokens driving entropy collapse (Clip-Cov, KL-Cov)
 - losses: log-probs, advantages, masks -> scalar loss and metrics; aggregation modes; KL estimators
+- values: a learned critic's formulas (GAE, the clipped value loss, explained variance)
 - selection: which samples train (DAPO dynamic sampling), which tokens train (forking tokens), and
   reward shaping (DAPO overlong)
 """
-from forkrl.algos import advantages, entropy_losses, losses, selection, tree_advantages  # noqa: F401  (registers the methods)
+from forkrl.algos import (  # noqa: F401  (registers the methods)
+    advantages,
+    entropy_losses,
+    losses,
+    selection,
+    tree_advantages,
+    values,
+)
 from forkrl.algos.losses import AGG_MODES, KL_ESTIMATORS, agg_loss, kl_penalty
 from forkrl.algos.registry import (
     RESERVED,

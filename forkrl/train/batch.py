@@ -35,6 +35,9 @@ class PackedBatch:
     token_origin: Tensor | None = None
     # [B] the rank that trains each row (data parallelism: every rank holds the global batch); None: this one
     owner: Tensor | None = None
+    # [B, L] a learned critic's values before the update and its targets (algo.critic); None without one
+    old_values: Tensor | None = None
+    returns: Tensor | None = None
 
     def __post_init__(self):
         if self.train_mask is None:
@@ -61,7 +64,9 @@ class PackedBatch:
                            self.sampling_entropy[idx, :L], self.rewards[idx], self.group_ids[idx],
                            self.fixed_adv[idx], self.replay[idx], self.stats_only[idx], self.train_mask[idx, :L],
                            None if self.token_origin is None else self.token_origin[idx, :L],
-                           None if self.owner is None else self.owner[idx])
+                           None if self.owner is None else self.owner[idx],
+                           None if self.old_values is None else self.old_values[idx, :L],
+                           None if self.returns is None else self.returns[idx, :L])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:

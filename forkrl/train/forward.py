@@ -146,6 +146,37 @@ class PolicyForward(torch.nn.Module):
         return logp, entropy
 
 
+class ValueForward(torch.nn.Module):
+    """A value model: a causal LM's decoder plus a scalar head, read at the state before each
+    generated token (the positions `PolicyForward` projects), [B, L] float32 and zero where loss_mask
+    is 0. The same packed rows as the policy's forward."""
+
+    def __init__(self, model, *, autocast: bool = False):
+        super().__init__()
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # zero-initialised: the critic starts at V = 0 and explained variance 0, not at noise
+        self.head = torch.nn.Linear(base.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.head.to(next(model.parameters()).device)
+        self.autocast = autocast
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        decoder, _ = _decoder_and_head(self.model)
+        device = next(self.model.parameters()).device
+        packed = pack_rows(batch)
+        with _autocast(self.autocast, device.type):
+            out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
+                          position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
+        h = out.reshape(-1, out.shape[-1])[packed.before.to(device)]
+        v = self.head(h.float()).squeeze(-1)
+        values = torch.zeros(batch.resp_ids.shape, dtype=torch.float32, device=device)
+        if v.numel():
+            values = values.index_put(tuple(i.to(device) for i in (batch.loss_mask > 0).nonzero(as_tuple=True)), v)
+        return values
+
+
 def response_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = 1024,
                       autocast: bool = False) -> tuple[Tensor, Tensor]:
     """`PolicyForward(model, ...)(batch)`: log-probs and entropies of the response tokens, [B, L] each."""

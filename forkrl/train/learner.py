@@ -71,6 +71,7 @@ class MicroBatch:
     replay: bool = False       # SPEAR's replayed rows: the policy term again, own normaliser and coefficient
     coef: float = 1.0
     ref_logp: Tensor | None = None
+    value_norm: AggNorm | None = None  # the critic's normalisers: every generated token of the mini-batch
 
     @property
     def mask(self) -> Tensor:
@@ -93,7 +94,8 @@ class Learner:
 
     def __init__(self, model, optimizer, scheduler, cfg, *, ref_model=None, pad_id: int = 0,
                  temperature: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
-                 forward: PolicyForward | None = None, dp: DataParallel | None = None, sampling_model=None):
+                 forward: PolicyForward | None = None, dp: DataParallel | None = None, sampling_model=None,
+                 critic=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.cfg = cfg  # RunConfig
         self.ref_model = ref_model
@@ -113,6 +115,8 @@ class Learner:
         self.ref_forward = (PolicyForward(ref_model, temperature=temperature, chunk=cfg.train.logprob_chunk,
                                           autocast=self.autocast) if ref_model is not None else None)
         self.sampling_model = sampling_model
+        self.critic = critic  # forkrl.train.critic.Critic (algo.critic), trained beside the policy
+        self._critic_only = False  # a critic warm-up step: the policy's terms are left out
         # a one-token row for a rank with nothing to run while the others run a collective forward
         self._idle_batch = pack([Trajectory(prompt_ids=[pad_id], tokens=[pad_id], logprobs=[0.0], entropies=[0.0],
                                             loss_mask=[1], group="idle")], pad_id)
@@ -129,8 +133,10 @@ class Learner:
     @property
     def loss_terms(self) -> list:
         a = self.cfg.algo
-        return ([self.policy_term] + ([self.kl_term] if self.ref_forward is not None else [])
-                + ([self.entropy_term] if a.entropy_coef else []))
+        policy = [] if self._critic_only else (
+            [self.policy_term] + ([self.kl_term] if self.ref_forward is not None else [])
+            + ([self.entropy_term] if a.entropy_coef else []))
+        return policy + ([self.value_term] if self.critic is not None else [])
 
     def policy_term(self, mb: MicroBatch) -> tuple[Tensor, dict]:
         """The recipe's policy loss (algo.loss), times rollout-correction weights; on replayed rows,
@@ -153,6 +159,13 @@ class Learner:
         kl = kl_penalty(mb.logp, mb.ref_logp, a.kl_estimator)
         mean = float((kl.detach() * mb.mask).sum() / mb.mask.sum().clamp(min=1))
         return a.kl_coef * agg_loss(kl, mb.mask, a.agg, mb.norm), {"kl": mean}
+
+    def value_term(self, mb: MicroBatch) -> tuple[Tensor, dict]:
+        """The critic's clipped value loss on the micro-batch's generated tokens (its own parameters:
+        summed with the policy's terms, it changes no policy gradient). Replayed rows do not train it."""
+        if mb.replay:
+            return torch.zeros(()), {}
+        return self.critic.loss(mb.sub, mb.value_norm, self.cfg.algo.agg)
 
     def entropy_term(self, mb: MicroBatch) -> tuple[Tensor, dict]:
         """-algo.entropy_coef x the policy's entropy, aggregated like the loss (a bonus when positive)."""
@@ -218,13 +231,16 @@ class Learner:
 
     def state_dict(self) -> dict:
         return {"loss": self.state, "replay": self.replay.state_dict() if self.replay is not None else None,
-                "feedback": dataclasses.asdict(self.feedback)}
+                "feedback": dataclasses.asdict(self.feedback),
+                "critic": self.critic.state_dict() if self.critic is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state["loss"]
         if self.replay is not None and state.get("replay"):
             self.replay.load_state_dict(state["replay"])
         self.feedback = PolicyFeedback(**state["feedback"])
+        if self.critic is not None and state.get("critic"):
+            self.critic.load_state_dict(state["critic"])
 
     @torch.no_grad()
     def _no_grad_logprobs(self, forward: PolicyForward, batch: PackedBatch, collective: bool = True) -> Tensor:
@@ -281,7 +297,8 @@ class Learner:
         """Advantages, then sample selection (which may drop rows) and token selection."""
         a = self.cfg.algo
         adv, metrics = call(self.advantage_fn, batch.rewards, batch.group_ids, batch.loss_mask,
-                            available={"entropy": batch.sampling_entropy, "origin": batch.token_origin},
+                            available={"entropy": batch.sampling_entropy, "origin": batch.token_origin,
+                                       "values": batch.old_values, "returns": batch.returns},
                             params=a.advantage_params)
         fixed = ~torch.isnan(batch.fixed_adv)
         if fixed.any():
@@ -326,6 +343,10 @@ class Learner:
         batch = pack([trajectories[i] for i in order], self.pad_id)
         if owner is not None:
             batch.owner = torch.tensor([owner[i] for i in order], dtype=torch.long)
+        critic_metrics: dict = {}
+        self._critic_only = self.critic is not None and self.critic.warming_up(step)
+        if self.critic is not None:
+            batch, critic_metrics = self.critic.annotate(batch, t.micro_batch_size, self.micro_tokens)
         batch, adv, adv_metrics = self.advantages(batch, progress)
         seq_adv = [0.0] * len(order)
         for row, i in enumerate(order):
@@ -369,7 +390,7 @@ class Learner:
             weights[name] = weights.get(name, 0.0) + w
 
         n_skipped = 0
-        grad_norms = []
+        grad_norms, critic_norms = [], []
         for _epoch in range(t.epochs):
             order = torch.randperm(B, generator=gen) if updates_per_batch > 1 else torch.arange(B)
             for mini in torch.tensor_split(order, t.mini_batches):
@@ -385,6 +406,7 @@ class Learner:
                     # normalisers over the whole mini-batch (every rank's rows): the ranks' gradients then sum
                     norm = AggNorm(tokens=float(batch.train_mask[part].sum().clamp(min=1)), seqs=float(len(part)),
                                    const=float(a.agg_const or self.max_new_tokens))
+                    value_norm = dataclasses.replace(norm, tokens=float(batch.loss_mask[part].sum().clamp(min=1)))
                     mine = part if batch.owner is None else part[batch.owner[part] == rank]
                     micros = micro_batches(batch, mine, t.micro_batch_size, self.micro_tokens)
                     for micro in self.dp.pad_count(micros):
@@ -399,7 +421,8 @@ class Learner:
                                         old=logp.detach() if old_logp is None else old_logp[micro, :L],
                                         adv=adv[micro, :L], norm=norm, stats={k: rows(v, micro, L) for k, v in stats.items()},
                                         turn=turn[micro, :L], progress=progress, replay=is_replay, coef=coef,
-                                        ref_logp=None if ref_logp is None else ref_logp[micro, :L])
+                                        ref_logp=None if ref_logp is None else ref_logp[micro, :L],
+                                        value_norm=value_norm)
                         ntok = float(sub.train_mask.sum())
                         if n_minis == 0 and not is_replay:
                             part_mm = logprob_mismatch(logp, sub.sampling_logp, sub.train_mask)
@@ -426,13 +449,18 @@ class Learner:
                 params = [p for p in self.model.parameters() if p.requires_grad]
                 gn = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf")))
                 finite = bool(self.dp.sum(torch.tensor([0.0 if finite else 1.0])) == 0) and math.isfinite(gn)
-                if finite:
+                if self.critic is not None:
+                    critic_norms.append(self.critic.step())
+                if self._critic_only:
+                    pass  # the critic's warm-up: the policy keeps its weights and its schedule
+                elif finite:
                     grad_norms.append(gn)
                     self.optimizer.step()
                 else:
                     n_skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if not self._critic_only:
+            self.scheduler.step()
         # every rank's sums: weighted means over the whole batch
         for r, (part_sums, part_weights, part_loss, part_mm) in enumerate(
                 self.dp.gather((sums, weights, loss_total, mismatch))):
@@ -458,6 +486,11 @@ class Learner:
             if parts:
                 metrics.update(entropy_change_metrics(torch.cat([m for m, _ in parts]), torch.cat([p for _, p in parts])))
         metrics.update(adv_metrics)
+        if self.critic is not None:
+            metrics.update(critic_metrics)
+            metrics["critic/grad_norm"] = sum(critic_norms) / len(critic_norms) if critic_norms else math.nan
+            metrics["critic/lr"] = self.critic.optimizer.param_groups[0]["lr"]
+            metrics["critic/warmup"] = float(self._critic_only)
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["train/sequences"] = float(batch.resp_ids.shape[0])

@@ -25,6 +25,7 @@ from forkrl.models import check_model_spec, load_policy, load_tokenizer, model_c
 from forkrl.rollout import build_engine
 from forkrl.tasks import Task, build_task
 from forkrl.train.batch import pack
+from forkrl.train.critic import Critic
 from forkrl.train.forward import PolicyForward, resolve_autocast, response_log_softmax
 from forkrl.train.learner import Learner
 from forkrl.train.loop import Loop
@@ -108,6 +109,8 @@ def check_data_parallel(cfg: RunConfig, dp: DataParallel, custom_source: bool) -
                         "rows fall into micro-batches on each rank; scope=batch is global)")
     if custom_source:
         problems.append("a custom batch source (Ray rollouts, swarm peers)")
+    if cfg.algo.critic.enabled:
+        problems.append("algo.critic (the value model is not sharded yet: PPO with a critic runs in one process)")
     if problems:
         raise UserError(f"--nproc {dp.world} cannot run: " + "; ".join(problems))
 
@@ -167,13 +170,16 @@ class Trainer:
         # FSDP2 under torchrun (nothing in one process); where the learner computes in bf16 anyway, the
         # shards are gathered in bf16 too (half the traffic) and gradients reduced in float32
         dp.shard(self.policy, model, mixed_precision=autocast)
+        # PPO's value model: a copy of the policy's network as it starts, with its own optimizer
+        critic = (Critic(copy.deepcopy(model), cfg.algo.critic, autocast=autocast) if cfg.algo.critic.enabled
+                  else None)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
         self.learner = Learner(model, self.optimizer, self.scheduler, cfg, ref_model=self.ref_model,
                                pad_id=self.engine.pad_id, temperature=temperature,
                                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, forward=self.policy, dp=dp,
-                               sampling_model=sampling_model if dp.distributed else None)
+                               sampling_model=sampling_model if dp.distributed else None, critic=critic)
         self.sampling_model = sampling_model
         self.loop = Loop(cfg, source=self.source, learner=self.learner, evaluate=self.evaluate, export=self.export,
                          tokenizer=tokenizer, tool_tags=list(self.env.tools) if self.env is not None else None,
