@@ -74,6 +74,8 @@ class ToolCall:
     span: tuple[int, int]  # [start, end) into Trajectory.tokens
     ok: bool = True
     seconds: float = 0.0
+    cost: float = 0.0  # the tool's price for the call (ToolResult.cost)
+    error: str | None = None  # ToolResult.error: why the call failed
 
 
 @dataclass

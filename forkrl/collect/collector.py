@@ -21,7 +21,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from forkrl.registry import GATES, REWARD_TERMS
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine
@@ -86,6 +86,8 @@ class CollectContext:
     answer_tag: str
     feedback: PolicyFeedback
     seed_of: Callable[[int], int]  # this step's seed for the random choice `sub`
+    # a reward term's own state across steps (plain lists and numbers; checkpointed with the collector)
+    state: dict = field(default_factory=dict)
 
     def seed(self, sub: int) -> int:
         return self.seed_of(sub)
@@ -112,27 +114,31 @@ class Refill:
 
 
 def build_env(cfg, model, tokenizer, seed_of_call: Callable[[], int]):
-    """The tool env of `cfg.env` (None when disabled). ZeroSearch's simulated search gets a frozen
-    language model that writes the documents: `model` in its config, else a copy of the policy;
-    `seed_of_call()` seeds each of its calls (the current policy version)."""
+    """The tool env of `cfg.env` (None when disabled). Tools that need a frozen language model
+    (ZeroSearch's simulated search writes documents with it, Router-R1's `lm` responders answer with
+    it) share one: `model` in the simulated search's config, else a copy of the policy as it starts;
+    `seed_of_call()` seeds each of its calls (the current policy version). Tools that price their
+    calls count tokens with the policy's tokenizer."""
     if not cfg.env.enabled:
         return None
     from forkrl.envs import ToolEnv
     from forkrl.models import load_policy
-    context = {}
-    sim = [t for t in cfg.env.tools if isinstance(t, dict) and t.get("name") == "simulated_search"]
-    if sim:
-        name = sim[0].get("model")
+    context = {"count_tokens": lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])}
+    specs = [t for t in cfg.env.tools if isinstance(t, dict)]
+    sim = [t for t in specs if t.get("name") == "simulated_search"]
+    routed_lm = any(t.get("name") == "route" and any(r.get("kind") == "lm" for r in t.get("pool") or []) for t in specs)
+    if sim or routed_lm:
+        name = sim[0].get("model") if sim else None
         if name:
             sim_model, sim_tok = load_policy(name, dtype=cfg.model.dtype, seed=cfg.seed)
         else:
             sim_model, sim_tok = copy.deepcopy(model).eval(), tokenizer
         sim_engine = TorchEngine(sim_model, sim_tok, max_batch_size=cfg.rollout.max_batch_size)
-        sim_params = SamplingParams(temperature=0.7, max_tokens=128)
 
-        def generate(prompts):
+        def generate(prompts, temperature: float = 0.7, max_tokens: int = 128):
             ids = [sim_tok(p)["input_ids"] for p in prompts]
-            outs = sim_engine.generate([GenerationRequest(i, sim_params) for i in ids], seed=seed_of_call())
+            params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+            outs = sim_engine.generate([GenerationRequest(i, params) for i in ids], seed=seed_of_call())
             return [o[0].text for o in outs]
         context["generate"] = generate
     # `model` configures the document writer above, not the tool
@@ -157,6 +163,7 @@ class Collector:
         self.seed_salt = seed_salt
         self.sampler = build_sampler(cfg.rollout.sampler, cfg.rollout.sampler_params)
         self.terms = [(REWARD_TERMS.get(name), params) for name, params in map(_spec, cfg.task.reward_terms)]
+        self.term_state: list[dict] = [{} for _ in self.terms]
         self.gates = [(GATES.get(name), params) for name, params in map(_spec, cfg.rollout.gates)]
         n = cfg.rollout.samples_per_prompt
         for gate, params in self.gates:  # a gate may ask for more samples per fresh prompt (GRPO-RoC)
@@ -202,12 +209,15 @@ class Collector:
     def state_dict(self) -> dict:
         """Where the data stream is and what the sampler carries across steps (APRIL's groups in
         flight). The policy version and feedback are not here: the loop hands them back on resume."""
-        return {"positions": self.positions.state_dict(), "sampler": getattr(self.sampler, "state", None)}
+        return {"positions": self.positions.state_dict(), "sampler": getattr(self.sampler, "state", None),
+                "terms": copy.deepcopy(self.term_state)}
 
     def load_state_dict(self, state: dict) -> None:
         self.positions.load_state_dict(state["positions"])
         if state.get("sampler") is not None:
             self.sampler.state = state["sampler"]
+        if state.get("terms") is not None:
+            self.term_state = copy.deepcopy(state["terms"])
 
     # -- stages -----------------------------------------------------------------------------------
     def seed(self, step: int, sub: int) -> int:
@@ -310,7 +320,7 @@ class Collector:
             t.reward = total[i]
             t.correct = correct[i]
         ctx = self.context(step)
-        for term, params in self.terms:
-            term(trajs, ctx, **params)
+        for (term, params), state in zip(self.terms, self.term_state):
+            term(trajs, dataclasses.replace(ctx, state=state), **params)
         self._scoring_seconds += time.perf_counter() - start
 

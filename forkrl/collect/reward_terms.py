@@ -56,3 +56,48 @@ def tool_call_bonus(trajs, ctx, *, coef: float = 0.1, decay_steps: int = 200) ->
         total = t.reward + bonus
         t.reward = total if t.correct >= 1 else min(0.0, total)
     return {}
+
+
+def _router_needs_the_route_tool(cfg, **_) -> str | None:
+    names = [t if isinstance(t, str) else t.get("name") for t in cfg.env.tools] if cfg.env.enabled else []
+    if "route" not in names:
+        return "needs the route tool (env.enabled: true, env.tools: [{name: route, pool: [...]}]) to price the calls"
+    return None
+
+
+@register_reward_term("router_r1", check=_router_needs_the_route_tool)
+def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size: int = 1000) -> dict:
+    """Router-R1's reward (algorithms.md §20), in place of the task's: -1 when the format check fails
+    (forkrl.tasks.router.format_problem on the policy's text, or a call the route tool refused as an
+    unknown model), 0 without an answer or with a zero outcome, else (1 - alpha) * outcome +
+    alpha * R_cost. The outcome is `metric` (em | f1) of the last <answer> against the sample's
+    answer (a list of golds, or one). R_cost is the percentile-normalised sqrt of what the
+    trajectory's routed calls cost (ToolCall.cost) over a sliding buffer of the last `buffer_size`
+    trajectories; every trajectory's cost enters it, in batch order (Router-R1 leaves open which).
+    Logged per trajectory: reward/router_format (0 or -1), reward/router_outcome, reward/router_cost
+    (USD) and reward/router_cost_reward."""
+    from forkrl.tasks.answers import extract_answer
+    from forkrl.tasks.router import (
+        cost_reward,
+        exact_match,
+        format_problem,
+        token_f1,
+        total_reward,
+    )
+    if metric not in ("em", "f1"):
+        raise ValueError(f"router_r1 metric must be 'em' or 'f1', got {metric!r}")
+    score = exact_match if metric == "em" else token_f1
+    buffer = ctx.state.setdefault("cost_buffer", [])
+    for t in trajs:
+        problem = format_problem(t.text, len(t.tool_calls))
+        if problem is None and any(c.error == "unknown_model" for c in t.tool_calls):
+            problem = "unknown model"
+        answer = extract_answer(t.text, "answer_tag")
+        golds = t.sample.answer if isinstance(t.sample.answer, list) else [str(t.sample.answer)]
+        outcome = score(answer, golds) if answer is not None else 0.0
+        cost = sum(c.cost for c in t.tool_calls)
+        r_cost = cost_reward(cost, buffer, buffer_size)
+        t.rewards.update({"router_format": 0.0 if problem is None else -1.0, "router_outcome": outcome,
+                          "router_cost": cost, "router_cost_reward": r_cost})
+        t.reward = total_reward(problem is None, answer is not None, outcome, r_cost, alpha)
+    return {}

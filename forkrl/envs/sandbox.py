@@ -108,6 +108,7 @@ class ToolResult:
     ok: bool = True
     seconds: float = 0.0
     error: str | None = None   # timeout | memory | output_limit | crashed | exception | denied | sandbox
+    cost: float = 0.0          # what the call cost in the tool's own currency (Router-R1: USD of routed tokens)
 
 
 @dataclass

@@ -223,6 +223,86 @@ class SimulatedSearch(Tool):
         return self.batch([query])[0]
 
 
+ROUTE_ANSWER_PROMPT = "Answer the question in a few words.\nQuestion: {query}\nAnswer:"
+
+
+@register_tool("route")
+class Route(Tool):
+    """Router-R1's routing environment (algorithms.md §20): `<search>model-name: query</search>` sends the
+    sub-question to one responder of `pool`, and the reply comes back as the observation. Each call
+    costs completion tokens x `price` (USD per 1M tokens) of the responder that answered
+    (`ToolResult.cost`). A pool entry is {name, price, kind, ...}:
+
+      kind: bm25  the top_k (1) passages of `corpus` by BM25 (a retrieval "model" that knows the corpus)
+      kind: lm    a frozen copy of the policy's base model answering at `temperature` (0.7), at most
+                  `max_tokens` (48) tokens (the trainer passes `generate`)
+
+    An unknown name or a malformed `name: query` is refused (error unknown_model / malformed_route),
+    costs nothing, and fails Router-R1's format check. Completion tokens are counted with the
+    policy's tokenizer (`count_tokens`, passed by the trainer; whitespace words without one)."""
+
+    def __init__(self, tag: str | None = None, pool: list[dict] | None = None, corpus: str | None = None,
+                 generate: Callable[..., list[str]] | None = None, count_tokens: Callable[[str], int] | None = None,
+                 max_chars: int = 800, **_):
+        super().__init__(tag or "search")
+        if not pool:
+            raise ValueError("the route tool needs `pool`, a list of {name, price, kind: bm25|lm, ...}")
+        self.responders: dict[str, dict] = {}
+        self.searchers: dict[int, LocalSearch] = {}
+        for entry in pool:
+            entry = dict(entry)
+            name, kind = entry.get("name"), entry.get("kind", "bm25")
+            if not name or "price" not in entry:
+                raise ValueError(f"route pool entry {entry} needs a name and a price (USD per 1M tokens)")
+            if kind == "bm25":
+                if corpus is None:
+                    raise ValueError(f"route responder {name!r} (bm25) needs the tool's `corpus`")
+                k = int(entry.get("top_k", 1))
+                if k not in self.searchers:
+                    self.searchers[k] = LocalSearch(corpus=corpus, top_k=k, max_chars=max_chars)
+            elif kind == "lm":
+                if generate is None:
+                    raise ValueError(f"route responder {name!r} (lm) needs a text generator")
+            else:
+                raise ValueError(f"route responder {name!r}: kind must be bm25 or lm, got {kind!r}")
+            self.responders[name] = {"kind": kind, "price": float(entry["price"]), "top_k": int(entry.get("top_k", 1)),
+                                     "temperature": float(entry.get("temperature", 0.7)),
+                                     "max_tokens": int(entry.get("max_tokens", 48))}
+        self.generate, self.max_chars = generate, max_chars
+        self.count_tokens = count_tokens or (lambda text: len(text.split()))
+
+    def batch(self, queries: list[str]) -> list[ToolResult]:
+        from forkrl.tasks.router import parse_route
+        out: list[ToolResult | None] = [None] * len(queries)
+        lm_calls: dict[tuple[float, int], list[tuple[int, str, dict]]] = {}
+        for i, q in enumerate(queries):
+            route = parse_route(q)
+            if route is None:
+                out[i] = ToolResult("error: write <search>model-name: query</search>", ok=False, error="malformed_route")
+                continue
+            name, query = route
+            r = self.responders.get(name)
+            if r is None:
+                out[i] = ToolResult(f"error: unknown model {name!r}; available: {', '.join(self.responders)}",
+                                    ok=False, error="unknown_model")
+            elif r["kind"] == "bm25":
+                reply = self.searchers[r["top_k"]](query)
+                out[i] = ToolResult(reply.text, ok=reply.ok, error=reply.error,
+                                    cost=self.count_tokens(reply.text) * r["price"] / 1e6)
+            else:  # one generator call per sampling setting
+                lm_calls.setdefault((r["temperature"], r["max_tokens"]), []).append((i, query, r))
+        for (temperature, max_tokens), calls in lm_calls.items():
+            texts = self.generate([ROUTE_ANSWER_PROMPT.format(query=q) for _, q, _ in calls],
+                                  temperature=temperature, max_tokens=max_tokens)
+            for (i, _, r), text in zip(calls, texts):
+                text = text.strip()
+                out[i] = ToolResult(truncate(text, self.max_chars), cost=self.count_tokens(text) * r["price"] / 1e6)
+        return out
+
+    def __call__(self, query: str) -> ToolResult:
+        return self.batch([query])[0]
+
+
 def build_tools(specs: list[dict], **context) -> dict[str, Tool]:
     """Tools from config entries {name, tag?, ...options}; `context` supplies shared objects (e.g.
     `generate` for simulated_search) to the tools that take them. Keyed by the tag the model writes."""

@@ -6,7 +6,7 @@ from forkrl.types import Trajectory
 
 def tool_metrics(trajs: list[Trajectory], tools: list[str]) -> dict[str, float]:
     """Tool use over one step's trajectories: calls per trajectory (all and by tool), error rate,
-    turns, observation tokens, share of trajectories that called a tool, and total calls."""
+    turns, observation tokens, share of trajectories that called a tool, total calls, and their cost."""
     calls = [c for t in trajs for c in t.tool_calls]
     n = max(len(trajs), 1)
     out = {
@@ -17,6 +17,9 @@ def tool_metrics(trajs: list[Trajectory], tools: list[str]) -> dict[str, float]:
         "tools/turns": sum(t.turns for t in trajs) / n,
         "tools/observation_tokens": sum(len(t.loss_mask) - sum(t.loss_mask) for t in trajs) / n,
         "tools/seconds": sum(c.seconds for c in calls),
+        # what the calls cost, for tools that price them (Router-R1's routed models): per trajectory and in all
+        "tools/cost_per_traj": sum(c.cost for c in calls) / n,
+        "tools/cost_total": sum(c.cost for c in calls),
     }
     for name in tools:
         out[f"tools/{name}_calls_per_traj"] = sum(c.name == name for c in calls) / n

@@ -99,7 +99,8 @@ def advance(engine, env: ToolEnv, tokenizer, episodes: list[Episode], params: Sa
         t.loss_mask += [0] * len(ids)
         t.policy_version += [version] * len(ids)
         for c, r in pairs:
-            t.tool_calls.append(ToolCall(c.tag, (start, start + len(ids)), ok=r.ok, seconds=r.seconds))
+            t.tool_calls.append(ToolCall(c.tag, (start, start + len(ids)), ok=r.ok, seconds=r.seconds, cost=r.cost,
+                                         error=r.error))
         e.tool_calls += len(pairs)
         if len(t.tokens) >= b.max_total_tokens:
             e.done, t.finish = True, "length"
