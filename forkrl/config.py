@@ -260,6 +260,9 @@ class AlgoConfig(Section):
     rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
+    # duration-aware updates (algorithms.md §22): each trajectory's policy loss times the seconds its
+    # actions (tool calls) took, over the batch's mean (or sum, or raw); off by default
+    duration_weight: Literal["off", "mean", "sum", "raw"] = "off"
 
     @model_validator(mode="after")
     def _critic_and_its_reader(self):
@@ -273,6 +276,17 @@ class AlgoConfig(Section):
         if self.critic.enabled and not reads:
             raise ValueError(f"algo.critic.enabled trains a value model that algo.advantage {self.advantage!r} does "
                              "not read; use algo.advantage: gae")
+        return self
+
+    @model_validator(mode="after")
+    def _weights_reach_the_loss(self):
+        import inspect
+
+        from forkrl.registry import LOSSES
+        weighted = [name for name, on in (("algo.rollout_correction", self.rollout_correction.mode != "none"),
+                                          ("algo.duration_weight", self.duration_weight != "off")) if on]
+        if weighted and "weight" not in inspect.signature(LOSSES.get(self.loss)).parameters:
+            raise ValueError(f"{weighted[0]} weights each token's loss, but algo.loss {self.loss!r} takes no `weight`")
         return self
 
     @model_validator(mode="after")

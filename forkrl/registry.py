@@ -128,8 +128,8 @@ SAMPLERS = Registry("sampler", ("forkrl.rollout", "forkrl.agents.program"))
 ENGINES = Registry("engine", ("forkrl.rollout",))
 TOOLS = Registry("tool", ("forkrl.envs.tools",))
 REWARDS = Registry("reward", ("forkrl.tasks.task",))
-TASK_SOURCES = Registry("task source", ("forkrl.tasks.task",))
-REWARD_TERMS = Registry("reward term", ("forkrl.collect.reward_terms",))
+TASK_SOURCES = Registry("task source", ("forkrl.tasks.task", "forkrl.collect.programs"))
+REWARD_TERMS = Registry("reward term", ("forkrl.collect.reward_terms", "forkrl.collect.programs"))
 GATES = Registry("group gate", ("forkrl.collect.gates",))
 
 register_advantage = ADVANTAGES.register

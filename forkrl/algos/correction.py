@@ -68,3 +68,29 @@ def logprob_mismatch(learner_logp: Tensor, sampling_logp: Tensor, mask: Tensor) 
     r = (learner_logp.detach().double() - sampling_logp.double()).abs().clamp(max=50).exp()[m]
     return {"sum": float(r.sum()), "count_above_2": float((r > 2).sum()), "max": float(r.max()),
             "tokens": float(m.sum())}
+
+
+DURATION_MODES = ("off", "mean", "sum", "raw")
+
+
+def duration_weights(seconds: Tensor, *, mode: str = "mean") -> tuple[Tensor, dict]:
+    """Duration-aware updates (RL for ML-engineering agents, arXiv 2509.01684; algorithms.md §22): an
+    action that took dt_i seconds to execute contributes dt_i * A_i * grad log pi(a_i|s_i), which cancels
+    the bias toward fast actions that return (and update) more often in asynchronous training. Per row:
+        mean: w_i = dt_i / mean_batch(dt)      (the default; §22 leaves the normalisation UNVERIFIED)
+        sum:  w_i = dt_i / sum_batch(dt)       raw: w_i = dt_i
+    A batch whose actions all took no time gets w = 1. Returns ([B] weights, metrics)."""
+    if mode not in DURATION_MODES:
+        raise ValueError(f"unknown duration weighting {mode!r}; allowed: {DURATION_MODES}")
+    dt = seconds.double().clamp(min=0)
+    if mode == "off" or dt.numel() == 0 or float(dt.sum()) == 0.0:
+        w = torch.ones_like(dt)
+    elif mode == "mean":
+        w = dt / dt.mean()
+    elif mode == "sum":
+        w = dt / dt.sum()
+    else:
+        w = dt
+    metrics = {"duration/seconds_mean": float(dt.mean()) if dt.numel() else 0.0,
+               "duration/weight_max": float(w.max()) if w.numel() else 0.0}
+    return w.float(), metrics

@@ -38,6 +38,8 @@ class PackedBatch:
     # [B, L] a learned critic's values before the update and its targets (algo.critic); None without one
     old_values: Tensor | None = None
     returns: Tensor | None = None
+    # [B] seconds each trajectory's actions took to execute (its tool calls): duration-aware updates
+    seconds: Tensor | None = None
 
     def __post_init__(self):
         if self.train_mask is None:
@@ -66,7 +68,8 @@ class PackedBatch:
                            None if self.token_origin is None else self.token_origin[idx, :L],
                            None if self.owner is None else self.owner[idx],
                            None if self.old_values is None else self.old_values[idx, :L],
-                           None if self.returns is None else self.returns[idx, :L])
+                           None if self.returns is None else self.returns[idx, :L],
+                           None if self.seconds is None else self.seconds[idx])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
@@ -104,7 +107,8 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
         torch.tensor([math.nan if t.advantage is None else t.advantage for t in trajectories], dtype=torch.float32),
         torch.tensor([t.source == "replay" for t in trajectories], dtype=torch.bool),
         torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool),
-        token_origin=token_origin(trajectories, L))
+        token_origin=token_origin(trajectories, L),
+        seconds=torch.tensor([sum(c.seconds for c in t.tool_calls) for t in trajectories], dtype=torch.float64))
 
 
 def token_origin(trajectories: list[Trajectory], L: int) -> Tensor:

@@ -22,7 +22,11 @@ from forkrl.algos import (
     kl_penalty,
     per_turn_index,
 )
-from forkrl.algos.correction import logprob_mismatch, rollout_correction_weights
+from forkrl.algos.correction import (
+    duration_weights,
+    logprob_mismatch,
+    rollout_correction_weights,
+)
 from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.losses import AggNorm
 from forkrl.algos.schedules import cosine_ramp
@@ -72,6 +76,7 @@ class MicroBatch:
     coef: float = 1.0
     ref_logp: Tensor | None = None
     value_norm: AggNorm | None = None  # the critic's normalisers: every generated token of the mini-batch
+    row_weight: Tensor | None = None   # [b] per-row weight on the policy term (duration-aware updates)
 
     @property
     def mask(self) -> Tensor:
@@ -147,6 +152,9 @@ class Learner:
             rc = a.rollout_correction
             weight, metrics = rollout_correction_weights(mb.old, mb.sub.sampling_logp, mb.mask, mode=rc.mode,
                                                          cap=rc.cap, low=rc.low)
+        if mb.row_weight is not None:
+            rows = mb.row_weight.unsqueeze(-1).expand_as(mb.adv)
+            weight = rows if weight is None else weight * rows
         available = {"entropy": mb.entropy, "agg": a.agg, "norm": mb.norm, "weight": weight, "stats": mb.stats,
                      "turn": mb.turn, "progress": mb.progress}
         loss, m = call(self.loss_fn, mb.logp, mb.old, mb.adv, mb.mask, available=available, params=a.loss_params)
@@ -353,6 +361,10 @@ class Learner:
             seq_adv[i] = self.last_seq_adv[row]
         self.last_seq_adv = seq_adv  # in the caller's order (SPEAR's buffer reads it)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        row_weight = None
+        if a.duration_weight != "off":
+            row_weight, duration_metrics = duration_weights(batch.seconds, mode=a.duration_weight)
+            adv_metrics.update(duration_metrics)
         updates_per_batch = t.epochs * t.mini_batches
         if t.old_logprobs == "sampling":
             old_logp = batch.sampling_logp
@@ -422,7 +434,8 @@ class Learner:
                                         adv=adv[micro, :L], norm=norm, stats={k: rows(v, micro, L) for k, v in stats.items()},
                                         turn=turn[micro, :L], progress=progress, replay=is_replay, coef=coef,
                                         ref_logp=None if ref_logp is None else ref_logp[micro, :L],
-                                        value_norm=value_norm)
+                                        value_norm=value_norm,
+                                        row_weight=None if row_weight is None else row_weight[micro])
                         ntok = float(sub.train_mask.sum())
                         if n_minis == 0 and not is_replay:
                             part_mm = logprob_mismatch(logp, sub.sampling_logp, sub.train_mask)
