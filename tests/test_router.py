@@ -7,8 +7,7 @@ import pytest
 from forkrl.collect.collector import CollectContext
 from forkrl.collect.reward_terms import router_r1
 from forkrl.config import ConfigError, load_config
-from forkrl.envs.tools import Route
-from forkrl.tasks.router import (
+from forkrl.envs.router import (
     cost_reward,
     exact_match,
     format_problem,
@@ -16,6 +15,7 @@ from forkrl.tasks.router import (
     token_f1,
     total_reward,
 )
+from forkrl.envs.tools import Route
 from forkrl.types import PolicyFeedback, Sample, ToolCall, Trajectory
 
 MODELS = {"kb-lite", "kb-full"}

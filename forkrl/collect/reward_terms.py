@@ -68,7 +68,7 @@ def _router_needs_the_route_tool(cfg, **_) -> str | None:
 @register_reward_term("router_r1", check=_router_needs_the_route_tool)
 def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size: int = 1000) -> dict:
     """Router-R1's reward (algorithms.md §20), in place of the task's: -1 when the format check fails
-    (forkrl.tasks.router.format_problem on the policy's text, or a call the route tool refused as an
+    (forkrl.envs.router.format_problem on the policy's text, or a call the route tool refused as an
     unknown model), 0 without an answer or with a zero outcome, else (1 - alpha) * outcome +
     alpha * R_cost. The outcome is `metric` (em | f1) of the last <answer> against the sample's
     answer (a list of golds, or one). R_cost is the percentile-normalised sqrt of what the
@@ -76,14 +76,14 @@ def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size
     trajectories; every trajectory's cost enters it, in batch order (Router-R1 leaves open which).
     Logged per trajectory: reward/router_format (0 or -1), reward/router_outcome, reward/router_cost
     (USD) and reward/router_cost_reward."""
-    from forkrl.tasks.answers import extract_answer
-    from forkrl.tasks.router import (
+    from forkrl.envs.router import (
         cost_reward,
         exact_match,
         format_problem,
         token_f1,
         total_reward,
     )
+    from forkrl.tasks.answers import extract_answer
     if metric not in ("em", "f1"):
         raise ValueError(f"router_r1 metric must be 'em' or 'f1', got {metric!r}")
     score = exact_match if metric == "em" else token_f1

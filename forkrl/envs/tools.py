@@ -272,7 +272,7 @@ class Route(Tool):
         self.count_tokens = count_tokens or (lambda text: len(text.split()))
 
     def batch(self, queries: list[str]) -> list[ToolResult]:
-        from forkrl.tasks.router import parse_route
+        from forkrl.envs.router import parse_route
         out: list[ToolResult | None] = [None] * len(queries)
         lm_calls: dict[tuple[float, int], list[tuple[int, str, dict]]] = {}
         for i, q in enumerate(queries):

@@ -1,6 +1,7 @@
-"""Router-R1's reward (Zhang et al., 2025, arXiv 2506.09033; algorithms.md §20): the format check that
-overrides everything, the EM or token-F1 outcome, and the cost term, a percentile-normalised square
-root of the routed calls' price over a sliding buffer.
+"""Router-R1's routing environment, its protocol and its reward (Zhang et al., 2025, arXiv 2506.09033;
+algorithms.md §20): routes (`model-name: query`), the format check that overrides everything, the EM
+or token-F1 outcome, and the cost term, a percentile-normalised square root of the routed calls'
+price over a sliding buffer.
 
     R = -1                                  if the format check fails
         0                                   if there is no answer or the outcome is 0
