@@ -36,6 +36,7 @@ LEARNER_ARGUMENTS = frozenset({
     "origin",     # [B, T] key of the sampled token at each position, shared by branches of one prefix; -1 padding
     "values",     # [B, T] the critic's values of the states before each generated token (algo.critic)
     "returns",    # [B, T] the critic's targets: lambda-returns by GAE (algo.critic.gamma, lam)
+    "steps",      # [B, 3] step-level samples of episodes: episode id, step index, matched (UI-S1)
 })
 
 
@@ -127,7 +128,7 @@ TOKEN_SELECTORS = Registry("token selector", _ALGOS, LEARNER_ARGUMENTS)
 SAMPLERS = Registry("sampler", ("forkrl.rollout", "forkrl.agents.program"))
 ENGINES = Registry("engine", ("forkrl.rollout",))
 TOOLS = Registry("tool", ("forkrl.envs.tools",))
-REWARDS = Registry("reward", ("forkrl.tasks.task",))
+REWARDS = Registry("reward", ("forkrl.tasks.task", "forkrl.tasks.semi_online"))
 TASK_SOURCES = Registry("task source", ("forkrl.tasks.task", "forkrl.collect.programs"))
 REWARD_TERMS = Registry("reward term", ("forkrl.collect.reward_terms", "forkrl.collect.programs"))
 GATES = Registry("group gate", ("forkrl.collect.gates",))

@@ -79,6 +79,16 @@ class ToolCall:
 
 
 @dataclass
+class EpisodeStep:
+    """Where a step-level sample sits in its episode (UI-S1's semi-online rollouts train one sample per
+    step): the episode within its group, the 0-based step, and whether the policy's action matched the
+    expert's (a mismatched step was patched, or ended the episode)."""
+    episode: str
+    index: int
+    matched: bool = True
+
+
+@dataclass
 class Trajectory:
     """One complete sample for one prompt (see DESIGN.md, "The core data object").
 
@@ -106,6 +116,7 @@ class Trajectory:
     advantage: float | None = None  # set: train with this advantage instead of the estimator's
     source: str = "policy"          # policy | replay (self-imitation, own loss term) | stats_only (advantage
                                     # statistics only, not trained)
+    episode_step: EpisodeStep | None = None  # a step-level sample of a multi-step episode
 
     @property
     def num_generated(self) -> int:

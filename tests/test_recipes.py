@@ -20,7 +20,7 @@ METHOD_METRIC = {
     "april": "sampler/april/returned_groups", "dars": "dars/extra_rollouts", "brorl": "sampler/broad/prefill_shared_tokens",
     "etmr": "sampler/etmr/leaves", "aepo": "sampler/aepo/global_per_prompt",
     "agent_single_call": "sampler/episodes", "agent_two_step": "sampler/episodes", "ppo": "critic/vf_explained_var",
-    "router_r1": "reward/router_cost", "mle_milestones": "reward/milestones_reached",
+    "router_r1": "reward/router_cost", "mle_milestones": "reward/milestones_reached", "uis1": "uis1/matched_frac",
 }
 
 

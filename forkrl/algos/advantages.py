@@ -172,3 +172,58 @@ def aepo(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, b
         z = torch.zeros_like(e)
     out = base_adv.double() * (1 + alpha * z) * mask
     return out.float(), metrics
+
+
+def step_discounted_returns(rewards: Tensor, steps: Tensor, gamma: float) -> Tensor:
+    """UI-S1's discounted future return per step sample (algorithms.md §18 step 3): within each episode,
+    backwards over its steps, G_t = r_t + gamma * G_{t+1}, except at a mismatched step, where
+    G_t = r_t and the running sum restarts, so credit never crosses a patch. `steps` [B, 3]: episode
+    id, step index, matched. Rows that are not steps (episode -1) keep their reward."""
+    r = rewards.double()
+    out = r.clone()
+    episode, index, matched = steps[:, 0], steps[:, 1], steps[:, 2].bool()
+    for e in torch.unique(episode[episode >= 0]).tolist():
+        rows = (episode == e).nonzero().flatten()
+        rows = rows[torch.argsort(index[rows], descending=True)]
+        running = 0.0
+        for i in rows.tolist():
+            running = float(r[i]) if not matched[i] else float(r[i]) + gamma * running
+            out[i] = running
+    return out
+
+
+@register_advantage("uis1")
+def uis1(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, steps: Tensor | None, gamma: float = 0.5,
+         w_episode: float = 1.0, w_step: float = 1.0, norm: str = "mean_std_norm", eps: float = 1e-6
+         ) -> tuple[Tensor, dict]:
+    """UI-S1's semi-online advantage (Lu et al., 2025, arXiv 2509.11543; algorithms.md §18 step 4) for
+    step-level samples (one row per step of an episode; a group is one task's episodes):
+        A = w_E * A^E + w_S * A^S
+        A^S: the discounted return G_t (`step_discounted_returns`, gamma 0.5) normalised within
+             (task, step index t)
+        A^E: the episode's reward, here the sum of its step rewards (UNVERIFIED which field UI-S1 uses),
+             normalised within the task over all its step samples (mean and std across all data)
+    norm: mean_std_norm divides by the (Bessel) std + eps, mean_norm only subtracts the mean."""
+    if steps is None:
+        raise ValueError("advantage uis1 needs step-level samples of episodes (rollout.sampler: semi_online)")
+    if norm not in ("mean_std_norm", "mean_norm"):
+        raise ValueError(f"uis1 norm must be mean_std_norm or mean_norm, got {norm!r}")
+    G = step_discounted_returns(rewards, steps, gamma)
+    episode = steps[:, 0]
+    ep_reward = rewards.double().clone()
+    for e in torch.unique(episode[episode >= 0]).tolist():
+        rows = episode == e
+        ep_reward[rows] = rewards.double()[rows].sum()
+    # (task, step index) groups for A^S: one id per distinct pair
+    _, step_group = torch.unique(torch.stack([group_ids, steps[:, 1]], 1), dim=0, return_inverse=True)
+
+    def normalise(x, groups):
+        mean, std, _ = _group_stats(x, groups)
+        return (x - mean) / (std + eps) if norm == "mean_std_norm" else x - mean
+    a_step = normalise(G, step_group)
+    a_episode = normalise(ep_reward, group_ids)
+    adv = w_episode * a_episode + w_step * a_step
+    metrics = {**_metrics(adv, _group_stats(rewards, group_ids)[1]), "uis1/return_mean": float(G.mean()),
+               "uis1/episode_reward_mean": float(ep_reward.mean()),
+               "uis1/matched_frac": float(steps[:, 2].double().mean())}
+    return _broadcast(adv, mask), metrics

@@ -5,6 +5,8 @@ combines with any loss.
 - `independent`: n i.i.d. samples per prompt (multi-turn with tools when an env is given).
 - `arpo`: entropy-adaptive branching after tool results (ARPO, algorithms.md §2), in `arpo.py`.
 - `latr`: branching at uncertain tokens with lookahead pruning (LATR, §10), in `latr.py`.
+- `semi_online`: UI-S1's replay of expert trajectories with the policy's own history and patches
+  (§18), one sample per step, in `semi_online.py`.
 - `april`: over-provisioned requests, stop when enough groups finished, unfinished ones resume
   next step (APRIL, §6), in `april.py`. It asks for its own number of fresh prompts
   (`prompts_wanted`) and keeps state across steps (`state`, checkpointed).

@@ -6,7 +6,8 @@ passage per entity). Deterministic in the seed; the shipped files come from
     python -m forkrl.tasks.fictional_kb data/fictional_kb
 
 which writes corpus.jsonl ({id, title, text}), train.jsonl and eval.jsonl ({prompt, answer}; the
-eval questions ask about entities no training question mentions).
+eval questions ask about entities no training question mentions), and experts_train.jsonl and
+experts_eval.jsonl: the same questions with an expert's steps (UI-S1's semi-online RL, §18).
 """
 from __future__ import annotations
 
@@ -50,13 +51,21 @@ def generate(seed: int = 0, n_companies: int = 160) -> tuple[list[dict], list[di
         people += [founder, employee]
         companies.append(company)
         kind = i % 3
+        c, f, e, city = company["name"], founder["name"], employee["name"], company["city"]["name"]
+        # hops: what an expert searches (query, the entity it must name, the passage it reads) and thinks
         if kind == 0:
-            q, a = f"In which city was the founder of {company['name']} born?", founder["born"]
+            q, a = f"In which city was the founder of {c} born?", founder["born"]
+            hops = [(f"{c} founder", c, c, f"I need the founder of {c}."),
+                    (f"{f} born", f, f, f"{c} was founded by {f}. Now where {f} was born.")]
         elif kind == 1:
-            q, a = f"In which country is the headquarters of {company['name']}?", company["city"]["country"]
+            q, a = f"In which country is the headquarters of {c}?", company["city"]["country"]
+            hops = [(f"{c} headquarters", c, c, f"I need the headquarters of {c}."),
+                    (f"{city} country", city, city, f"{c} has its headquarters in {city}. Now its country.")]
         else:
-            q, a = f"Who founded the company that {employee['name']} works for?", founder["name"]
-        questions.append({"prompt": q, "answer": a, "company": company["name"]})
+            q, a = f"Who founded the company that {e} works for?", founder["name"]
+            hops = [(f"{e} works for", e, e, f"I need the company {e} works for."),
+                    (f"{c} founder", c, c, f"{e} works for {c}. Now who founded {c}.")]
+        questions.append({"prompt": q, "answer": a, "company": company["name"], "hops": hops})
     corpus = []
     for c in companies:
         corpus.append({"id": f"company/{c['name']}", "title": c["name"],
@@ -75,6 +84,19 @@ def generate(seed: int = 0, n_companies: int = 160) -> tuple[list[dict], list[di
     return corpus, questions
 
 
+def expert_trajectory(question: dict, corpus: list[dict]) -> list[dict]:
+    """UI-S1's expert steps for a question (algorithms.md §18): a thought, an action and the
+    observation the action returns, per step: two searches (each must name its entity, `key`) and
+    the answer."""
+    passages = {d["title"]: f"[1] {d['title']}: {d['text']}" for d in corpus}
+    steps = [{"thought": thought, "action": {"type": "search", "arg": query, "key": key},
+              "observation": passages[title]} for query, key, title, thought in question["hops"]]
+    steps.append({"thought": f"The answer is {question['answer']}.",
+                  "action": {"type": "answer", "arg": question["answer"], "key": question["answer"]},
+                  "observation": ""})
+    return steps
+
+
 def write(out_dir: str | Path, seed: int = 0, eval_share: float = 0.2) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +107,9 @@ def write(out_dir: str | Path, seed: int = 0, eval_share: float = 0.2) -> None:
     for split, rows in splits.items():
         (out / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n"
                                                    for r in rows))
+        (out / f"experts_{split}.jsonl").write_text("".join(
+            json.dumps({"prompt": r["prompt"], "answer": r["answer"], "steps": expert_trajectory(r, corpus)}) + "\n"
+            for r in rows))
 
 
 if __name__ == "__main__":

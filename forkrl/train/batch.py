@@ -40,6 +40,9 @@ class PackedBatch:
     returns: Tensor | None = None
     # [B] seconds each trajectory's actions took to execute (its tool calls): duration-aware updates
     seconds: Tensor | None = None
+    # [B, 3] step-level samples of multi-step episodes (Trajectory.episode_step): episode id (unique in
+    # the batch; -1 for a trajectory that is not a step), step index, matched (1/0); None when no row is
+    episode_steps: Tensor | None = None
 
     def __post_init__(self):
         if self.train_mask is None:
@@ -69,7 +72,8 @@ class PackedBatch:
                            None if self.owner is None else self.owner[idx],
                            None if self.old_values is None else self.old_values[idx, :L],
                            None if self.returns is None else self.returns[idx, :L],
-                           None if self.seconds is None else self.seconds[idx])
+                           None if self.seconds is None else self.seconds[idx],
+                           None if self.episode_steps is None else self.episode_steps[idx])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
@@ -108,7 +112,24 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
         torch.tensor([t.source == "replay" for t in trajectories], dtype=torch.bool),
         torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool),
         token_origin=token_origin(trajectories, L),
-        seconds=torch.tensor([sum(c.seconds for c in t.tool_calls) for t in trajectories], dtype=torch.float64))
+        seconds=torch.tensor([sum(c.seconds for c in t.tool_calls) for t in trajectories], dtype=torch.float64),
+        episode_steps=episode_steps(trajectories))
+
+
+def episode_steps(trajectories: list[Trajectory]) -> Tensor | None:
+    """[B, 3] (episode id, step index, matched) per row, episodes numbered by (group, episode) in order
+    of first appearance; None when no trajectory is a step of an episode."""
+    if all(t.episode_step is None for t in trajectories):
+        return None
+    ids: dict[tuple[str, str], int] = {}
+    rows = []
+    for t in trajectories:
+        e = t.episode_step
+        if e is None:
+            rows.append((-1, 0, 1))
+        else:
+            rows.append((ids.setdefault((t.group, e.episode), len(ids)), e.index, int(e.matched)))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def token_origin(trajectories: list[Trajectory], L: int) -> Tensor:

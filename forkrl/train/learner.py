@@ -306,7 +306,8 @@ class Learner:
         a = self.cfg.algo
         adv, metrics = call(self.advantage_fn, batch.rewards, batch.group_ids, batch.loss_mask,
                             available={"entropy": batch.sampling_entropy, "origin": batch.token_origin,
-                                       "values": batch.old_values, "returns": batch.returns},
+                                       "values": batch.old_values, "returns": batch.returns,
+                                       "steps": batch.episode_steps},
                             params=a.advantage_params)
         fixed = ~torch.isnan(batch.fixed_adv)
         if fixed.any():
