@@ -7,7 +7,8 @@ passage per entity). Deterministic in the seed; the shipped files come from
 
 which writes corpus.jsonl ({id, title, text}), train.jsonl and eval.jsonl ({prompt, answer}; the
 eval questions ask about entities no training question mentions), and experts_train.jsonl and
-experts_eval.jsonl: the same questions with an expert's steps (UI-S1's semi-online RL, §18).
+experts_eval.jsonl: the same questions with an expert's steps (UI-S1's semi-online RL, §18), and
+router_train.jsonl and router_eval.jsonl: one-hop questions, one per passage (Router-R1, §20).
 """
 from __future__ import annotations
 
@@ -97,6 +98,24 @@ def expert_trajectory(question: dict, corpus: list[dict]) -> list[dict]:
     return steps
 
 
+def one_hop_questions(corpus: list[dict]) -> list[dict]:
+    """One question per passage that a single lookup answers (Router-R1's routing task): where a
+    person was born, who founded a company, the country a city is in."""
+    out = []
+    for d in corpus:
+        kind, name = d["id"].split("/", 1)
+        text = d["text"]
+        if kind == "person":
+            city = text.split(" was born in ")[1].split(" and ")[0].rstrip(".")
+            out.append({"prompt": f"In which city was {name} born?", "answer": city})
+        elif kind == "company":
+            founder = text.split(" by ")[1].split(" and ")[0]
+            out.append({"prompt": f"Who founded {name}?", "answer": founder})
+        else:
+            out.append({"prompt": f"In which country is {name}?", "answer": text.split(" is a city in ")[1].rstrip(".")})
+    return out
+
+
 def write(out_dir: str | Path, seed: int = 0, eval_share: float = 0.2) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +129,10 @@ def write(out_dir: str | Path, seed: int = 0, eval_share: float = 0.2) -> None:
         (out / f"experts_{split}.jsonl").write_text("".join(
             json.dumps({"prompt": r["prompt"], "answer": r["answer"], "steps": expert_trajectory(r, corpus)}) + "\n"
             for r in rows))
+    one_hop = one_hop_questions(corpus)  # the corpus is shuffled: a prefix is a random held-out set
+    n_eval = int(len(one_hop) * eval_share)
+    for split, rows in (("eval", one_hop[:n_eval]), ("train", one_hop[n_eval:])):
+        (out / f"router_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":
