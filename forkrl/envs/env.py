@@ -5,6 +5,9 @@ only answers "what are the calls in this turn, may they run, and what do they re
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+
 from dataclasses import dataclass, field
 
 from forkrl.envs.protocol import Call, ToolProtocol, native_tool_calls_supported
@@ -49,13 +52,17 @@ class ToolEnv:
                 results[i] = ToolResult(f"error: unknown tool {c.tag!r}; available: {sorted(self.tools)}",
                                         ok=False, error="unknown_tool")
         for tag, idx in by_tool.items():
+            start = time.perf_counter()
             try:
                 out = self.tools[tag].batch([calls[i].query for i in idx])
             except Exception as e:  # a failing tool is an observation, never a crashed trainer
                 out = [ToolResult(f"error: the {tag} tool failed: {type(e).__name__}: {e}", ok=False,
                                   error="tool_failed")] * len(idx)
+            # a tool that does not time its calls gets an equal share of its batch's wall time (what
+            # duration-aware updates and tools/seconds read)
+            share = (time.perf_counter() - start) / len(idx)
             for i, r in zip(idx, out):
-                results[i] = r
+                results[i] = r if r.seconds else dataclasses.replace(r, seconds=share)
         return results  # type: ignore[return-value]
 
     def on_step(self, progress: float) -> None:
