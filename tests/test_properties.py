@@ -111,12 +111,18 @@ def test_advantages_are_finite_and_zero_off_the_mask(name, seed, rows, cols):
     for r in range(1, rows):
         k = int(torch.randint(0, cols + 1, (1,), generator=g))
         origin[r, :k] = origin[0, :k]
-    available = {"entropy": entropy, "origin": origin}
+    from forkrl.algos.values import gae, outcome_token_rewards
+    values = torch.randn(rows, cols, generator=g) * mask  # a critic's values and lambda-returns (gae)
+    _, returns = gae(outcome_token_rewards(rewards, mask), values, mask)
+    # one step per row, each its own episode (uis1)
+    steps = torch.stack([torch.arange(rows), torch.zeros(rows, dtype=torch.long), torch.ones(rows, dtype=torch.long)], 1)
+    available = {"entropy": entropy, "origin": origin, "values": values, "returns": returns, "steps": steps}
     adv, _ = call(ADVANTAGES[name], rewards, groups, mask, available=available, params={})
     assert torch.isfinite(adv).all() and (adv[mask == 0] == 0).all()
     # equal rewards in a group: no signal, except EMPG's future-clarity bonus (zeta f), which does not
-    # come from the outcome. (A group of one keeps A = R by verl's convention, so one group here.)
-    if name != "empg":
+    # come from the outcome, and GAE, whose baseline is the critic, not the group. (A group of one
+    # keeps A = R by verl's convention, so one group here.)
+    if name not in ("empg", "gae"):
         one_group = torch.zeros(rows, dtype=torch.long)
         flat, _ = call(ADVANTAGES[name], torch.ones(rows), one_group, mask, available=available, params={})
         assert (flat == 0).all()
