@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-
 from dataclasses import dataclass, field
 
 from forkrl.envs.protocol import Call, ToolProtocol, native_tool_calls_supported
