@@ -38,6 +38,18 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
     return logp, entropy
 
 
+def hidden_before_tokens(model, batch: PackedBatch, autocast: bool) -> tuple[Tensor, torch.device]:
+    """The decoder's last hidden state at the state before each loss_mask token, [N, d] (row-major
+    over loss_mask), from one forward over `pack_rows(batch)`; and the model's device."""
+    decoder, _ = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    packed = pack_rows(batch)
+    with _autocast(autocast, device.type):
+        out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
+                      position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
+    return out.reshape(-1, out.shape[-1])[packed.before.to(device)], device
+
+
 @dataclass
 class PackedRows:
     """Responses packed into rows behind their prompt, for one forward without padding waste.
@@ -115,14 +127,9 @@ class PolicyForward(torch.nn.Module):
         self.chunk, self.autocast = chunk, autocast
 
     def forward(self, batch: PackedBatch, full_distribution: bool = False):
-        decoder, head = _decoder_and_head(self.model)
-        device = next(self.model.parameters()).device
-        packed = pack_rows(batch)
-        with _autocast(self.autocast, device.type):
-            out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
-                          position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
+        _, head = _decoder_and_head(self.model)
+        h, device = hidden_before_tokens(self.model, batch, self.autocast)
         valid = batch.loss_mask > 0
-        h = out.reshape(-1, out.shape[-1])[packed.before.to(device)]
         if full_distribution:
             return torch.log_softmax(head(h).float() * self.inv_temp, dim=-1)
         targets = batch.resp_ids[valid].to(device)
@@ -163,13 +170,7 @@ class ValueForward(torch.nn.Module):
         self.autocast = autocast
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        decoder, _ = _decoder_and_head(self.model)
-        device = next(self.model.parameters()).device
-        packed = pack_rows(batch)
-        with _autocast(self.autocast, device.type):
-            out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
-                          position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
-        h = out.reshape(-1, out.shape[-1])[packed.before.to(device)]
+        h, device = hidden_before_tokens(self.model, batch, self.autocast)
         v = self.head(h.float()).squeeze(-1)
         values = torch.zeros(batch.resp_ids.shape, dtype=torch.float32, device=device)
         if v.numel():
