@@ -17,7 +17,7 @@ Each cell also splits the engine's call: `engine_prefill_s` is a call for one ne
 prefill and the first draw; median of 3), `engine_decode_step_ms` the rest of the median call per
 further token.
 
-The engine's compiled decode kernels (forkrl/rollout/kernels.py) are built on first use (~20 s,
+The engine's compiled decode kernels (forkrl/rollout/engine/kernels.py) are built on first use (~20 s,
 then cached; `kernel_build_or_load_s`); FORKRL_KERNELS=0 measures the engine without them.
 """
 from __future__ import annotations

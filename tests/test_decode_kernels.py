@@ -1,4 +1,4 @@
-"""The compiled decode kernels (forkrl/rollout/decode_kernels.cpp) compute what the PyTorch ops they
+"""The compiled decode kernels (forkrl/rollout/engine/decode_kernels.cpp) compute what the PyTorch ops they
 replace compute: the same decode logits, the same sampled tokens for the same generator state, the
 same log-probs and entropies; and a machine that cannot build them falls back to those ops."""
 import logging
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forkrl.rollout import engine as engine_mod
-from forkrl.rollout import kernels
+from forkrl.rollout.engine import kernels
+from forkrl.rollout.engine import sampling as engine_mod
 from forkrl.rollout.engine import sample_next
-from forkrl.rollout.runner import LlamaRunner
+from forkrl.rollout.engine.runner import DecoderRunner
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None or sys.platform != "linux",
                                     reason="the kernels are built and measured on Linux with a C++ compiler")
@@ -56,9 +56,9 @@ def _prefill_then_decode(runner, prompts, steps=6, feed=None):
 def test_compiled_decode_step_matches_the_pytorch_ops_in_float32(tiny, kernel):
     model, tok = tiny
     prompts = [tok(p)["input_ids"] for p in ("Hello there, how are you?", "2 + 2 =", "Write one word, slowly.")]
-    compiled = LlamaRunner(model, torch.float32)
+    compiled = DecoderRunner(model, torch.float32)
     assert compiled.kernel is not None and compiled.cache_dtype == torch.float32
-    reference = LlamaRunner(model, torch.float32, compiled=False)
+    reference = DecoderRunner(model, torch.float32, compiled=False)
     got, want = _prefill_then_decode(compiled, prompts), _prefill_then_decode(reference, prompts)
     assert (got - want).abs().max() < 1e-4
     # and against the Hugging Face forward of the same tokens: the first decode step fed the argmax
@@ -86,7 +86,7 @@ def test_bf16_cache_adds_little_to_the_bf16_weights_error(kernel):
         [GenerationRequest(p, SamplingParams(temperature=1.0, max_tokens=48)) for p in prompts], seed=0)
     errors = {}
     for compiled in (True, False):
-        runner = LlamaRunner(model, torch.bfloat16, compiled=compiled)
+        runner = DecoderRunner(model, torch.bfloat16, compiled=compiled)
         assert runner.cache_dtype == (torch.bfloat16 if compiled else torch.float32)
         lp_err, ent_err = [], []
         for p, (c,) in zip(prompts, outs):
@@ -167,7 +167,7 @@ def test_a_machine_that_cannot_build_them_falls_back_to_pytorch(tiny, monkeypatc
         assert kernels.decode_kernel() is None
     assert "could not be built" in caplog.text and "Ninja is required" in caplog.text
     model, tok = tiny
-    runner = LlamaRunner(model, torch.float32)
+    runner = DecoderRunner(model, torch.float32)
     assert runner.kernel is None and runner.cache_dtype == torch.float32
     assert _prefill_then_decode(runner, [tok("2 + 2 =")["input_ids"]], steps=2).isfinite().all()
 
@@ -212,7 +212,7 @@ def test_the_build_cache_is_keyed_by_the_whole_compile_command(monkeypatch, tmp_
     """Two environments on one machine keep two builds instead of rebuilding each other's."""
     import sys
 
-    from forkrl.rollout import kernels
+    from forkrl.rollout.engine import kernels
     monkeypatch.setenv("FORKRL_CACHE", str(tmp_path))
     here = kernels._build_dir()
     assert kernels._build_dir() == here  # stable

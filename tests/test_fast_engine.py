@@ -1,4 +1,4 @@
-"""The engine's fast path (LlamaRunner, continuous batching, bf16 sampling weights) changes nothing it
+"""The engine's fast path (DecoderRunner, continuous batching, bf16 sampling weights) changes nothing it
 should not: the same tokens, log-probs and entropies as the Hugging Face reference path, whatever
 the slot count; weight updates reach the sampling weights; bf16 stays within bf16 tolerance."""
 import copy
@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine
+from forkrl.rollout import GenerationRequest, HFEngine, SamplingParams, TorchEngine
 from forkrl.rollout.engine import resolve_dtype
-from forkrl.rollout.runner import LlamaRunner
+from forkrl.rollout.engine.runner import DecoderRunner
 
 PROMPTS = ["Hello there, how are you?", "2 + 2 =", "Write one word.", "Count to five slowly, please, one by one"]
 
@@ -32,9 +32,8 @@ def test_fast_path_matches_the_reference_path(tiny, slots):
     """Greedy and seeded sampling, n > 1, rows of different lengths; with fewer slots than rows the
     engine refills and compacts slots as rows finish, and every row still gets exactly its tokens."""
     model, tok = tiny
-    reference = TorchEngine(model, tok, fast=False, prefix_cache_mb=0)
+    reference = HFEngine(model, tok, prefix_cache_mb=0)
     fast = TorchEngine(model, tok, max_batch_size=slots, prefix_cache_mb=0)
-    assert fast.runner is not None and reference.runner is None
     greedy = _requests(tok, temperature=0.0, n=2)
     for a, b in zip(fast.generate(greedy), reference.generate(greedy)):
         for x, y in zip(a, b):
@@ -87,7 +86,7 @@ def test_weight_updates_reach_the_sampling_weights(tiny):
     syncs = engine.stats.syncs
     after = engine.generate(reqs)
     assert engine.stats.syncs == syncs + 1 and engine.stats.sync_seconds > 0
-    fresh = TorchEngine(m, tok, fast=False, prefix_cache_mb=0).generate(reqs)
+    fresh = HFEngine(m, tok, prefix_cache_mb=0).generate(reqs)
     for x, y in zip(after, fresh):
         _close(x[0], y[0])
     assert [o[0].token_ids for o in after] != [o[0].token_ids for o in before]
@@ -105,7 +104,7 @@ def test_lora_adapters_are_merged_into_the_sampling_weights(tiny):
     fast = TorchEngine(peft_model, tok, prefix_cache_mb=0)
     assert fast.runner is not None
     reqs = _requests(tok, temperature=0.0)
-    for a, b in zip(fast.generate(reqs), TorchEngine(peft_model, tok, fast=False).generate(reqs)):
+    for a, b in zip(fast.generate(reqs), HFEngine(peft_model, tok).generate(reqs)):
         for x, y in zip(a, b):
             # W + s B A in one matmul rounds differently from W x + s B (A x); the tiny model's
             # logits are in the hundreds, so float32 rounding reaches ~1e-3 nats
@@ -124,7 +123,7 @@ def test_auto_dtype_is_bf16_only_where_it_pays(tiny):
 def test_runner_prefill_and_decode_match_a_full_forward(tiny):
     """Ragged prefill after a cached start, then decode, on non-contiguous slots."""
     model, tok = tiny
-    runner = LlamaRunner(model, torch.float32)
+    runner = DecoderRunner(model, torch.float32)
     runner.reserve(4, 32)
     a, b = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[3])["input_ids"]
     runner.forward(torch.tensor([3]), torch.tensor([a[:2]]), torch.tensor([0]), torch.tensor([2]))
@@ -186,5 +185,5 @@ def test_prompts_admitted_together_run_their_shared_prefix_once(tiny):
     shared = len(header) + min(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in itertools.pairwise(tails))
     assert fast.stats.prefill_tokens == sum(len(r.prompt_ids) for r in reqs) - 2 * shared
     assert fast.stats.cached_tokens == 2 * shared
-    for a, b in zip(outs, TorchEngine(model, tok, fast=False, prefix_cache_mb=0).generate(reqs)):
+    for a, b in zip(outs, HFEngine(model, tok, prefix_cache_mb=0).generate(reqs)):
         _close(a[0], b[0])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine
-from forkrl.rollout.prefix_cache import PrefixCache
+from forkrl.rollout.engine.prefix_cache import PrefixCache
 
 
 def _kv(n, fill=1.0):  # [layers=2, 2, heads=1, n, dim=4]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from forkrl.registry import GATES, REWARD_TERMS
-from forkrl.rollout import GenerationRequest, SamplingParams, TorchEngine
+from forkrl.rollout import GenerationRequest, SamplingParams, build_local_engine
 from forkrl.rollout.samplers import SamplerContext, build_sampler, run_sampler
 from forkrl.types import PolicyFeedback, RolloutBatch, Sample, Trajectory
 
@@ -133,7 +133,7 @@ def build_env(cfg, model, tokenizer, seed_of_call: Callable[[], int]):
             sim_model, sim_tok = load_policy(name, dtype=cfg.model.dtype, seed=cfg.seed)
         else:
             sim_model, sim_tok = copy.deepcopy(model).eval(), tokenizer
-        sim_engine = TorchEngine(sim_model, sim_tok, max_batch_size=cfg.rollout.max_batch_size)
+        sim_engine = build_local_engine(sim_model, sim_tok, max_batch_size=cfg.rollout.max_batch_size)
 
         def generate(prompts, temperature: float = 0.7, max_tokens: int = 128):
             ids = [sim_tok(p)["input_ids"] for p in prompts]

@@ -2,7 +2,7 @@
 the sampling budget goes, and the data objects they fill."""
 from forkrl.registry import ENGINES, SAMPLERS
 from forkrl.rollout import april, arpo, etmr, latr, semi_online, vllm_engine  # noqa: F401  (registers samplers and engines)
-from forkrl.rollout.engine import TorchEngine, sample_next
+from forkrl.rollout.engine import HFEngine, TorchEngine, build_local_engine, sample_next
 from forkrl.rollout.samplers import (
     RolloutBudget,
     SamplerContext,
@@ -41,7 +41,9 @@ __all__ = [
     "SamplerContext",
     "SamplingParams",
     "ToolCall",
+    "HFEngine",
     "TorchEngine",
+    "build_local_engine",
     "Trajectory",
     "build_engine",
     "build_sampler",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from forkrl.registry import register_engine
-from forkrl.rollout.engine import eos_and_pad_ids
+from forkrl.rollout.engine.sequence import eos_and_pad_ids
 from forkrl.types import Completion, EngineStats, GenerationRequest
 
 

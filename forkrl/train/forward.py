@@ -227,7 +227,7 @@ def resolve_autocast(setting, model) -> bool:
     """train.bf16_autocast resolved: "auto" is on exactly where rollout.engine_dtype=auto picks bf16."""
     if setting != "auto":
         return bool(setting)
-    from forkrl.rollout.engine import resolve_dtype
+    from forkrl.rollout.engine.runner import resolve_dtype
     return next(model.parameters()).dtype == torch.float32 and resolve_dtype("auto", model) == torch.bfloat16
 
 

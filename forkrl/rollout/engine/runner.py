@@ -1,5 +1,6 @@
-"""Runner: tensors in, next-token logits out, for Llama-architecture decoders (Llama, SmolLM, Qwen2),
-over a preallocated key/value cache in sequence slots.
+"""Runner: tensors in, next-token logits out, for Llama-family decoders (Llama, SmolLM, Qwen2, and
+Qwen3 with its per-head q/k norms), over a preallocated key/value cache in sequence slots, on CPU or
+one CUDA GPU.
 
 Why not the Hugging Face forward: at decode time (one token per row, batch 32-128, a 135M model on
 CPU) its per-step cost is bookkeeping, not arithmetic: a `DynamicCache` that concatenates every
@@ -18,7 +19,9 @@ matmuls for a single query on CPU in bf16, and dozens of small ops per layer. Th
            kernels.py): rotary + cache write + attention in one pass over the cache, residual add +
            RMSNorm, silu(gate) * up. Prefills, and every step where the kernels cannot be built, run
            the same formulas in PyTorch ops: grouped-query attention as q [B, kv, group, d] x
-           K [B, kv, T, d], the row's causal mask built once per step.
+           K [B, kv, T, d], the row's causal mask built once per step. On CUDA the cache is in the
+           weights' dtype and attention is PyTorch's scaled_dot_product_attention over the same
+           layout (queries of one kv head stacked, so grouped-query attention needs no copies).
 
 Measured on 2 cores (AVX-512 BF16), embedded model, batch 32, 64 new tokens: a decode step took
 33-35 ms in PyTorch ops (matmuls ~15 ms, the attention's batched matmuls ~8 ms over the float32
@@ -36,13 +39,44 @@ import time
 import torch
 import torch.nn.functional as F
 
-from forkrl.rollout.kernels import decode_kernel
+from forkrl.rollout.engine.kernels import decode_kernel
 
-SUPPORTED = ("llama", "qwen2")
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+def resolve_dtype(name: str | None, model) -> torch.dtype:
+    """The sampling dtype for `rollout.engine_dtype`: None / "model" = the model's own; "auto" =
+    bfloat16 on a GPU or on a CPU with native bf16 units (AVX-512 BF16 / AMX) for models of at least
+    10M parameters, else the model's. Below that size a decode step is all overhead, so bf16 would
+    only add rounding (the tests' tiny random model is one such)."""
+    own = next(model.parameters()).dtype
+    if name in (None, "model"):
+        return own
+    if name == "auto":
+        if sum(p.numel() for p in model.parameters()) < 10_000_000:
+            return own
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else own
+        return torch.bfloat16 if _cpu_has_bf16() else own
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"engine dtype must be one of auto, model, {', '.join(dtypes)}; got {name!r}")
+    return dtypes[name]
+
+
+def _cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX-512 BF16 or AMX). oneDNN also runs bf16 on plain AVX-512 by
+    emulation, which is slower than float32, so its own "supported" flag is not the test."""
+    try:
+        from torch import cpu
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def unsupported_reason(model) -> str | None:
-    """Why `LlamaRunner` cannot run this model, or None when it can."""
+    """Why `DecoderRunner` cannot run this model, or None when it can."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
     kind = getattr(cfg, "model_type", None)
@@ -84,11 +118,11 @@ def _bias(linear) -> torch.Tensor | None:
     return None if b is None else b.detach()
 
 
-class LlamaRunner:
+class DecoderRunner:
     def __init__(self, model, dtype: torch.dtype, compiled: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
-            raise ValueError(f"LlamaRunner cannot run this model: {reason}")
+            raise ValueError(f"the fast engine cannot run this model: {reason}; use rollout.engine=hf")
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = self.base.config
@@ -109,7 +143,11 @@ class LlamaRunner:
         # PyTorch ops below, same formulas, float32 cache
         self.kernel = (decode_kernel() if compiled and self.device.type == "cpu" and self.head_dim in (16, 32, 64, 128)
                        and dtype in (torch.float32, torch.bfloat16) and self.group <= 16 else None)
-        self.cache_dtype = torch.bfloat16 if self.kernel is not None and dtype == torch.bfloat16 else torch.float32
+        if self.device.type == "cuda":
+            self.cache_dtype = dtype     # SDPA reads the cache in the matmul dtype
+        else:
+            self.cache_dtype = torch.bfloat16 if self.kernel is not None and dtype == torch.bfloat16 else torch.float32
+        self.qk_norm = hasattr(self.base.model.layers[0].self_attn, "q_norm")   # Qwen3
         self.k = self.v = torch.empty(0)
         self.layers: list[tuple] = []
         self.last_sync_seconds = self.sync()
@@ -124,12 +162,16 @@ class LlamaRunner:
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
             # the attention's 1/sqrt(d) goes into the query rows (rotary is linear, so it commutes)
+            # (with Qwen3's q norm, into the norm's weight instead: the norm would undo it)
             scale = self.head_dim ** -0.5
-            qkv = torch.cat([_weight(at.q_proj) * scale, _weight(at.k_proj), _weight(at.v_proj)]).to(dt)
+            q_scale = 1.0 if self.qk_norm else scale
+            qkv = torch.cat([_weight(at.q_proj) * q_scale, _weight(at.k_proj), _weight(at.v_proj)]).to(dt)
             biases = [_bias(at.q_proj), _bias(at.k_proj), _bias(at.v_proj)]
-            qkv_bias = torch.cat([biases[0] * scale, *biases[1:]]).float() if biases[0] is not None else None
+            qkv_bias = torch.cat([biases[0] * q_scale, *biases[1:]]).float() if biases[0] is not None else None
+            qk_norms = ((at.q_norm.weight.detach().float() * scale, at.k_norm.weight.detach().float())
+                        if self.qk_norm else None)
             gate_up = torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).to(dt)
-            layers.append((layer.input_layernorm.weight.detach().float(), self._pack(qkv), qkv_bias,
+            layers.append((layer.input_layernorm.weight.detach().float(), self._pack(qkv), qkv_bias, qk_norms,
                            self._pack(_weight(at.o_proj).to(dt)), layer.post_attention_layernorm.weight.detach().float(),
                            self._pack(gate_up), self._pack(_weight(mlp.down_proj).to(dt))))
         self.layers = layers
@@ -195,8 +237,11 @@ class LlamaRunner:
         else:
             attend = self._torch_attention(slots, starts, lengths, pos, cos, sin, contiguous)
         h = self._add_norm(x, None, self.layers[0][0])
-        for li, (_, qkv_w, qkv_b, o_w, n2, gu_w, down_w) in enumerate(self.layers):
-            h = self._add_norm(x, self._linear(attend(li, self._linear(h, qkv_w), qkv_b), o_w), n2)
+        for li, (_, qkv_w, qkv_b, qk_norms, o_w, n2, gu_w, down_w) in enumerate(self.layers):
+            qkv = self._linear(h, qkv_w)
+            if qk_norms is not None:
+                qkv, qkv_b = self._qk_norm(qkv, qkv_b, *qk_norms), None
+            h = self._add_norm(x, self._linear(attend(li, qkv, qkv_b), o_w), n2)
             down = self._linear(self._silu_mul(self._linear(h, gu_w)), down_w)
             if li + 1 < len(self.layers):
                 h = self._add_norm(x, down, self.layers[li + 1][0])
@@ -207,6 +252,19 @@ class LlamaRunner:
             h = self._add_norm(x[torch.arange(U, device=ids.device), lengths - 1], None, self.final_norm)
         logits = self._linear(h, self.head).float()
         return logits if self.head_bias is None else logits + self.head_bias
+
+    def _qk_norm(self, qkv: torch.Tensor, qkv_b: torch.Tensor | None, q_w: torch.Tensor, k_w: torch.Tensor
+                 ) -> torch.Tensor:
+        """Qwen3: RMSNorm over each query and key head (bias first), before the rotary embedding; the
+        attention's 1/sqrt(d) is in q_w. Float32, contiguous, as the attention paths take it."""
+        H, KV, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = qkv.float()
+        if qkv_b is not None:
+            qkv = qkv + qkv_b
+        lead = qkv.shape[:-1]
+        q = F.rms_norm(qkv[..., :H * d].reshape(*lead, H, d), (d,), q_w, self.eps)
+        k = F.rms_norm(qkv[..., H * d:(H + KV) * d].reshape(*lead, KV, d), (d,), k_w, self.eps)
+        return torch.cat([q.reshape(*lead, H * d), k.reshape(*lead, KV * d), qkv[..., (H + KV) * d:]], dim=-1)
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
         """x += delta (in place; the residual stream), then RMSNorm(x) * weight in the matmul dtype."""
@@ -242,7 +300,11 @@ class LlamaRunner:
         T = int((starts + lengths).max())
         # query i of row u (at position pos[u, i]) sees keys 0..pos[u, i] of its own slot
         hidden = torch.arange(T, device=dev).view(1, 1, T) > pos.unsqueeze(-1)      # [U, S, T]
-        bias = torch.zeros(hidden.shape, device=dev).masked_fill_(hidden, float("-inf")).view(U, 1, 1, S, T)
+        sdpa = self.device.type == "cuda"
+        if sdpa:   # visible keys for queries ordered (group, position), as q below
+            visible = ~(hidden if S == 1 else hidden.repeat(1, G, 1)).unsqueeze(1)  # [U, 1, G*S or 1, T]
+        else:
+            bias = torch.zeros(hidden.shape, device=dev).masked_fill_(hidden, float("-inf")).view(U, 1, 1, S, T)
         # where the new keys/values go: every (row, i) with i < lengths[row] (all of them when decoding)
         ragged = S > 1 and bool((lengths < S).any())
         real = (torch.arange(S, device=dev) < lengths.unsqueeze(1)).flatten().nonzero().squeeze(1) if ragged else None
@@ -269,12 +331,15 @@ class LlamaRunner:
                 Kr, Vr = K[:U, :, :T], V[:U, :, :T]
             else:
                 Kr, Vr = K[slots, :, :T], V[slots, :, :T]
-            Kr, Vr = Kr.float(), Vr.float()
             # query head h reads kv head h // G (Hugging Face's repeat_kv order); the 1/sqrt(d) scale
             # is folded into the query weights at sync
             q = qk[:, :, :H].reshape(U, S, KV, G, d).permute(0, 2, 3, 1, 4).reshape(U, KV, G * S, d)
-            scores = torch.matmul(q, Kr.transpose(-1, -2))                          # [U, KV, G*S, T]
-            scores.view(U, KV, G, S, T).add_(bias)
-            att = torch.matmul(torch.softmax(scores, dim=-1), Vr)                   # [U, KV, G*S, d]
+            if sdpa:
+                att = F.scaled_dot_product_attention(q.to(Kr.dtype), Kr, Vr, attn_mask=visible, scale=1.0)
+            else:
+                Kr, Vr = Kr.float(), Vr.float()
+                scores = torch.matmul(q, Kr.transpose(-1, -2))                      # [U, KV, G*S, T]
+                scores.view(U, KV, G, S, T).add_(bias)
+                att = torch.matmul(torch.softmax(scores, dim=-1), Vr)               # [U, KV, G*S, d]
             return att.view(U, KV, G, S, d).permute(0, 3, 1, 2, 4).reshape(U, S, H * d).to(self.dtype)
         return attend

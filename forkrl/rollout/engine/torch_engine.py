@@ -1,0 +1,288 @@
+"""TorchEngine: sampling in this process, on CPU or one CUDA GPU, through the fast runner
+(`runner.DecoderRunner`: Llama, Qwen2, Qwen3). Per new token it reports the id, the log-prob and the
+entropy of the full next-token distribution.
+
+    while not scheduler.done:
+        logits = self._admit_waiting(scheduler, logits)     # prefill new sequences into free slots
+        tokens = self._sample(scheduler, logits, ...)       # one token per running sequence; retire the finished
+        logits = self._decode(scheduler, tokens)            # one forward over the running slots
+
+The runner keeps its own copy of the weights in the sampling dtype (bf16 by default where the CPU or
+GPU has bf16 units), refreshed on the first `generate` after `weights_updated()`
+(`stats.sync_seconds`). Models the runner does not support run on `HFEngine` (hf_engine.py), which
+`build_local_engine` picks for them.
+
+Prefix reuse: identical prompts admitted together share one prefill, and a `PrefixCache` keeps the
+states of prompts (and, on request, of finished sequences) across calls, so a prompt that starts
+with a stored sequence prefills only its remaining tokens. `stats.prefill_tokens` counts tokens run
+through the model, `stats.cached_tokens` the prompt tokens served from the cache.
+
+Same seed and same batch composition give the same samples.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from forkrl.cpu import tune_allocator
+from forkrl.registry import register_engine
+from forkrl.rollout.engine.prefix_cache import PrefixCache
+from forkrl.rollout.engine.runner import DecoderRunner, resolve_dtype, unsupported_reason
+from forkrl.rollout.engine.sampling import generator_for, record_top, sample_next, sampling_tensors
+from forkrl.rollout.engine.scheduler import Scheduler
+from forkrl.rollout.engine.sequence import Sequence, eos_and_pad_ids, sequences_of
+from forkrl.types import ENGINE_FEATURES, Completion, EngineStats, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+def build_local_engine(model, tokenizer, max_batch_size: int = 64, prefix_cache_mb: float = 512,
+                       dtype: str | None = None):
+    """TorchEngine where the fast runner supports the model, else HFEngine (same outputs, slower)."""
+    reason = unsupported_reason(model)
+    if reason is None:
+        return TorchEngine(model, tokenizer, max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb,
+                           dtype=dtype)
+    from forkrl.rollout.engine.hf_engine import HFEngine
+    log.info("forkrl: the fast engine cannot run this model (%s); sampling with the Hugging Face forward", reason)
+    return HFEngine(model, tokenizer, max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb)
+
+
+def _build_torch(rollout, model, tokenizer, seed: int = 0):
+    return build_local_engine(model, tokenizer, max_batch_size=rollout.max_batch_size,
+                              prefix_cache_mb=rollout.prefix_cache_mb, dtype=rollout.engine_dtype)
+
+
+@register_engine("torch", build=_build_torch)
+class TorchEngine:
+    """Continuous batching over the runner's preallocated key/value cache (see the module docstring).
+
+    dtype: the sampling weights' dtype (see `resolve_dtype`; default: the model's own). The learner
+    keeps training its own (float32) weights; the engine copies them on the next call after
+    `weights_updated()`.
+    """
+
+    supports = ENGINE_FEATURES  # exact entropies, HAPO's per-token temperature, stop_when, prefix cache, top-k
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 64, prefix_cache_mb: float = 512,
+                 dtype: str | None = None):
+        self.model = model
+        if self.device.type == "cpu":
+            tune_allocator()
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.eos_ids, self.pad_id = eos_and_pad_ids(model, tokenizer)
+        self.stats = EngineStats()
+        self.dtype = resolve_dtype(dtype, model)
+        self.runner = DecoderRunner(model, self.dtype)   # refuses, naming why, a model it cannot run
+        self.stats.sync_seconds += self.runner.last_sync_seconds
+        self.stats.syncs += 1
+        self._stale = False
+
+    def weights_updated(self) -> None:
+        """The policy changed: stored prefix states no longer match it, and the sampling weights are
+        refreshed on the next call."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        self._stale = True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, requests: list[GenerationRequest], seed: int | None = None,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> list[list[Completion]]:
+        """Sample `params.n` completions for each request; returns them per request, in order.
+
+        stop_when(finished) is asked whenever completions finish, with the number of finished
+        completions of each request so far; when it answers True, generation stops and every
+        unfinished completion comes back as it is, with finish "abort" (APRIL's partial rollouts)."""
+        start = time.perf_counter()
+        seqs = sequences_of(requests)
+        generator = generator_for(self.device, seed, requests)
+        finished = [0] * len(requests)
+
+        def check(done: list[Sequence]) -> bool:
+            for q in done:
+                finished[q.request] += 1
+            return stop_when is not None and stop_when(finished)
+
+        if self._stale:
+            self.stats.sync_seconds += self.runner.sync()
+            self.stats.syncs += 1
+            self._stale = False
+        self._run(seqs, generator, check)
+        out: list[list[Completion]] = [[] for _ in requests]
+        for q in seqs:
+            out[q.request].append(q.completion(self.tokenizer))
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    # -- the engine loop -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence], generator, check) -> None:
+        n_slots = min(self.max_batch_size, len(seqs))
+        self.runner.reserve(n_slots, max(len(q.prompt) + q.params.max_tokens for q in seqs))
+        scheduler = Scheduler(seqs, n_slots)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        logits: torch.Tensor | None = None   # [len(scheduler.slots), V]: next-token logits per slot
+        while not scheduler.done:
+            logits = self._admit_waiting(scheduler, logits)
+            tokens = self._sample(scheduler, logits, generator, eos, check)
+            if tokens is None:
+                break
+            logits = self._decode(scheduler, tokens)
+
+    def _admit_waiting(self, scheduler: Scheduler, logits: torch.Tensor | None) -> torch.Tensor:
+        """Prefill waiting sequences into free slots, then compact when nothing waits; the logits
+        follow their sequences."""
+        placed = scheduler.admit()
+        if placed:
+            new_logits = self._admit([q for q, _ in placed], [j for _, j in placed])
+            full = new_logits.new_empty((len(scheduler.slots), new_logits.shape[1]))
+            if logits is not None:
+                full[:len(logits)] = logits[:len(full)]
+            full[[j for _, j in placed]] = new_logits
+            logits = full
+        for src, dst in scheduler.compact():
+            self.runner.copy(src, dst, scheduler.slots[dst].length)
+            logits[dst] = logits[src]
+        return logits[:len(scheduler.slots)]
+
+    def _sample(self, scheduler: Scheduler, logits: torch.Tensor, generator, eos: torch.Tensor, check
+                ) -> torch.Tensor | None:
+        """One token for every running sequence (slots 0..n-1, no holes after `_admit_waiting`);
+        finished sequences leave their slots. Returns the sampled tokens, or None when generation
+        ends here (all done, or `stop_when` said stop)."""
+        rows = list(scheduler.slots)
+        temperature, top_p, hapo = sampling_tensors([q.params for q in rows], self.device)
+        tok, logp, ent = sample_next(logits, temperature, top_p, generator, hapo)
+        self.stats.decode_tokens += len(rows)
+        want_top = max(q.params.logprobs for q in rows)
+        if want_top:
+            record_top(rows, logits, temperature, want_top)
+        is_eos = torch.isin(tok, eos).tolist()
+        done = [q for q, t, lp, h, e in zip(rows, tok.tolist(), logp.tolist(), ent.tolist(), is_eos)
+                if q.append(t, lp, h, e, self.tokenizer)]
+        aborted = bool(done) and check(done)
+        if aborted:
+            scheduler.abort()
+        for j, q in enumerate(rows):
+            if q.finish is not None:
+                if q.keep_kv and len(q.ids) > 1 and self.prefix_cache is not None:
+                    # the slot holds every token but the last sampled one, which was never fed
+                    self._store_slot(j, q.prompt + q.ids[:-1])
+                scheduler.retire(j)
+        return None if aborted or scheduler.done else tok
+
+    def _decode(self, scheduler: Scheduler, tokens: torch.Tensor) -> torch.Tensor | None:
+        """One decode forward over slots 0..n-1, a contiguous view of the cache. Holes run a pad token
+        at position 0 (their output is ignored; the next prefill into the slot overwrites it)."""
+        slots = scheduler.slots
+        if not slots:   # every row finished at once: the next admission starts afresh
+            return None
+        device = self.device
+        feed = torch.where(torch.tensor([q is not None for q in slots], device=device), tokens[:len(slots)],
+                           torch.full_like(tokens[:len(slots)], self.pad_id))
+        starts = torch.tensor([q.length if q is not None else 0 for q in slots], device=device)
+        logits = self.runner.forward(torch.arange(len(slots), device=device), feed.unsqueeze(-1), starts,
+                                     torch.ones_like(starts))
+        for q in slots:
+            if q is not None:
+                q.length += 1
+        return logits
+
+    # -- prefill with prefix reuse ---------------------------------------------------------------------
+    def _admit(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
+        """Prefill new sequences into free slots; returns their next-token logits [len(seqs), V].
+
+        Reuse, in order: identical prompts run once and are copied to the other slots; each distinct
+        prompt takes the longest stored prefix from the prefix cache; distinct prompts admitted
+        together that share a prefix of at least one cache block (a system prompt, a few-shot header)
+        run it once: in sorted order, each run of such prompts copies it from the run's first prompt,
+        which is prefilled first. At least one token of every prompt runs: its state gives the
+        next-token logits."""
+        runner = self.runner
+        leader: dict[tuple[int, ...], int] = {}
+        for k, q in enumerate(seqs):
+            leader.setdefault(tuple(q.prompt), k)
+        unique = sorted(set(leader.values()))
+        start: dict[int, int] = {}
+        for k in unique:
+            prompt = seqs[k].prompt
+            cached, kv = (0, None)
+            if self.prefix_cache is not None:
+                cached, kv = self.prefix_cache.lookup(prompt, max_len=len(prompt) - 1)
+            if cached:
+                runner.write(slots[k], kv)
+            start[k] = cached
+        donor: dict[int, tuple[int, int]] = {}   # follower -> (first prompt of its run, shared tokens)
+        block = self.prefix_cache.block if self.prefix_cache is not None else 16
+        ordered = sorted(unique, key=lambda k: seqs[k].prompt)
+        root, run = None, 0
+        for prev, k in itertools.pairwise(ordered):
+            a, b = seqs[prev].prompt, seqs[k].prompt
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            if root is not None and min(run, n) >= block:
+                run = min(run, n)
+            elif prev not in donor:       # a donor must be prefilled before its followers
+                root, run = prev, n
+            else:
+                root, run = None, 0
+            shared = min(run, len(b) - 1)
+            if root is not None and shared >= block and shared > start[k]:
+                donor[k] = (root, shared)
+            else:
+                root, run = None, 0
+        logits = self._prefill_slots({k: start[k] for k in unique if k not in donor}, seqs, slots)
+        for k, (src, shared) in donor.items():
+            runner.copy(slots[src], slots[k], shared)
+            start[k] = shared
+        logits.update(self._prefill_slots({k: start[k] for k in donor}, seqs, slots))
+        self.stats.cached_tokens += sum(start.values())
+        for k in unique:
+            if self.prefix_cache is not None:
+                self._store_slot(slots[k], seqs[k].prompt)
+        for k, q in enumerate(seqs):
+            src = leader[tuple(q.prompt)]
+            if src != k:
+                runner.copy(slots[src], slots[k], len(q.prompt))
+            q.length = len(q.prompt)
+        return torch.stack([logits[leader[tuple(q.prompt)]] for q in seqs])
+
+    def _prefill_slots(self, start: dict[int, int], seqs: list[Sequence], slots: list[int]) -> dict[int, torch.Tensor]:
+        """Run prompts seqs[k] from token start[k] on (the slot holds the rest), in chunks of ~2k new
+        tokens (the attention scores are [rows, heads, S, T]); next-token logits per k."""
+        device = self.device
+        logits: dict[int, torch.Tensor] = {}
+        items = list(start.items())
+        chunk: list[tuple[int, int]] = []
+        budget = 0
+        for n, (k, c) in enumerate(items):
+            chunk.append((k, c))
+            budget += len(seqs[k].prompt) - c
+            if budget >= 2048 or n == len(items) - 1:
+                rest = [seqs[k2].prompt[c2:] for k2, c2 in chunk]
+                ids = torch.full((len(chunk), max(map(len, rest))), self.pad_id, dtype=torch.long)
+                for r, toks in enumerate(rest):
+                    ids[r, :len(toks)] = torch.tensor(toks)
+                out = self.runner.forward(torch.tensor([slots[k2] for k2, _ in chunk], device=device), ids.to(device),
+                                          torch.tensor([c2 for _, c2 in chunk], device=device),
+                                          torch.tensor([len(t) for t in rest], device=device))
+                self.stats.prefill_tokens += sum(map(len, rest))
+                for r, (k2, _) in enumerate(chunk):
+                    logits[k2] = out[r]
+                chunk, budget = [], 0
+        return logits
+
+    def _store_slot(self, slot: int, tokens: list[int]) -> None:
+        """Keep the states of a slot's first len(tokens) tokens in the prefix cache."""
+        if len(tokens) < self.prefix_cache.block or self.prefix_cache.match(tokens)[1] == len(tokens):
+            return  # too short to index, or already stored (or inside a longer stored sequence)
+        self.prefix_cache.insert(tokens, self.runner.read(slot, len(tokens)))
+
