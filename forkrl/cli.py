@@ -42,7 +42,7 @@ def cmd_train(args, sft: bool = False) -> int:
     from forkrl.train.run_dir import prepare_output_dir
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run directory
         prepare_output_dir(cfg.output_dir, resume=args.resume, overwrite=args.overwrite)
-    if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
+    if getattr(args, "nproc", None) is not None and "LOCAL_RANK" not in os.environ:
         return _launch_ranks(args, cfg)
     start = time.perf_counter()
     if getattr(args, "ray", False) or cfg.distributed.swarm.enabled:
@@ -190,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--overwrite", action="store_true",
                            help="replace the run in output_dir (forkrl's files there only)")
         if name == "train":
-            p.add_argument("--nproc", type=int, default=1, metavar="N",
-                           help="N data-parallel ranks on this machine (torchrun; FSDP2 learner, gloo on CPU)")
+            p.add_argument("--nproc", type=int, default=None, metavar="N",
+                           help="N data-parallel ranks on this machine under torchrun (FSDP2 learner; NCCL on CUDA, "
+                                "gloo on CPU); without it, one process and no torchrun")
             p.add_argument("--ray", action="store_true",
                            help="decoupled rollout workers and learner on Ray (the distributed section; pip install 'forkrl[ray]')")
         p.set_defaults(fn=fn)

@@ -149,6 +149,7 @@ class RolloutConfig(Section):
     # the sampling weights' dtype: auto = bfloat16 where the CPU/GPU has native bf16, else the model's
     engine_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = "auto"
     prefix_cache_mb: float = Field(512, ge=0)   # key/value states of earlier prefixes kept for reuse; 0 = off
+    cuda_graphs: bool = True                    # torch engine on CUDA: replay captured decode steps (no effect on CPU)
     sampler: str = "independent"                 # how the budget is spent: independent | arpo | latr
     sampler_params: dict[str, Any] = Field(default_factory=dict)
     adaptive_temperature: AdaptiveTemperatureConfig = Field(default_factory=AdaptiveTemperatureConfig)
@@ -351,8 +352,8 @@ class TrainConfig(Section):
     bf16_autocast: bool | Literal["auto"] = "auto"
     # auto: at every evaluation or every 50 steps, whichever comes first; 0: only at the end, on Ctrl-C
     # and after a failed step (a failure always keeps the last completed step)
-    # where the learner runs: auto (the CPU until the CUDA learner lands) | cpu; under torchrun each rank
-    # joins a gloo process group on an explicit device mesh
+    # where the learner and the engine run: auto (CUDA where available, else the CPU) | cpu | cuda; under
+    # torchrun each rank takes its LOCAL_RANK GPU and joins an NCCL group (gloo on CPU) on an explicit mesh
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # warn when the sampler's and the learner's probabilities of the trained tokens drift apart:
     # train/logprob_mismatch = mean exp(|log p_sampling - log p_learner|) above this (NeMo-RL gates on 1.1)
@@ -363,9 +364,11 @@ class TrainConfig(Section):
 
     @field_validator("device")
     @classmethod
-    def _device_built(cls, v):
+    def _device_present(cls, v):
         if v == "cuda":
-            raise ValueError("cuda: the CUDA engine and learner are not built yet; use auto or cpu")
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError("cuda: no CUDA device here (torch.cuda.is_available() is False); use auto or cpu")
         return v
 
 

@@ -13,7 +13,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from forkrl.rollout import GenerationRequest, HFEngine, SamplingParams, TorchEngine, build_local_engine
+from forkrl.rollout import (
+    GenerationRequest,
+    HFEngine,
+    SamplingParams,
+    TorchEngine,
+    build_local_engine,
+)
 from forkrl.rollout.engine.runner import DecoderRunner
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -102,3 +108,33 @@ def test_an_unsupported_architecture_falls_back_to_the_reference_engine():
     assert isinstance(engine, HFEngine)
     with pytest.raises(ValueError, match="model_type 'gpt2'.*rollout.engine=hf"):
         TorchEngine(model, Tok())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_attention_and_the_captured_decode_step_compute_the_same_logits(arch):
+    """What runs on CUDA, checked here on the CPU: attention through scaled_dot_product_attention over
+    a cache in the weights' dtype, and the fixed-shape decode step a CUDA graph captures (the batch
+    padded to a bucket with rows at the never-used last position, keys read up to a block boundary)."""
+    model = tiny_model(arch)
+    eager = DecoderRunner(model, torch.float32, compiled=False)
+    sdpa = DecoderRunner(model, torch.float32, compiled=False)
+    sdpa.sdpa = True
+    prompts = [[5, 9, 17, 3, 22, 8, 1], [40, 2, 7], [11, 12, 13, 14, 15]]
+    U, S = len(prompts), max(map(len, prompts))
+    ids = torch.zeros((U, S), dtype=torch.long)
+    for u, p in enumerate(prompts):
+        ids[u, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts])
+    outs = []
+    for runner in (eager, sdpa):
+        runner.reserve(4, 40)   # a bucket of 4 rows: one padding row in slot 3
+        outs.append(runner.forward(torch.arange(U), ids, torch.zeros(U, dtype=torch.long), lengths))
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    nxt, starts = outs[0].argmax(-1), lengths.clone()
+    want = eager.decode(nxt, starts)
+    b, T, capacity = 4, 16, sdpa.k.shape[3]
+    padded_ids = torch.cat([nxt, torch.zeros(b - U, dtype=torch.long)]).view(b, 1)
+    padded_pos = torch.cat([starts, torch.full((b - U,), capacity - 1)])
+    got = sdpa._forward(torch.arange(b), padded_ids, padded_pos, torch.ones(b, dtype=torch.long), True, T)[:U]
+    assert (got - want).abs().max() < 1e-5
+    assert DecoderRunner._buckets(6) == [1, 2, 4, 6]

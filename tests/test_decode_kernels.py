@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forkrl.rollout.engine import kernels
+from forkrl.rollout.engine import kernels, sample_next
 from forkrl.rollout.engine import sampling as engine_mod
-from forkrl.rollout.engine import sample_next
 from forkrl.rollout.engine.runner import DecoderRunner
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None or sys.platform != "linux",

@@ -27,8 +27,8 @@ import torch.distributed as dist
 def resolve_device(setting: str) -> torch.device:
     """train.device: auto (cuda where available, else cpu) | cpu | cuda; under torchrun, cuda means
     this rank's LOCAL_RANK device."""
-    if setting == "auto":  # the CPU until the CUDA engine and learner land (config refuses cuda for now)
-        setting = "cpu"
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -139,6 +139,8 @@ class Trainer:
         # one process, or this rank of `forkrl train --nproc N` (torchrun): the learner is then sharded and
         # the engine samples from its own full copy of the weights, refreshed after every update
         self.dp = dp = DataParallel.from_env(cfg.train.device)
+        if next(model.parameters()).device != dp.device:
+            model.to(dp.device)
         check_data_parallel(cfg, dp, source is not None or wrap_source is not None)
         sampling_model = copy.deepcopy(model) if dp.distributed else model
         self.engine = build_engine(cfg.rollout, sampling_model, tokenizer, seed=cfg.seed)

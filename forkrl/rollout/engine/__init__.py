@@ -12,7 +12,11 @@
 Each engine declares the features it supports (`supports`, checked against a recipe's needs).
 """
 from forkrl.rollout.engine.hf_engine import HFEngine
-from forkrl.rollout.engine.runner import DecoderRunner, resolve_dtype, unsupported_reason
+from forkrl.rollout.engine.runner import (
+           DecoderRunner,
+           resolve_dtype,
+           unsupported_reason,
+)
 from forkrl.rollout.engine.sampling import adapt_temperature, sample_next
 from forkrl.rollout.engine.sequence import Sequence, eos_and_pad_ids
 from forkrl.rollout.engine.torch_engine import TorchEngine, build_local_engine

@@ -17,7 +17,12 @@ from transformers import DynamicCache
 from forkrl.models.loader import cache_kwarg
 from forkrl.registry import register_engine
 from forkrl.rollout.engine.prefix_cache import PrefixCache
-from forkrl.rollout.engine.sampling import generator_for, record_top, sample_next, sampling_tensors
+from forkrl.rollout.engine.sampling import (
+    generator_for,
+    record_top,
+    sample_next,
+    sampling_tensors,
+)
 from forkrl.rollout.engine.sequence import Sequence, eos_and_pad_ids, sequences_of
 from forkrl.types import ENGINE_FEATURES, Completion, EngineStats, GenerationRequest
 

@@ -35,6 +35,7 @@ slots; positions are `starts + i`, so every row's rotary positions are those of 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -113,13 +114,37 @@ def _weight(linear) -> torch.Tensor:
     return linear.weight.detach()
 
 
+def _copy_into(old, new):
+    """`new`'s values in `old`'s tensors (same nesting of tuples and lists), so that their addresses,
+    which CUDA graphs hold, stay valid."""
+    if isinstance(new, torch.Tensor):
+        if old is not new:
+            old.copy_(new)
+        return old
+    if isinstance(new, (list, tuple)):
+        return type(new)(_copy_into(o, n) for o, n in zip(old, new))
+    return new
+
+
 def _bias(linear) -> torch.Tensor | None:
     b = getattr(linear, "base_layer", linear).bias
     return None if b is None else b.detach()
 
 
+GRAPH_KEY_BLOCK = 256   # decode graphs attend to keys in multiples of this many positions
+
+
+@dataclass
+class _DecodeGraph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor      # [b] static inputs, written before each replay
+    pos: torch.Tensor      # [b]
+    logits: torch.Tensor   # [b, V] static output
+    held: tuple = ()       # other inputs the graph reads: they must outlive it (freed memory gets reused)
+
+
 class DecoderRunner:
-    def __init__(self, model, dtype: torch.dtype, compiled: bool = True):
+    def __init__(self, model, dtype: torch.dtype, compiled: bool = True, cuda_graphs: bool = True):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast engine cannot run this model: {reason}; use rollout.engine=hf")
@@ -148,6 +173,9 @@ class DecoderRunner:
         else:
             self.cache_dtype = torch.bfloat16 if self.kernel is not None and dtype == torch.bfloat16 else torch.float32
         self.qk_norm = hasattr(self.base.model.layers[0].self_attn, "q_norm")   # Qwen3
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.sdpa = self.device.type == "cuda"    # attention through scaled_dot_product_attention
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self.k = self.v = torch.empty(0)
         self.layers: list[tuple] = []
         self.last_sync_seconds = self.sync()
@@ -174,12 +202,13 @@ class DecoderRunner:
             layers.append((layer.input_layernorm.weight.detach().float(), self._pack(qkv), qkv_bias, qk_norms,
                            self._pack(_weight(at.o_proj).to(dt)), layer.post_attention_layernorm.weight.detach().float(),
                            self._pack(gate_up), self._pack(_weight(mlp.down_proj).to(dt))))
-        self.layers = layers
-        self.final_norm = inner.norm.weight.detach().float()
-        self.embed = inner.embed_tokens.weight.detach()
         head = self.base.get_output_embeddings()
-        self.head = self._pack(_weight(head).to(dt))
-        self.head_bias = _bias(head)
+        state = (layers, inner.norm.weight.detach().float(), inner.embed_tokens.weight.detach(),
+                 self._pack(_weight(head).to(dt)), _bias(head))
+        if self._graphs:   # captured graphs read the old tensors: refresh them in place
+            state = _copy_into(self._state, state)
+        self._state = state
+        self.layers, self.final_norm, self.embed, self.head, self.head_bias = state
         return time.perf_counter() - start
 
     def _pack(self, w: torch.Tensor) -> torch.Tensor:
@@ -201,6 +230,7 @@ class DecoderRunner:
             if slots <= have_slots and capacity <= have_cap <= 2 * capacity + 64:
                 return
         shape = (self.n_layers, slots, self.n_kv, capacity, self.head_dim)
+        self._graphs.clear()    # they read the old buffers
         self.k = self.v = None  # free the old buffers before allocating new ones
         # zeros, not empty: masked positions still enter the matmul (0 x NaN would poison it). A bf16
         # cache only with the compiled attention: the PyTorch path's batched matmuls ran slower on it
@@ -227,15 +257,21 @@ class DecoderRunner:
         """Run `ids` [U, S] (row u's first lengths[u] entries are real; the rest padding) at positions
         starts[u] + i of slots[u], after the starts[u] tokens already in that slot. Writes their keys
         and values; returns the next-token logits after each row's last real token, [U, V] float32."""
+        U = ids.shape[0]
+        contiguous = bool((slots == torch.arange(U, device=ids.device)).all())
+        return self._forward(slots, ids, starts, lengths, contiguous, int((starts + lengths).max()))
+
+    def _forward(self, slots, ids, starts, lengths, contiguous: bool, T: int) -> torch.Tensor:
+        """`forward` with the layout known: keys 0..T-1 are attended. With one token per row on CUDA
+        it makes no host synchronisation, so a CUDA graph can capture it."""
         U, S = ids.shape
         pos = starts.unsqueeze(1) + torch.arange(S, device=ids.device)               # [U, S]
         x = self.embed[ids].float()                                                 # [U, S, D]
         cos, sin = self.rotary(x, pos)                                              # [U, S, d]
-        contiguous = bool((slots == torch.arange(U, device=ids.device)).all())
         if self.kernel is not None and S == 1 and contiguous:
             attend = self._compiled_attention(pos, cos, sin)
         else:
-            attend = self._torch_attention(slots, starts, lengths, pos, cos, sin, contiguous)
+            attend = self._torch_attention(slots, lengths, pos, cos, sin, contiguous, T)
         h = self._add_norm(x, None, self.layers[0][0])
         for li, (_, qkv_w, qkv_b, qk_norms, o_w, n2, gu_w, down_w) in enumerate(self.layers):
             qkv = self._linear(h, qkv_w)
@@ -252,6 +288,54 @@ class DecoderRunner:
             h = self._add_norm(x[torch.arange(U, device=ids.device), lengths - 1], None, self.final_norm)
         logits = self._linear(h, self.head).float()
         return logits if self.head_bias is None else logits + self.head_bias
+
+    # -- decode: one token per row in slots 0..U-1; on CUDA, replayed CUDA graphs --------------------
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Logits after feeding ids[u] at position starts[u] of slot u, for u < U: [U, V] float32.
+
+        On CUDA with `cuda_graphs`, a decode step is hundreds of small kernels whose launches cost more
+        than their arithmetic at these batch sizes, so each (batch bucket, key-length bucket) is
+        captured once as a CUDA graph and replayed: the batch is padded to the next bucket (padding
+        rows write to the never-used last cache position of free slots) and attention reads the keys
+        up to the next multiple of `GRAPH_KEY_BLOCK`, masked past each row's position."""
+        U = ids.shape[0]
+        if not self.use_graphs:
+            return self.forward(torch.arange(U, device=ids.device), ids.view(U, 1), starts, torch.ones_like(starts))
+        slots, capacity = self.k.shape[1], self.k.shape[3]
+        b = next(n for n in self._buckets(slots) if n >= U)
+        T = min(capacity, -(-(int(starts.max()) + 1) // GRAPH_KEY_BLOCK) * GRAPH_KEY_BLOCK)
+        graph = self._graphs.get((b, T)) or self._capture(b, T)
+        graph.ids[:U].copy_(ids)
+        graph.ids[U:].zero_()
+        graph.pos[:U].copy_(starts)
+        graph.pos[U:].fill_(capacity - 1)
+        graph.graph.replay()
+        return graph.logits[:U].clone()
+
+    @staticmethod
+    def _buckets(slots: int) -> list[int]:
+        return sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
+
+    def _capture(self, b: int, T: int) -> _DecodeGraph:
+        ids = torch.zeros(b, dtype=torch.long, device=self.device)
+        pos = torch.full((b,), self.k.shape[3] - 1, dtype=torch.long, device=self.device)  # a never-used position
+        rows = torch.arange(b, device=self.device)
+        ones = torch.ones(b, dtype=torch.long, device=self.device)
+
+        def step():
+            return self._forward(rows, ids.view(b, 1), pos, ones, True, T)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):   # warm-up outside the graph (allocator, library handles)
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        self._graphs[(b, T)] = captured = _DecodeGraph(graph, ids, pos, logits, held=(rows, ones))
+        return captured
 
     def _qk_norm(self, qkv: torch.Tensor, qkv_b: torch.Tensor | None, q_w: torch.Tensor, k_w: torch.Tensor
                  ) -> torch.Tensor:
@@ -291,16 +375,15 @@ class DecoderRunner:
                                                 H).view(U, 1, H * d)
         return attend
 
-    def _torch_attention(self, slots, starts, lengths, pos, cos, sin, contiguous):
+    def _torch_attention(self, slots, lengths, pos, cos, sin, contiguous, T):
         """The same attention in PyTorch ops, for any rows and any number of new tokens per row."""
         U, S = pos.shape
         H, KV, G, d = self.n_heads, self.n_kv, self.group, self.head_dim
         dev, half = pos.device, d // 2
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)                               # [U, S, 1, d]
-        T = int((starts + lengths).max())
         # query i of row u (at position pos[u, i]) sees keys 0..pos[u, i] of its own slot
         hidden = torch.arange(T, device=dev).view(1, 1, T) > pos.unsqueeze(-1)      # [U, S, T]
-        sdpa = self.device.type == "cuda"
+        sdpa = self.sdpa
         if sdpa:   # visible keys for queries ordered (group, position), as q below
             visible = ~(hidden if S == 1 else hidden.repeat(1, G, 1)).unsqueeze(1)  # [U, 1, G*S or 1, T]
         else:

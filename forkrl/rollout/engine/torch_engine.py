@@ -31,8 +31,17 @@ import torch
 from forkrl.cpu import tune_allocator
 from forkrl.registry import register_engine
 from forkrl.rollout.engine.prefix_cache import PrefixCache
-from forkrl.rollout.engine.runner import DecoderRunner, resolve_dtype, unsupported_reason
-from forkrl.rollout.engine.sampling import generator_for, record_top, sample_next, sampling_tensors
+from forkrl.rollout.engine.runner import (
+    DecoderRunner,
+    resolve_dtype,
+    unsupported_reason,
+)
+from forkrl.rollout.engine.sampling import (
+    generator_for,
+    record_top,
+    sample_next,
+    sampling_tensors,
+)
 from forkrl.rollout.engine.scheduler import Scheduler
 from forkrl.rollout.engine.sequence import Sequence, eos_and_pad_ids, sequences_of
 from forkrl.types import ENGINE_FEATURES, Completion, EngineStats, GenerationRequest
@@ -41,12 +50,12 @@ log = logging.getLogger(__name__)
 
 
 def build_local_engine(model, tokenizer, max_batch_size: int = 64, prefix_cache_mb: float = 512,
-                       dtype: str | None = None):
+                       dtype: str | None = None, cuda_graphs: bool = True):
     """TorchEngine where the fast runner supports the model, else HFEngine (same outputs, slower)."""
     reason = unsupported_reason(model)
     if reason is None:
         return TorchEngine(model, tokenizer, max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb,
-                           dtype=dtype)
+                           dtype=dtype, cuda_graphs=cuda_graphs)
     from forkrl.rollout.engine.hf_engine import HFEngine
     log.info("forkrl: the fast engine cannot run this model (%s); sampling with the Hugging Face forward", reason)
     return HFEngine(model, tokenizer, max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb)
@@ -54,7 +63,8 @@ def build_local_engine(model, tokenizer, max_batch_size: int = 64, prefix_cache_
 
 def _build_torch(rollout, model, tokenizer, seed: int = 0):
     return build_local_engine(model, tokenizer, max_batch_size=rollout.max_batch_size,
-                              prefix_cache_mb=rollout.prefix_cache_mb, dtype=rollout.engine_dtype)
+                              prefix_cache_mb=rollout.prefix_cache_mb, dtype=rollout.engine_dtype,
+                              cuda_graphs=rollout.cuda_graphs)
 
 
 @register_engine("torch", build=_build_torch)
@@ -63,13 +73,13 @@ class TorchEngine:
 
     dtype: the sampling weights' dtype (see `resolve_dtype`; default: the model's own). The learner
     keeps training its own (float32) weights; the engine copies them on the next call after
-    `weights_updated()`.
+    `weights_updated()`. cuda_graphs: replay captured decode steps on CUDA (`DecoderRunner.decode`).
     """
 
     supports = ENGINE_FEATURES  # exact entropies, HAPO's per-token temperature, stop_when, prefix cache, top-k
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, prefix_cache_mb: float = 512,
-                 dtype: str | None = None):
+                 dtype: str | None = None, cuda_graphs: bool = True):
         self.model = model
         if self.device.type == "cpu":
             tune_allocator()
@@ -79,7 +89,8 @@ class TorchEngine:
         self.eos_ids, self.pad_id = eos_and_pad_ids(model, tokenizer)
         self.stats = EngineStats()
         self.dtype = resolve_dtype(dtype, model)
-        self.runner = DecoderRunner(model, self.dtype)   # refuses, naming why, a model it cannot run
+        # refuses, naming why, a model it cannot run
+        self.runner = DecoderRunner(model, self.dtype, cuda_graphs=cuda_graphs)
         self.stats.sync_seconds += self.runner.last_sync_seconds
         self.stats.syncs += 1
         self._stale = False
@@ -190,8 +201,7 @@ class TorchEngine:
         feed = torch.where(torch.tensor([q is not None for q in slots], device=device), tokens[:len(slots)],
                            torch.full_like(tokens[:len(slots)], self.pad_id))
         starts = torch.tensor([q.length if q is not None else 0 for q in slots], device=device)
-        logits = self.runner.forward(torch.arange(len(slots), device=device), feed.unsqueeze(-1), starts,
-                                     torch.ones_like(starts))
+        logits = self.runner.decode(feed, starts)
         for q in slots:
             if q is not None:
                 q.length += 1
