@@ -6,6 +6,7 @@ prepared run that prints JSON.
 
 What it measures, in order:
 
+  architectures  the fast runner against the Hugging Face forward, small random Llama, Qwen2 and Qwen3.
   engine    decode tokens/s of forkrl's TorchEngine (bf16 sampling weights, exact entropies) at batch 64
             and 256, beside Hugging Face `generate` (sampling, the same model in bf16) and transformers'
             continuous-batching `generate_batch`; every side generates exactly `--new-tokens` per row
@@ -168,6 +169,55 @@ def check_engine(model, tokenizer, device, batches, prompt_len: int, new_tokens:
     return out
 
 
+# -- architectures ---------------------------------------------------------------------------------
+def check_architectures(device) -> dict:
+    """The fast runner against the Hugging Face forward on small random Llama, Qwen2 and Qwen3 configs,
+    on this device (float32): the largest log-prob difference over a ragged prefill and 4 greedy
+    decode steps, eager and through `decode` (CUDA graphs where the device has them)."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    from forkrl.rollout.engine.runner import DecoderRunner
+    common = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    kinds = {"llama": (LlamaForCausalLM, LlamaConfig, {}), "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+             "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 64})}
+    out = {}
+    for name, (cls, cfg_cls, extra) in kinds.items():
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = cls(cfg_cls(**common, **extra)).float().eval()
+        prompts = [[5, 9, 17, 3, 22, 8, 1], [40, 2, 7], [11, 12, 13, 14, 15]]
+        worst = 0.0
+        runner = DecoderRunner(model, torch.float32)
+        U, S = len(prompts), max(map(len, prompts))
+        ids = torch.zeros((U, S), dtype=torch.long, device=device)
+        for u, p in enumerate(prompts):
+            ids[u, :len(p)] = torch.tensor(p)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        runner.reserve(U, 64)
+        logits = runner.forward(torch.arange(U, device=device), ids, torch.zeros(U, dtype=torch.long, device=device), lengths)
+        seqs = [list(p) for p in prompts]
+        for _ in range(4):
+            with torch.no_grad():
+                want = torch.stack([model(torch.tensor([q], device=device)).logits[0, -1] for q in seqs])
+            worst = max(worst, float((torch.log_softmax(logits, -1) - torch.log_softmax(want.float(), -1)).abs().max()))
+            nxt = logits.argmax(-1)
+            starts = torch.tensor([len(q) for q in seqs], device=device)
+            for q, t in zip(seqs, nxt.tolist()):
+                q.append(t)
+            logits = runner.decode(nxt, starts)
+        out[name] = {"max_abs_logprob_diff": worst, "cuda_graphs": runner.use_graphs}
+    out["ok"] = all(v["max_abs_logprob_diff"] < 1e-3 for v in out.values())
+    return out
+
+
 # -- learner -----------------------------------------------------------------------------------------
 def synthetic_groups(n_prompts: int, per_prompt: int, prompt_range, response_range, vocab: int, seed: int = 0):
     from forkrl.types import Trajectory
@@ -308,7 +358,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny model and small batches: the code paths, not the speed")
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
-    p.add_argument("--parts", default="engine,learner,grpo,torchrun")
+    p.add_argument("--parts", default="architectures,engine,learner,grpo,torchrun")
     p.add_argument("--torchrun-timeout", type=int, default=240)
     p.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="the trainer's engine (grpo, torchrun)")
     p.add_argument("--out", default=None, help="also write the JSON here, after every part (a later failure keeps the rest)")
@@ -353,6 +403,8 @@ def main(argv=None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
 
+    if "architectures" in parts:
+        record("architectures", lambda: check_architectures(device))
     if "engine" in parts:
         result["engine"] = {}
         record("engine", lambda: check_engine(model, tokenizer, device, batches, prompt_len=32 if not args.tiny else 8,

@@ -125,7 +125,7 @@ def main() -> None:
                 print(json.dumps(cell), flush=True)
         result[f"weight_sync_s/{dt}"] = round(engine.runner.sync() if engine.runner else 0.0, 3)
         result[f"compiled_kernels/{dt}"] = bool(engine.runner and engine.runner.kernel is not None)
-    from forkrl.rollout import kernels
+    from forkrl.rollout.engine import kernels
     result["kernel_build_or_load_s"] = round(kernels.build_seconds, 2)  # ~20 s on a machine's first run
     print(json.dumps(result, indent=1))
 

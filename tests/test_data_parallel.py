@@ -46,13 +46,15 @@ def test_two_ranks_update_as_one_process(equivalence, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_placement_changes_no_statistic(equivalence, method):
     """The step's metrics (losses, clip fractions, covariances, selected-token shares, entropy probe)
-    are the single process's, whichever rank holds which group."""
+    are the single process's, whichever rank holds which group (the learner's work counts aside)."""
     runs = [v for k, v in equivalence.items() if k.startswith(method + " / ")]
     reference = runs[0]["reference_metrics"]
     for r in runs:
         m = r["metrics"]
         assert set(m) == set(reference)
         for k, v in reference.items():
+            if k.startswith("learner/"):
+                continue  # work done, not a statistic: a prompt runs once per packed row, and rows depend on placement
             if k.startswith("entropy/delta") or method == "two_mini_batches":
                 # measured after the update: the weights' last-bit differences show at 1e-5
                 assert m[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k

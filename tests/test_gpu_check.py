@@ -1,4 +1,5 @@
-"""`bench/gpu_check.py --device cpu --tiny` runs every part of the GPU check (engine beside Hugging Face
+"""`bench/gpu_check.py --device cpu --tiny` runs every part of the GPU check (the runner against the
+Hugging Face forward for Llama, Qwen2 and Qwen3; the engine beside Hugging Face
 generate and generate_batch, the learner's update, three GRPO steps, `forkrl train --nproc 1` under
 torchrun) on a tiny model, so the script a GPU session runs cannot rot between sessions."""
 import json
@@ -15,6 +16,8 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
+    archs = result["architectures"]
+    assert archs["ok"] and all(archs[k]["max_abs_logprob_diff"] < 1e-4 for k in ("llama", "qwen2", "qwen3"))
     engine = result["engine"]
     for batch in ("batch_4", "batch_8"):
         row = engine[batch]

@@ -48,6 +48,7 @@ class RolloutBudget:
     decoded_tokens: int = 0
     prefilled_tokens: int = 0
     cached_tokens: int = 0
+    env_tokens: int = 0          # tool results inserted into the trajectories (each counted where it was inserted)
     tool_calls: int = 0
     seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
@@ -58,10 +59,18 @@ class RolloutBudget:
                f"{prefix}decoded_tokens": float(self.decoded_tokens),
                f"{prefix}prefilled_tokens": float(self.prefilled_tokens),
                f"{prefix}cached_tokens": float(self.cached_tokens), f"{prefix}tool_calls": float(self.tool_calls),
+               # one currency: the policy's sampled tokens, the environment's, and the model's work on them
+               f"{prefix}policy_tokens": float(self.decoded_tokens), f"{prefix}env_tokens": float(self.env_tokens),
                "time/sampler_s": self.seconds,
                f"{prefix}tokens_per_trajectory": (self.decoded_tokens + self.prefilled_tokens) / n}
         out.update({f"{prefix}{k}": v for k, v in self.extra.items()})
         return out
+
+
+def env_tokens(t: Trajectory) -> int:
+    """Observation tokens (loss mask 0) a trajectory added itself: after its branch point, since a
+    branch's prefix is its parent's."""
+    return sum(1 for m in t.loss_mask[t.branch_at or 0:] if not m)
 
 
 def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParams, seed: int,
@@ -76,6 +85,7 @@ def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParam
                            decoded_tokens=engine.stats.decode_tokens - s0[0],
                            prefilled_tokens=engine.stats.prefill_tokens - s0[1],
                            cached_tokens=engine.stats.cached_tokens - s0[2],
+                           env_tokens=sum(env_tokens(t) for t in trajs),
                            tool_calls=sum(len(t.tool_calls) for t in trajs),
                            seconds=time.perf_counter() - start, extra=extra)
     return groups, budget

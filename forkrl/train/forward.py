@@ -38,16 +38,16 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
     return logp, entropy
 
 
-def hidden_before_tokens(model, batch: PackedBatch, autocast: bool) -> tuple[Tensor, torch.device]:
+def hidden_before_tokens(model, batch: PackedBatch, autocast: bool) -> tuple[Tensor, torch.device, PackedRows]:
     """The decoder's last hidden state at the state before each loss_mask token, [N, d] (row-major
-    over loss_mask), from one forward over `pack_rows(batch)`; and the model's device."""
+    over loss_mask), from one forward over `pack_rows(batch)`; the model's device; the packed rows."""
     decoder, _ = _decoder_and_head(model)
     device = next(model.parameters()).device
     packed = pack_rows(batch)
     with _autocast(autocast, device.type):
         out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
                       position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
-    return out.reshape(-1, out.shape[-1])[packed.before.to(device)], device
+    return out.reshape(-1, out.shape[-1])[packed.before.to(device)], device, packed
 
 
 @dataclass
@@ -56,15 +56,31 @@ class PackedRows:
 
     Row layout: [prompt | response a | response b | ...], all responses of one prompt, filled up to
     the longest (prompt + response) of the batch, so a packed row is never longer than an unpacked
-    one would be. A 4D mask lets each response see the prompt and its own earlier tokens only, and
+    one would be (a tree's row excepted, below). A 4D mask lets each response see the prompt and its own earlier tokens only, and
     positions restart after the prompt for each response, so every response computes exactly what it
     would alone; the prompt runs once per row and gets the gradient of every response in it.
+
+    Tree branches (`PackedBatch.token_origin`: a branch's first tokens are its parent's) are packed
+    behind their parent, in its row, with only the tokens after the branch point: the mask reaches back to
+    the parent's columns for the shared prefix, and the shared tokens' states are read from there.
+    Each shared token is then computed once for all the branches that share it, and every branch's
+    log-probs, entropies and gradients are those of computing it alone (the state is gathered once
+    per branch, so backward sums the branches' gradients into it).
     """
     ids: Tensor       # [R, C]
     positions: Tensor # [R, C]
     mask: Tensor      # [R, 1, C, C] bool: key j visible to query i
     before: Tensor    # [N] flat index into R*C of the state before each loss_mask token (row-major)
     padding: float    # share of the R*C positions that are padding
+    shared: int = 0   # response tokens read from another branch's columns instead of run again
+    run: int = 0      # tokens the forward runs (prompts once per row, responses' own tokens)
+
+
+def _shared_keys(origin: Tensor | None) -> bool:
+    if origin is None:
+        return False
+    keys = origin[origin >= 0]
+    return len(torch.unique(keys)) < len(keys)
 
 
 def pack_rows(batch: PackedBatch) -> PackedRows:
@@ -75,43 +91,74 @@ def pack_rows(batch: PackedBatch) -> PackedRows:
     plen = batch.prompt_mask.sum(-1).tolist()
     pidx = batch.prompt_index.tolist()
     cap = max(plen[p] + n for p, n in zip(pidx, need))
-    rows: list[list[int]] = []          # per row: prompt, then trajectory indices
-    place: dict[int, tuple[int, int]] = {}  # trajectory -> (row, offset of its first token)
-    open_row: dict[int, tuple[int, int]] = {}  # prompt -> (row, used length)
+    origin = batch.token_origin.tolist() if _shared_keys(batch.token_origin) else None
+    rows: list[int] = []                     # prompt of each row
+    used: list[int] = []                     # columns filled in each row
+    latest: dict[int, int] = {}              # prompt -> its newest row
+    placed: dict[int, tuple[int, int]] = {}  # token key -> (row, column) where it runs
+    cols: dict[int, tuple[int, list[int]]] = {}  # trajectory -> (row, column of each of its tokens)
+    own: dict[int, tuple[int, int]] = {}     # trajectory -> (first own column, first own token)
+    shared = 0
     for b, (p, n) in enumerate(zip(pidx, need)):
         if n == 0:
             continue
-        r, used = open_row.get(p, (-1, cap + 1))
-        if used + n > cap:
-            r, used = len(rows), plen[p]
-            rows.append([p])
-        rows[r].append(b)
-        place[b] = (r, used)
-        open_row[p] = (r, used + n)
-    R, C = max(len(rows), 1), cap
+        k = 0          # leading tokens already placed (a parent's prefix) in row `r`
+        r = None
+        if origin is not None and origin[b][0] in placed:
+            r = placed[origin[b][0]][0]
+            while k < n and origin[b][k] in placed and placed[origin[b][k]][0] == r:
+                k += 1
+        if r is None:
+            r = latest.get(p, -1)
+            if r < 0 or used[r] + n > cap:
+                r = len(rows)
+                rows.append(p)
+                used.append(plen[p])
+                latest[p] = r
+        start = used[r]
+        where = [placed[origin[b][t]][1] for t in range(k)] + list(range(start, start + n - k))
+        used[r] = start + n - k
+        cols[b], own[b] = (r, where), (start, k)
+        shared += k
+        if origin is not None:
+            for t in range(k, n):
+                placed[origin[b][t]] = (r, start + t - k)
+    # a tree's row holds the whole tree (its branches always join their parent), so it may be longer
+    # than the longest single sequence; other responses fill rows up to that
+    R, C = max(len(rows), 1), max(used, default=cap)
     ids = torch.zeros((R, C), dtype=torch.long)  # padding ids: any token, the mask isolates them
     pos = torch.zeros((R, C), dtype=torch.long)
-    seg = torch.full((R, C), -2, dtype=torch.long)      # -1 prompt, b response b, -2 padding
-    for r, (p, *members) in enumerate(rows):
+    mask = torch.zeros((R, C, C), dtype=torch.bool)
+    real = torch.zeros((R, C), dtype=torch.bool)
+    causal = torch.ones((C, C), dtype=torch.bool).tril()
+    for r, p in enumerate(rows):
         n_p = plen[p]
         ids[r, :n_p] = batch.prompt_ids[p, -n_p:]
         pos[r, :n_p] = torch.arange(n_p)
-        seg[r, :n_p] = -1
-        for b in members:
-            _, off = place[b]
-            n = need[b]
-            ids[r, off:off + n] = batch.resp_ids[b, :n]
-            pos[r, off:off + n] = n_p + torch.arange(n)
-            seg[r, off:off + n] = b
-    causal = torch.ones((C, C), dtype=torch.bool).tril()
-    qs, ks = seg.unsqueeze(2), seg.unsqueeze(1)
-    mask = (causal & ((ks == qs) | (ks == -1))).unsqueeze(1)  # padding sees itself: no empty softmax row
+        mask[r, :n_p, :n_p] = causal[:n_p, :n_p]
+        real[r, :n_p] = True
+    for b, (r, where) in cols.items():
+        start, k = own[b]
+        n = need[b]
+        n_p = plen[pidx[b]]
+        m = n - k
+        ids[r, start:start + m] = batch.resp_ids[b, k:n]
+        pos[r, start:start + m] = n_p + k + torch.arange(m)
+        mask[r, start:start + m, :n_p] = True                       # the prompt
+        if k:
+            mask[r, start:start + m, where[:k]] = True             # the parent's columns of the shared prefix
+        mask[r, start:start + m, start:start + m] = causal[:m, :m]  # its own tokens, causally
+        real[r, start:start + m] = True
+    pad = ~real
+    mask[pad] = False
+    mask.diagonal(dim1=1, dim2=2)[pad] = True  # padding sees itself: no empty softmax row
     before = []
     for b, t in valid.nonzero().tolist():
-        r, off = place[b]
-        before.append(r * C + (plen[rows[r][0]] - 1 if t == 0 else off + t - 1))
-    padding = float((seg == -2).sum()) / (R * C)
-    return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding)
+        r, where = cols[b]
+        before.append(r * C + (plen[rows[r]] - 1 if t == 0 else where[t - 1]))
+    padding = float(pad.sum()) / (R * C)
+    return PackedRows(ids, pos, mask.unsqueeze(1), torch.tensor(before, dtype=torch.long), padding, shared,
+                      int(real.sum()))
 
 
 class PolicyForward(torch.nn.Module):
@@ -125,10 +172,14 @@ class PolicyForward(torch.nn.Module):
         self.model = model
         self.inv_temp = 1.0 / temperature if temperature > 0 else 1.0
         self.chunk, self.autocast = chunk, autocast
+        # what the forwards ran, summed: tokens run, and branch tokens read from a parent's columns
+        self.tokens_run = self.tokens_shared = 0
 
     def forward(self, batch: PackedBatch, full_distribution: bool = False):
         _, head = _decoder_and_head(self.model)
-        h, device = hidden_before_tokens(self.model, batch, self.autocast)
+        h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
+        self.tokens_run += packed.run
+        self.tokens_shared += packed.shared
         valid = batch.loss_mask > 0
         if full_distribution:
             return torch.log_softmax(head(h).float() * self.inv_temp, dim=-1)
@@ -170,7 +221,7 @@ class ValueForward(torch.nn.Module):
         self.autocast = autocast
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        h, device = hidden_before_tokens(self.model, batch, self.autocast)
+        h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
         v = self.head(h.float()).squeeze(-1)
         values = torch.zeros(batch.resp_ids.shape, dtype=torch.float32, device=device)
         if v.numel():

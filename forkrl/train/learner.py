@@ -350,6 +350,7 @@ class Learner:
         # order the ranks arrive, changes nothing, not even the methods' random choices
         order = sorted(range(len(trajectories)), key=lambda i: trajectories[i].group)
         batch = pack([trajectories[i] for i in order], self.pad_id)
+        counted = (self.forward.tokens_run, self.forward.tokens_shared)
         if owner is not None:
             batch.owner = torch.tensor([owner[i] for i in order], dtype=torch.long)
         critic_metrics: dict = {}
@@ -511,6 +512,11 @@ class Learner:
         metrics["train/tokens"] = float(batch.train_mask.sum())
         metrics["train/selected_token_frac"] = float(batch.train_mask.sum() / batch.loss_mask.sum().clamp(min=1))
         metrics["train/nonfinite_updates"] = float(n_skipped)
+        # the forwards' work in tokens (old log-probs and every epoch's micro-batches, all ranks): tokens
+        # run, and tree-branch tokens read from their parent's columns instead of run again
+        work = self.dp.sum(torch.tensor([self.forward.tokens_run - counted[0], self.forward.tokens_shared - counted[1]],
+                                        dtype=torch.float64))
+        metrics["learner/forward_tokens"], metrics["learner/shared_prefix_tokens"] = float(work[0]), float(work[1])
         # Cov(log pi, A) over the trained tokens of the batch, at the policy the update started from: the
         # quantity whose sign says whether policy gradient lowers entropy (algorithms.md §4)
         m = batch.train_mask > 0

@@ -1,0 +1,82 @@
+"""Tree branches train their shared prefix once: a branch is packed behind its parent with only its
+own tokens, and reads the shared prefix's states from the parent's columns. Log-probs, entropies, the
+loss and every gradient equal those of packing each branch in full (float32: within 1e-6, entropies
+within 1e-6 of their size)."""
+import copy
+
+import torch
+
+from forkrl.train.batch import pack
+from forkrl.train.forward import PolicyForward, pack_rows
+from forkrl.types import Trajectory
+
+
+def _tree(vocab: int) -> list[Trajectory]:
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n):
+        return torch.randint(10, vocab, (n,), generator=g).tolist()
+
+    prompt = toks(6)
+    a = toks(14)
+    b = a[:5] + toks(9)            # branches from a after 5 tokens
+    c = b[:8] + toks(6)            # from b after 8: 5 of a's tokens, then 3 of b's own
+    d = toks(11)                   # an independent root
+    other_prompt, e = toks(4), toks(7)
+
+    def traj(tokens, group, parent=None, branch_at=None, p=prompt):
+        mask = [1] * len(tokens)
+        return Trajectory(prompt_ids=p, tokens=tokens, logprobs=[-1.0] * len(tokens), entropies=[1.0] * len(tokens),
+                          loss_mask=mask, group=group, parent=parent, branch_at=branch_at)
+    trajs = [traj(a, "g"), traj(b, "g", 0, 5), traj(c, "g", 1, 8), traj(d, "g"), traj(e, "h", p=other_prompt)]
+    trajs[0].loss_mask[3:5] = [0, 0]   # a tool observation inside the shared prefix
+    return trajs
+
+
+def _run(model, batch, adv):
+    model.zero_grad()
+    logp, entropy = PolicyForward(model)(batch)
+    mask = batch.loss_mask.float()
+    loss = -(logp * adv * mask).sum() / mask.sum() + 0.01 * (entropy * mask).sum()
+    loss.backward()
+    return logp.detach(), entropy.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _model(vocab: int):
+    """A small float32 Llama at the usual initialisation (log-probs near -log V, as a trained model's
+    are in magnitude; the suite's `tiny` is initialised wide, where float32 rounding alone moves
+    log-probs of -40 by more than 1e-6)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).float()
+
+
+def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(tiny):
+    _, tok = tiny
+    model = _model(len(tok))
+    trajs = _tree(len(tok))
+    batch = pack(trajs, tok.pad_token_id)
+    per_leaf = copy.copy(batch)
+    per_leaf.token_origin = None
+    packed, full = pack_rows(batch), pack_rows(per_leaf)
+    assert packed.shared == 5 + 8           # b reads 5 tokens from a; c reads 5 from a and 3 from b
+    assert full.shared == 0
+    assert packed.run <= full.run - 13       # the forward runs at least the 13 shared tokens fewer
+    adv = torch.randn(batch.loss_mask.shape, generator=torch.Generator().manual_seed(1))
+    got, want = _run(model, batch, adv), _run(model, per_leaf, adv)
+    assert (got[0] - want[0]).abs().max() < 1e-6      # log-probs
+    # entropies (about log V = 10.8, where one float32 step is 1e-6): within 1e-6 of their size
+    assert ((got[1] - want[1]).abs() / want[1].abs().clamp(min=1)).max() < 1e-6
+    assert abs(float(got[2] - want[2])) < 1e-6         # loss
+    for name, grad in got[3].items():
+        assert (grad - want[3][name]).abs().max() < 1e-6, name
+    # the shared tokens' log-probs are the parent's, as sampling gave them
+    assert torch.equal(got[0][1, :3], got[0][0, :3]) and torch.equal(got[0][2, :8], got[0][1, :8])  # (a: 3-4 observed)
+
+
+def test_a_branch_without_its_parent_in_the_micro_batch_is_packed_in_full(tiny):
+    _, tok = tiny
+    batch = pack(_tree(len(tok)), tok.pad_token_id)
+    alone = batch.select(torch.tensor([1, 3]))      # b without a
+    assert pack_rows(alone).shared == 0
