@@ -7,6 +7,7 @@ prepared run that prints JSON.
 What it measures, in order:
 
   architectures  the fast runner against the Hugging Face forward, small random Llama, Qwen2 and Qwen3.
+  samplers  every shipped sampler (independent, broad, latr, etmr, april, arpo, aepo) on the device.
   engine    decode tokens/s of forkrl's TorchEngine (bf16 sampling weights, exact entropies) at batch 64
             and 256, beside Hugging Face `generate` (sampling, the same model in bf16) and transformers'
             continuous-batching `generate_batch`; every side generates exactly `--new-tokens` per row
@@ -218,6 +219,47 @@ def check_architectures(device) -> dict:
     return out
 
 
+# -- samplers --------------------------------------------------------------------------------------
+SAMPLERS_CHECKED = ("independent", "broad", "latr", "etmr", "april", "arpo", "aepo")
+
+
+def check_samplers(model, tokenizer, device, new_tokens: int) -> dict:
+    """Every shipped sampler but the agent ones, unchanged, on this device: 4 random prompts x 4
+    trajectories each (ARPO and AEPO with the calculator tool; a random model calls no tool, so they
+    run their episodes without branching). Reports each one's budget and whether every entropy is
+    finite."""
+    import math
+
+    from forkrl.collect.collector import build_env
+    from forkrl.config import load_config
+    from forkrl.rollout import (
+        SamplerContext,
+        SamplingParams,
+        TorchEngine,
+        build_sampler,
+        run_sampler,
+    )
+    engine = TorchEngine(model, tokenizer, max_batch_size=64, prefix_cache_mb=256, dtype="auto")
+    cfg = load_config(str(ROOT / "configs/arpo.yaml"), ["env.tools=[calculator]"])
+    env = build_env(cfg, model, tokenizer, seed_of_call=lambda: 0)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, len(tokenizer)) for _ in range(16)] for _ in range(4)]
+    params = SamplingParams(temperature=1.0, max_tokens=new_tokens, n=4)
+    out = {}
+    for name in SAMPLERS_CHECKED:
+        engine.weights_updated()
+        ctx = SamplerContext(env=env if name in ("arpo", "aepo") else None, tokenizer=tokenizer, step=1)
+        groups, budget = run_sampler(build_sampler(name, {}), engine, prompts, params, seed=0, ctx=ctx)
+        trajs = [t for g in groups for t in g]
+        out[name] = {"trajectories": len(trajs), "branch_points": budget.branch_points,
+                     "decoded_tokens": budget.decoded_tokens, "prefilled_tokens": budget.prefilled_tokens,
+                     "cached_tokens": budget.cached_tokens, "seconds": round(budget.seconds, 3),
+                     "entropies_finite": all(math.isfinite(h) for t in trajs for h, m in zip(t.entropies, t.loss_mask)
+                                             if m)}
+    out["ok"] = all(v["trajectories"] > 0 and v["entropies_finite"] for v in out.values())
+    return out
+
+
 # -- learner -----------------------------------------------------------------------------------------
 def synthetic_groups(n_prompts: int, per_prompt: int, prompt_range, response_range, vocab: int, seed: int = 0):
     from forkrl.types import Trajectory
@@ -358,7 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny model and small batches: the code paths, not the speed")
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
-    p.add_argument("--parts", default="architectures,engine,learner,grpo,torchrun")
+    p.add_argument("--parts", default="architectures,engine,samplers,learner,grpo,torchrun")
     p.add_argument("--torchrun-timeout", type=int, default=240)
     p.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="the trainer's engine (grpo, torchrun)")
     p.add_argument("--out", default=None, help="also write the JSON here, after every part (a later failure keeps the rest)")
@@ -409,6 +451,8 @@ def main(argv=None) -> int:
         result["engine"] = {}
         record("engine", lambda: check_engine(model, tokenizer, device, batches, prompt_len=32 if not args.tiny else 8,
                                               new_tokens=args.new_tokens, out=result["engine"], flush=flush))
+    if "samplers" in parts:
+        record("samplers", lambda: check_samplers(model, tokenizer, device, new_tokens=min(args.new_tokens, 64)))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if parts & {"learner", "grpo"}:

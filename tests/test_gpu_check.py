@@ -1,5 +1,5 @@
 """`bench/gpu_check.py --device cpu --tiny` runs every part of the GPU check (the runner against the
-Hugging Face forward for Llama, Qwen2 and Qwen3; the engine beside Hugging Face
+Hugging Face forward for Llama, Qwen2 and Qwen3; every sampler; the engine beside Hugging Face
 generate and generate_batch, the learner's update, three GRPO steps, `forkrl train --nproc 1` under
 torchrun) on a tiny model, so the script a GPU session runs cannot rot between sessions."""
 import json
@@ -18,6 +18,9 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     archs = result["architectures"]
     assert archs["ok"] and all(archs[k]["max_abs_logprob_diff"] < 1e-4 for k in ("llama", "qwen2", "qwen3"))
+    samplers = result["samplers"]
+    assert samplers["ok"] and all(samplers[k]["trajectories"] == 16 for k in ("independent", "latr", "etmr", "arpo"))
+    assert samplers["etmr"]["branch_points"] > 0
     engine = result["engine"]
     for batch in ("batch_4", "batch_8"):
         row = engine[batch]
