@@ -47,7 +47,19 @@ def load_trainable_state(model, weights: dict[str, torch.Tensor], source: str = 
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """The random states `rng_state` saved (CUDA's where this process has the same GPUs)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2,
@@ -189,9 +201,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    restore_rng(rng)
     state = json.loads((path / "state.json").read_text())
     methods = path / "methods.pt"
     state["methods"] = torch.load(methods, weights_only=False) if methods.exists() else {}
@@ -240,8 +250,6 @@ def load_sharded_checkpoint(path: Path, root, optimizer, scheduler, dp) -> dict:
     set_state_dict(root, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     mine = torch.load(path / f"rank{dp.rank}.pt", weights_only=False)
     scheduler.load_state_dict(mine["scheduler"])
-    torch.set_rng_state(mine["rng"]["torch"])
-    random.setstate(mine["rng"]["python"])
-    np.random.set_state(mine["rng"]["numpy"])
+    restore_rng(mine["rng"])
     state["methods"] = mine["methods"]
     return state
