@@ -63,13 +63,9 @@ def stand_in_reward(completions, **_) -> list[float]:
 
 
 def random_model(shape: str, tokenizer, device: torch.device, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config)
-    return model.float()
+    from forkrl.models.loader import random_model as random_lm
+    return random_lm("qwen2", seed=seed, device=device, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
 
 
 def sync(device: torch.device) -> None:
@@ -175,25 +171,14 @@ def check_architectures(device) -> dict:
     """The fast runner against the Hugging Face forward on small random Llama, Qwen2 and Qwen3 configs,
     on this device (float32): the largest log-prob difference over a ragged prefill and 4 greedy
     decode steps, eager and through `decode` (CUDA graphs where the device has them)."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
+    from forkrl.models.loader import random_model as random_lm
     from forkrl.rollout.engine.runner import DecoderRunner
     common = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512)
-    kinds = {"llama": (LlamaForCausalLM, LlamaConfig, {}), "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
-             "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 64})}
+    kinds = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 64}}
     out = {}
-    for name, (cls, cfg_cls, extra) in kinds.items():
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = cls(cfg_cls(**common, **extra)).float().eval()
+    for name, extra in kinds.items():
+        model = random_lm(name, device=device, **common, **extra).eval()
         prompts = [[5, 9, 17, 3, 22, 8, 1], [40, 2, 7], [11, 12, 13, 14, 15]]
         worst = 0.0
         runner = DecoderRunner(model, torch.float32)
@@ -275,7 +260,7 @@ def synthetic_groups(n_prompts: int, per_prompt: int, prompt_range, response_ran
     return trajs
 
 
-def model_flops(model, trajs, chunked_head: bool = True) -> float:
+def model_flops(model, trajs) -> float:
     """Training FLOPs (forward + backward) of one update over `trajs` as the learner packs them: each
     prompt once per group, each response behind it."""
     cfg = model.config

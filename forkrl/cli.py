@@ -78,6 +78,8 @@ def _launch_ranks(args, cfg) -> int:
 
     from forkrl.tasks import build_task
     from forkrl.train.trainer import check_before_loading
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: give at least 1 rank")
     build_task(cfg.task, seed=cfg.seed)
     check_before_loading(cfg)
     if cfg.rollout.prompts_per_step % args.nproc:

@@ -4,15 +4,8 @@ through a prefill of ragged prompts and decode steps, with and without the compi
 the engine built on it samples what the Hugging Face reference engine samples."""
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
+from forkrl.models.loader import random_model
 from forkrl.rollout import (
     GenerationRequest,
     HFEngine,
@@ -27,21 +20,17 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
 
 
 def tiny_model(arch: str):
-    torch.manual_seed(0)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**COMMON))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**COMMON))
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32))
+    model = random_model(arch, **COMMON, **({"head_dim": 32} if arch == "qwen3" else {}))
+    g = torch.Generator().manual_seed(0)
+    if arch == "qwen3":
         with torch.no_grad():  # random norm weights, so a mistake in them cannot hide behind ones
             for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5, generator=g)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5, generator=g)
     with torch.no_grad():   # biases are zeros at init: make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
-                p.uniform_(-0.5, 0.5)
+                p.uniform_(-0.5, 0.5, generator=g)
     return model.eval()
 
 

@@ -79,6 +79,9 @@ def _bad_inputs(tmp_path):
         "sandbox limit not positive": (file + [f"task.train_path={good}", "env.enabled=true",
                                                "env.tools=[{name: python, timeout_s: 0}]"], "timeout_s must be a positive"),
         "bad LoRA options": (file + [f"task.train_path={good}", "model.lora={r: 8, no_such_option: 1}"], "model.lora"),
+        "no ranks": (["train", "--nproc", "0", "configs/quickstart.yaml", f"output_dir={tmp_path}/out0"] + TINY,
+                     "--nproc 0: give at least 1 rank"),
+        "cuda without a GPU": (file + [f"task.train_path={good}", "train.device=cuda"], "no CUDA device here"),
     }
 
 

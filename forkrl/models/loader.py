@@ -139,6 +139,16 @@ def _tiny_random(tokenizer, seed: int, dtype: torch.dtype):
         return LlamaForCausalLM(config).to(dtype)
 
 
+def random_model(model_type: str, *, seed: int = 0, device=None, **config):
+    """A randomly initialised float32 causal LM of a Hugging Face architecture (`llama`, `qwen2`,
+    `qwen3`, ...) from config keywords: for tests, and for checks on machines with no weights to load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device or "cpu"):
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).float()
+
+
 def load_policy(spec: str = EMBEDDED_MODEL, *, dtype: str = "float32", lora: dict | None = None,
                 seed: int = 0):
     """Return (model, tokenizer) for a spec (see the module docstring).

@@ -61,6 +61,12 @@ class HFEngine:
         seqs = sequences_of(requests)
         generator = generator_for(self.device, seed, requests)
         finished = [0] * len(requests)
+
+        def check(done: list[Sequence]) -> bool:
+            for q in done:
+                finished[q.request] += 1
+            return stop_when is not None and stop_when(finished)
+
         was_training = self.model.training
         self.model.eval()
         try:
@@ -71,11 +77,6 @@ class HFEngine:
                     for q in batch:
                         q.finish = "abort"
                     continue
-
-                def check(done: list[Sequence]) -> bool:
-                    for q in done:
-                        finished[q.request] += 1
-                    return stop_when is not None and stop_when(finished)
                 aborted = self._run_batch(batch, generator, check)
         finally:
             self.model.train(was_training)
