@@ -166,6 +166,7 @@ class EngineStats:
     prefill_tokens: int = 0   # prompt tokens run through the model
     cached_tokens: int = 0    # prompt tokens whose states were reused (prefix cache, or a prompt admitted with it)
     decode_tokens: int = 0    # tokens sampled
+    steps: int = 0            # sampling steps of the continuous batch (decode_tokens / steps: its mean size)
     seconds: float = 0.0
     sync_seconds: float = 0.0  # copying the learner's weights into the sampling weights
     syncs: int = 0

@@ -187,3 +187,41 @@ def test_prompts_admitted_together_run_their_shared_prefix_once(tiny):
     assert fast.stats.cached_tokens == 2 * shared
     for a, b in zip(outs, HFEngine(model, tok, prefix_cache_mb=0).generate(reqs)):
         _close(a[0], b[0])
+
+
+def test_stream_admits_requests_between_steps_and_cancels_into_the_cache(tiny):
+    """A request added while others run gets the tokens it gets alone (greedy), also when it is
+    longer than the cache was sized for (the cache regrows and keeps the running rows); a cancelled
+    request returns what it sampled, and with keep_kv its continuation prefills one token."""
+    model, tok = tiny
+    engine = TorchEngine(model, tok, max_batch_size=3, prefix_cache_mb=64)
+    reqs = _requests(tok, temperature=0.0)
+    alone = [engine.generate([r])[0][0] for r in reqs]
+    long = GenerationRequest(reqs[2].prompt_ids, SamplingParams(temperature=0.0, max_tokens=40))
+    (long_alone,), = engine.generate([long])
+    engine.weights_updated()                       # nothing cached from the runs alone
+    stream = engine.stream(seed=0)
+    got, ids = {}, [stream.add(reqs[0]), stream.add(reqs[1])]
+    for _ in range(2):
+        got.update(stream.step())
+    ids += [stream.add(reqs[2]), stream.add(reqs[3]), stream.add(long)]   # regrows the cache mid-run
+    while not stream.done:
+        got.update(stream.step())
+    for rid, ref in zip(ids, [*alone, long_alone]):
+        _close(got[rid][0], ref)
+    # cancel after 20 tokens (a prefix cache entry needs 16); the continuation starts from its states
+    chain = GenerationRequest(reqs[3].prompt_ids, SamplingParams(temperature=0.0, max_tokens=40), keep_kv=True)
+    stream = engine.stream(seed=0)
+    rid = stream.add(chain)
+    while len(stream.progress(rid)[0].ids) < 20:
+        assert stream.step() == []
+    stream.cancel(rid)
+    ((_, (part,)),) = stream.step()
+    assert part.finish == "abort" and len(part.token_ids) == 20
+    (ref,), = engine.generate([GenerationRequest(reqs[3].prompt_ids, SamplingParams(temperature=0.0, max_tokens=40))])
+    assert part.token_ids == ref.token_ids[:20]
+    before = engine.stats.prefill_tokens
+    (rest,), = engine.generate([GenerationRequest(reqs[3].prompt_ids + part.token_ids,
+                                                  SamplingParams(temperature=0.0, max_tokens=20))])
+    assert engine.stats.prefill_tokens - before == 1
+    assert part.token_ids + rest.token_ids == ref.token_ids

@@ -14,6 +14,7 @@ from forkrl.rollout.engine import EngineStats
 from forkrl.rollout.latr import edit_distance, rouge_l, suffix_match, valid_candidates
 from forkrl.train.learner import pack
 from forkrl.types import Completion, Trajectory
+from tests.slot_engine import SlotEngine, StreamingSlotEngine
 from tests.test_envs import CharTokenizer, ScriptedEngine, _env
 
 
@@ -135,10 +136,10 @@ class FunctionEngine:
         return out
 
 
-def _latr(f, **params):
+def _latr(f, engine=None, prompts=([65, 66],), **params):
     sampler = build_sampler("latr", {"filter_steps": [3], "tau_suffix": 0.5, "tau_rouge": None, **params})
-    engine = FunctionEngine(f)
-    return run_sampler(sampler, engine, [[65, 66]], SamplingParams(max_tokens=10, n=4), 0,
+    engine = engine or FunctionEngine(f)
+    return run_sampler(sampler, engine, [list(p) for p in prompts], SamplingParams(max_tokens=10, n=4), 0,
                        SamplerContext(step=1))
 
 
@@ -387,14 +388,20 @@ def test_aepo_budget_split_and_consecutive_branch_penalty():
     counts = {}
     for penalty in (0.0, 1.0):
         engine = EntropyScript(turns, entropies=[1.0, 2.0, 3.0, 4.0, 1.0])
-        s = build_sampler("aepo", {"tau": 1.0, "entropy_weight": 0.0, "penalty": penalty, "max_iterations": 5})
+        s = build_sampler("aepo", {"tau": 1.0, "entropy_weight": 0.0, "penalty": penalty})
         s.state = {"tool_entropy": 100.0}
         ctx = SamplerContext(env=_env(max_turns=6, max_tool_calls=5), tokenizer=VocabTokenizer())
-        (group,), b = run_sampler(s, engine, [[ord(c) for c in "Q?"]], SamplingParams(max_tokens=200, n=64), 0, ctx)
-        assert b.extra["aepo/global_per_prompt"] == 1 and len(group) <= 64
-        counts[penalty] = b.extra["aepo/branches"]
-    # free: 1 -> 2 -> 4 -> 8 members over three tool results. Held: the root branches (streak 1), the
-    # streak blocks both paths at the next result (and resets), both branch again at the third: 3
+        (group,), b = run_sampler(s, engine, [[ord(c) for c in "Q?"]], SamplingParams(max_tokens=200, n=8), 0, ctx)
+        assert b.extra["aepo/global_per_prompt"] == 1 and len(group) == 8
+
+        def root(k):
+            while group[k].parent is not None:
+                k = group[k].parent
+            return k
+        counts[penalty] = sum(1 for k, t in enumerate(group) if t.parent is not None and root(k) == 0)
+    # the first trajectory's tree. Free: 1 -> 2 -> 4 -> 8 members over three tool results. Held: the
+    # root branches (streak 1), the streak blocks both paths at the next result (and resets), both
+    # branch again at the third: 3 branches, and fill-ins take the 4 free slots
     assert counts == {0.0: 7, 1.0: 3}
     assert s.tool_entropy < 100.0                                 # H̄_tool moved towards this batch's
 
@@ -410,16 +417,60 @@ def test_shared_prefix_trained_once():
         build_config({"algo": {"train_shared_prefix_once": True, "agg": "seq-mean-token-mean"}})
 
 
-def test_latr_tree_does_not_depend_on_the_lookahead_chunk():
-    """How far chains are decoded ahead is a cost knob. Here parents are pruned before their
-    children's later checks fall due; comparing a child with a dead parent's tokens made the tree
-    depend on how far that parent had been decoded (1 token ahead: the check was skipped)."""
+def test_latr_tree_does_not_depend_on_how_far_chains_ran_ahead():
+    """Chains run ahead in the batch: whole at once on a lockstep engine, one token per step on a
+    continuous one with few or many slots. Here parents are pruned before their children's later
+    checks fall due; comparing a child with a dead parent's tokens made the tree depend on how far
+    that parent had been decoded."""
     f = lambda ids: 100 + (sum(ids) // 3) % 4
     trees = []
-    for chunk in (1, 3, 16):
-        (group,), budget = _latr(f, lookahead_chunk=chunk, filter_steps=[3, 6], tau_suffix=0.3)
+    for engine in (FunctionEngine(f), SlotEngine(FunctionEngine(f), slots=3),
+                   StreamingSlotEngine(FunctionEngine(f), slots=2), StreamingSlotEngine(FunctionEngine(f), slots=16)):
+        (group,), budget = _latr(f, engine=engine, filter_steps=[3, 6], tau_suffix=0.3)
         trees.append(([(t.parent, t.branch_at, t.tokens) for t in group], budget.extra["latr/pruned"]))
     assert trees[0][1] > 0
-    assert trees[0] == trees[1] == trees[2]
+    assert trees[0] == trees[1] == trees[2] == trees[3]
     for t in (t for t in group if t.parent is not None):  # a re-parented member still shares its prefix
         assert t.tokens[:t.branch_at] == group[t.parent].tokens[:t.branch_at]
+
+
+def _full_until_drained(in_use: list[int], slots: int) -> bool:
+    """Every step ran a full batch until the work ran out: once below `slots`, never full again."""
+    first_short = next((k for k, n in enumerate(in_use) if n < slots), len(in_use))
+    return all(n < slots for n in in_use[first_short:])
+
+
+def test_tree_steps_keep_the_continuous_batch_full():
+    """ARPO's turns, tool results and branches, and LATR's chains, forks and finishing samples enter
+    the batch as they become ready: a scripted 4-slot batch runs full until the work runs out. Fed
+    call by call (lockstep), the same ARPO rollout drains the batch at the end of every turn."""
+    # two prompts whose turns differ in length, so their episodes finish turns at different steps
+    turns = {"Q": ["a<echo>x</echo>", "bb<echo>y</echo>", "<answer>1</answer>"],
+             "R": ["aaaaaa<echo>x</echo>", "b<echo>yyyy</echo>", "<answer>22</answer>"]}
+
+    class TwoScripts(EntropyScript):
+        def generate(self, requests, seed=None):
+            out = []
+            for r in requests:
+                self.turns = turns[chr(r.prompt_ids[0])]
+                out += super().generate([r], seed)
+            return out
+
+    use = {}
+    for name, cls in (("continuous", StreamingSlotEngine), ("lockstep", SlotEngine)):
+        engine = cls(TwoScripts(turns["Q"], entropies=[1.0, 3.0, 1.0]), slots=4)
+        sampler = build_sampler("arpo", {"initial": 2, "tau": 0.0, "entropy_weight": 1.0})
+        ctx = SamplerContext(env=_env(max_turns=4), tokenizer=VocabTokenizer())
+        groups, budget = run_sampler(sampler, engine, [[ord(c) for c in "Q?"], [ord(c) for c in "R?"]],
+                                     SamplingParams(max_tokens=100, n=4), 0, ctx)
+        assert [len(g) for g in groups] == [4, 4] and budget.extra["arpo/branches"] == 4
+        use[name] = engine.in_use
+    assert _full_until_drained(use["continuous"], 4)
+    assert not _full_until_drained(use["lockstep"], 4)
+    # LATR: four prompts' trees, pruning, and the members' sampling after each tree phase
+    f = lambda ids: 100 + (sum(ids) // 3) % 4
+    engine = StreamingSlotEngine(FunctionEngine(f), slots=4)
+    groups, budget = _latr(f, engine=engine, prompts=[[65, 66], [67], [68, 69], [70]], filter_steps=[3, 6],
+                           tau_suffix=0.3)
+    assert budget.extra["latr/pruned"] > 0 and all(len(g) == 4 for g in groups)
+    assert _full_until_drained(engine.in_use, 4)

@@ -1,6 +1,9 @@
 """Multi-turn rollouts with tools: generate until a tool call closes, run it, append the observation,
 continue — until an answer, EOS, the turn or tool-call limit, or the token budget.
 
+`run_episodes` drives episodes through one continuous batch (`engine.stream`): each episode's next
+turn is submitted when its own tool results are in, not when the slowest episode's turn ends.
+
 `Trajectory.text` is what the policy wrote (its turns, joined), which rewards read; the observations
 are in `tokens` only. Token-in, token-out: each turn continues from the exact token ids of the prompt, of everything the
 policy sampled and of the observations, so the tokens trained on are the tokens sampled (nothing is
@@ -41,50 +44,50 @@ def new_episode(prompt_ids: list[int], group: str = "", sample=None) -> Episode:
                               group=group, policy_version=[], sample=sample, finish="length"))
 
 
-def advance(engine, env: ToolEnv, tokenizer, episodes: list[Episode], params: SamplingParams, seed: int,
-            version: int = 0) -> None:
-    """One turn of every live episode: generate until a tool call closes (or the episode ends), run
-    the calls, append the observations. Episodes that finish are marked done."""
+def turn_request(e: Episode, env: ToolEnv, params: SamplingParams) -> GenerationRequest:
+    """The request for an episode's next turn: continue its exact tokens until a tool call closes."""
     b = env.budget
     stop = list(dict.fromkeys([*params.stop, *env.protocol.stop_strings()]))
-    live = [e for e in episodes if not e.done]
-    if not live:
-        return
-    requests = []
-    for e in live:
-        left = min(params.max_tokens, b.max_total_tokens - len(e.traj.tokens))
-        requests.append(GenerationRequest(e.traj.prompt_ids + e.traj.tokens,
-                                          dataclasses.replace(params, n=1, max_tokens=max(left, 1), stop=stop),
-                                          keep_kv=e.turns + 1 < b.max_turns))  # the next turn continues it
-    outs = engine.generate(requests, seed=seed)
-    calls_per_episode = []
-    for e, (c,) in zip(live, outs):
-        t = e.traj
-        t.tokens += c.token_ids
-        t.logprobs += c.logprobs
-        t.entropies += c.entropies
-        t.loss_mask += [1] * len(c.token_ids)
-        t.policy_version += [version] * len(c.token_ids)
-        t.text += c.text
-        e.last_segment, e.last_top = list(c.entropies), c.top_logprobs
-        e.turns += 1
-        calls = env.protocol.parse_calls(c.text) if c.finish == "stop" else []
-        if c.finish != "stop" or env.protocol.has_answer(c.text) or not calls:
-            e.done, t.finish = True, ("answer" if env.protocol.has_answer(c.text) else c.finish)
-            calls = []
-        elif len(t.tokens) >= b.max_total_tokens:
-            e.done, t.finish, calls = True, "length", []
-        elif e.turns >= b.max_turns:
-            e.done, t.finish, calls = True, "turns", []
-        elif e.tool_calls + len(calls) > b.max_tool_calls:
-            e.done, t.finish, calls = True, "tool_budget", []
-        calls_per_episode.append(calls)
-    flat = [(e, c) for e, calls in zip(live, calls_per_episode) for c in calls]
+    left = min(params.max_tokens, b.max_total_tokens - len(e.traj.tokens))
+    return GenerationRequest(e.traj.prompt_ids + e.traj.tokens,
+                             dataclasses.replace(params, n=1, max_tokens=max(left, 1), stop=stop),
+                             keep_kv=e.turns + 1 < b.max_turns)  # the next turn continues it
+
+
+def record_turn(e: Episode, c, env: ToolEnv, version: int) -> list:
+    """Append a finished turn to its episode; returns the tool calls to run (none when it ended)."""
+    b = env.budget
+    t = e.traj
+    t.tokens += c.token_ids
+    t.logprobs += c.logprobs
+    t.entropies += c.entropies
+    t.loss_mask += [1] * len(c.token_ids)
+    t.policy_version += [version] * len(c.token_ids)
+    t.text += c.text
+    e.last_segment, e.last_top = list(c.entropies), c.top_logprobs
+    e.turns += 1
+    calls = env.protocol.parse_calls(c.text) if c.finish == "stop" else []
+    if c.finish != "stop" or env.protocol.has_answer(c.text) or not calls:
+        e.done, t.finish = True, ("answer" if env.protocol.has_answer(c.text) else c.finish)
+        return []
+    if len(t.tokens) >= b.max_total_tokens:
+        e.done, t.finish = True, "length"
+    elif e.turns >= b.max_turns:
+        e.done, t.finish = True, "turns"
+    elif e.tool_calls + len(calls) > b.max_tool_calls:
+        e.done, t.finish = True, "tool_budget"
+    return [] if e.done else calls
+
+
+def run_tools(env: ToolEnv, tokenizer, pending: list[tuple[Episode, list]], version: int) -> None:
+    """Run the calls of every episode in one `env.execute` and append each episode's observation."""
+    b = env.budget
+    flat = [(e, c) for e, calls in pending for c in calls]
     results = env.execute([c for _, c in flat]) if flat else []
     per_episode: dict[int, list] = {}
     for (e, c), r in zip(flat, results):
         per_episode.setdefault(id(e), []).append((c, r))
-    for e in live:
+    for e, _ in pending:
         if id(e) not in per_episode:
             continue
         t = e.traj
@@ -106,6 +109,63 @@ def advance(engine, env: ToolEnv, tokenizer, episodes: list[Episode], params: Sa
             e.done, t.finish = True, "length"
 
 
+def advance(engine, env: ToolEnv, tokenizer, episodes: list[Episode], params: SamplingParams, seed: int,
+            version: int = 0) -> None:
+    """One turn of every live episode, in one `generate` call: generate until a tool call closes (or
+    the episode ends), run the calls, append the observations. Episodes that finish are marked done."""
+    live = [e for e in episodes if not e.done]
+    if not live:
+        return
+    outs = engine.generate([turn_request(e, env, params) for e in live], seed=seed)
+    run_tools(env, tokenizer, [(e, record_turn(e, c, env, version)) for e, (c,) in zip(live, outs)], version)
+
+
+def run_episodes(engine, env: ToolEnv, tokenizer, groups: list[list[Episode]], params: SamplingParams,
+                 seed: int, version: int = 0, after_turn=None, when_drained=None) -> None:
+    """Every episode of every group to its end, through one continuous batch: an episode's next turn
+    enters the engine as soon as its tool results are in, while the others are still generating.
+
+    Hooks (the tree samplers' branching) run in the order turns finish:
+      after_turn(group_index, episode) -> new episodes, after each finished turn (tool results
+        appended); they join the group and start at once;
+      when_drained(group_index) -> new episodes, when a group has nothing running.
+    """
+    from forkrl.rollout.engine.stream import open_stream
+    stream = open_stream(engine, seed)
+    running: dict[int, tuple[int, Episode]] = {}
+    busy = [0] * len(groups)
+
+    def start(i: int, e: Episode) -> None:
+        running[stream.add(turn_request(e, env, params))] = (i, e)
+        busy[i] += 1
+
+    for i, g in enumerate(groups):
+        for e in g:
+            if not e.done:
+                start(i, e)
+    while not stream.done:
+        finished = stream.step()
+        if not finished:
+            continue
+        turned = [(*running.pop(rid), c) for rid, (c,) in finished]
+        run_tools(env, tokenizer, [(e, record_turn(e, c, env, version)) for _, e, c in turned], version)
+        for i, e, _ in turned:
+            busy[i] -= 1
+            new = after_turn(i, e) if after_turn is not None else []
+            groups[i] += new
+            for x in [e, *new]:
+                if not x.done:
+                    start(i, x)
+        for i in sorted({i for i, _, _ in turned}):
+            while busy[i] == 0 and when_drained is not None:
+                new = when_drained(i)
+                if not new:
+                    break
+                groups[i] += new
+                for x in new:
+                    start(i, x)
+
+
 def finish(episodes: list[Episode]) -> list[Trajectory]:
     for e in episodes:
         e.traj.turns = e.turns
@@ -117,12 +177,9 @@ def finish(episodes: list[Episode]) -> list[Trajectory]:
 def multi_turn_rollout(engine, env: ToolEnv, tokenizer, prompt_ids: list[list[int]], groups: list[str],
                        samples: list, params: SamplingParams, seed: int, version: int = 0) -> list[Trajectory]:
     """`params.n` independent episodes per prompt; returns trajectories grouped by prompt in order."""
-    episodes = [new_episode(p, g, s) for p, g, s in zip(prompt_ids, groups, samples) for _ in range(params.n)]
-    for turn in range(env.budget.max_turns):
-        if all(e.done for e in episodes):
-            break
-        advance(engine, env, tokenizer, episodes, params, (seed * 1_000_003 + turn) % 2 ** 62, version)
-    return finish(episodes)
+    episodes = [[new_episode(p, g, s) for _ in range(params.n)] for p, g, s in zip(prompt_ids, groups, samples)]
+    run_episodes(engine, env, tokenizer, episodes, params, seed, version)
+    return finish([e for g in episodes for e in g])
 
 
 def roc_penalty(traj: Trajectory, answer_tag: str = "answer") -> float:

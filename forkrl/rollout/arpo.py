@@ -6,7 +6,11 @@ clamp(τ + w·ΔH, 0, 1), where ΔH = H_now - H_init is the entropy of the segme
 minus that of its first segment. A branch is an exact copy (tokens, masks, tool counter) that then
 continues on its own; it shares the prefix with its parent, which `parent` / `branch_at` record.
 When every trajectory of a prompt has finished with slots still free, one fresh trajectory starts
-from the prompt per iteration (global fill-in).
+from the prompt (global fill-in).
+
+All of it runs through one continuous batch (`agent.run_episodes`): a trajectory's next turn, and
+its branches, enter the engine as soon as its tool result is in, and the branching rule is applied
+in the order turns finish.
 
 Segment entropy Ĥ = Σ over the first k tokens of the segment of the token entropy, / ln|V|. The
 engine gives the exact entropy of the full distribution (`entropy: exact`, the default); `topk`
@@ -20,7 +24,7 @@ import dataclasses
 import math
 import random
 
-from forkrl.rollout.agent import Episode, advance, finish, new_episode
+from forkrl.rollout.agent import Episode, finish, new_episode, run_episodes
 from forkrl.rollout.samplers import register_sampler
 
 
@@ -63,7 +67,7 @@ def assemble(groups: list[list[Episode]], parents: dict[int, Episode], M: int) -
 class ARPOSampler:
     def __init__(self, initial: int | None = None, branches_per_step: int = 1, tau: float = 0.5,
                  entropy_weight: float = 0.2, entropy_tokens: int = 20, entropy: str = "exact",
-                 top_logprobs: int = 10, max_iterations: int = 64):
+                 top_logprobs: int = 10):
         if entropy not in ("exact", "topk"):
             raise ValueError(f"entropy must be 'exact' or 'topk', got {entropy!r}")
         self.initial = initial                    # N; default M // 2 (the paper's 8 of 16)
@@ -71,23 +75,15 @@ class ARPOSampler:
         self.tau, self.weight = tau, entropy_weight
         self.entropy_tokens, self.entropy = entropy_tokens, entropy
         self.top_logprobs = top_logprobs
-        self.max_iterations = max_iterations
 
-    def turn(self, engine, ctx, groups, params, seed, vocab) -> tuple[list[Episode], list[Episode]]:
-        """One turn of every live episode, then each one's segment entropy Ĥ. Returns the episodes
-        that ran and, of those, the ones past their first segment (H_init was already set)."""
-        live = [e for g in groups for e in g if not e.done]
-        if not live:
-            return [], []
-        advance(engine, ctx.env, ctx.tokenizer, live, params, seed, ctx.version)
-        later = []
-        for e in live:
-            e.h_now = segment_entropy(e.last_segment, self.entropy_tokens, vocab, e.last_top)
-            if e.h_init is None:  # a trajectory's first segment, or a branch's first own one
-                e.h_init = e.h_now
-            else:
-                later.append(e)
-        return live, later
+    def measure(self, e: Episode, vocab: int) -> bool:
+        """Ĥ of the segment an episode just wrote; True when it is past its first segment (H_init
+        was already set: a trajectory's first segment, or a branch's first own one, sets it)."""
+        e.h_now = segment_entropy(e.last_segment, self.entropy_tokens, vocab, e.last_top)
+        if e.h_init is None:
+            e.h_init = e.h_now
+            return False
+        return True
 
     def sample(self, engine, prompts, params, seed, ctx):
         if ctx.env is None:
@@ -100,30 +96,30 @@ class ARPOSampler:
         vocab = getattr(ctx.tokenizer, "vocab_size", None) or len(ctx.tokenizer)
         groups: list[list[Episode]] = [[new_episode(p) for _ in range(N)] for p in prompts]
         parents: dict[int, Episode] = {}
-        branches = fills = 0
-        for it in range(self.max_iterations):
-            live, _ = self.turn(engine, ctx, groups, params, (seed * 1_000_003 + it) % 2 ** 62, vocab)
-            if not live:
-                break
-            ran = {id(e) for e in live}
-            for g in groups:
-                # branch the trajectories that are still going (they just received a tool result)
-                for e in [e for e in g if not e.done and id(e) in ran]:
-                    free = M - len(g)
-                    if free <= 0:
-                        break
-                    draws = [rng.random() for _ in range(self.branches_per_step)]
-                    k = branch_count(e.h_now - e.h_init, draws, self.tau, self.weight, free)
-                    for _ in range(k):
-                        child = e.fork()
-                        parents[id(child)] = e
-                        g.append(child)
-                        branches += 1
-                if all(e.done for e in g) and len(g) < M:  # global fill-in
-                    g.append(new_episode(g[0].traj.prompt_ids))
-                    fills += 1
+        count = {"branches": 0, "fills": 0}
+
+        def after_turn(i: int, e: Episode) -> list[Episode]:
+            # branch a trajectory that is still going (it just received a tool result)
+            self.measure(e, vocab)
+            free = M - len(groups[i])
+            if e.done or free <= 0:
+                return []
+            draws = [rng.random() for _ in range(self.branches_per_step)]
+            children = [e.fork() for _ in range(branch_count(e.h_now - e.h_init, draws, self.tau, self.weight, free))]
+            for child in children:
+                parents[id(child)] = e
+            count["branches"] += len(children)
+            return children
+
+        def when_drained(i: int) -> list[Episode]:   # global fill-in: every path ended with slots free
+            if len(groups[i]) >= M:
+                return []
+            count["fills"] += 1
+            return [new_episode(groups[i][0].traj.prompt_ids)]
+
+        run_episodes(engine, ctx.env, ctx.tokenizer, groups, params, seed, ctx.version, after_turn, when_drained)
         out = assemble(groups, parents, M)
-        return out, {"arpo/branches": float(branches), "arpo/fill_ins": float(fills)}
+        return out, {"arpo/branches": float(count["branches"]), "arpo/fill_ins": float(count["fills"])}
 
 
 def sigmoid(x: float) -> float:
@@ -172,45 +168,47 @@ class AEPOSampler(ARPOSampler):
         groups: list[list[Episode]] = [[new_episode(p)] for p in prompts]
         parents: dict[int, Episode] = {}
         streak: dict[int, int] = {}       # consecutive high-entropy branchings along an episode's path
-        planned = [1] * len(prompts)      # global trajectories decided per prompt
+        planned: list[int | None] = [None] * len(prompts)   # global trajectories decided per prompt
         post_tool: list[float] = []
-        branches = fills = 0
-        for it in range(self.max_iterations):
-            live, later = self.turn(engine, ctx, groups, params, (seed * 1_000_003 + it) % 2 ** 62, vocab)
-            if not live:
-                break
-            post_tool += [e.h_now for e in later if e.tool_calls]  # segments written after a tool result
-            ran = {id(e) for e in live}
-            for i, g in enumerate(groups):
-                if it == 0:  # pre-monitoring: the first segment of the first trajectory is H_root
-                    m = round(M * self.global_share(g[0].h_init, self.tool_entropy))
-                    planned[i] = min(max(m, 1), M)
-                    g += [new_episode(g[0].traj.prompt_ids) for _ in range(planned[i] - 1)]
-                    continue
-                for e in [e for e in g if not e.done and id(e) in ran]:
-                    free = M - len(g)
-                    if free <= 0:
-                        break
-                    dh = e.h_now - e.h_init
-                    l = streak.get(id(e), 0)
-                    scale = 1.0 - min(1.0, self.penalty * l)
-                    draws = [rng.random() for _ in range(self.branches_per_step)]
-                    # (τ + w·ΔH)·(1 − P̂(l)) as a threshold on u: u <= scale·(τ + w·ΔH)
-                    k = sum(1 for u in draws if u <= scale * (self.tau + self.weight * dh))
-                    k = max(min(k, free), 0)
-                    for _ in range(k):
-                        child = e.fork()
-                        parents[id(child)] = e
-                        streak[id(child)] = l + 1 if dh > 0 else 0
-                        g.append(child)
-                        branches += 1
-                    if k and dh > 0:
-                        streak[id(e)] = l + 1
-                    elif not k:
-                        streak[id(e)] = 0
-                if all(e.done for e in g) and len(g) < M:
-                    g.append(new_episode(g[0].traj.prompt_ids))
-                    fills += 1
+        count = {"branches": 0, "fills": 0}
+
+        def after_turn(i: int, e: Episode) -> list[Episode]:
+            later = self.measure(e, vocab)
+            if later and e.tool_calls:
+                post_tool.append(e.h_now)  # a segment written after a tool result
+            g = groups[i]
+            if planned[i] is None:  # pre-monitoring: the first segment of the first trajectory is H_root
+                planned[i] = min(max(round(M * self.global_share(e.h_init, self.tool_entropy)), 1), M)
+                return [new_episode(g[0].traj.prompt_ids) for _ in range(planned[i] - 1)]
+            free = M - len(g)
+            if e.done or free <= 0:
+                return []
+            dh = e.h_now - e.h_init
+            l = streak.get(id(e), 0)
+            scale = 1.0 - min(1.0, self.penalty * l)
+            draws = [rng.random() for _ in range(self.branches_per_step)]
+            # (τ + w·ΔH)·(1 − P̂(l)) as a threshold on u: u <= scale·(τ + w·ΔH)
+            k = max(min(sum(1 for u in draws if u <= scale * (self.tau + self.weight * dh)), free), 0)
+            children = [e.fork() for _ in range(k)]
+            for child in children:
+                parents[id(child)] = e
+                streak[id(child)] = l + 1 if dh > 0 else 0
+            if k and dh > 0:
+                streak[id(e)] = l + 1
+            elif not k:
+                streak[id(e)] = 0
+            count["branches"] += k
+            return children
+
+        def when_drained(i: int) -> list[Episode]:
+            if len(groups[i]) >= M:
+                return []
+            count["fills"] += 1
+            return [new_episode(groups[i][0].traj.prompt_ids)]
+
+        run_episodes(engine, ctx.env, ctx.tokenizer, groups, params, seed, ctx.version, after_turn, when_drained)
+        planned = [p if p is not None else 1 for p in planned]
+        branches, fills = count["branches"], count["fills"]
         if post_tool:
             mean = sum(post_tool) / len(post_tool)
             self.tool_entropy = mean if self.tool_entropy is None else (

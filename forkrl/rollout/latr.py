@@ -15,10 +15,14 @@ step where the prompt holds at least (0.98 − decay·step/max_tokens)·n_kt bra
 inside a pruning window, or at `force_return_step`; every branch then finishes with ordinary
 sampling from its tree prefix.
 
-Because tree-phase chains move greedily, a chain's continuation is fixed once it is born, so the
-sampler extends chains `lookahead_chunk` tokens at a time (the prefix cache makes an extension or a
-fork prefill one token) and replays the steps over them. The chunk changes the cost (tokens decoded
-past the phase's end are dropped; each extension is one engine call), not the tree. Members record `parent` and `branch_at`.
+Because tree-phase chains move greedily, a chain's continuation is fixed once it is born. Every
+chain is one greedy request that runs ahead in the engine's continuous batch (`engine.stream`); a
+prompt's tree steps as far as all its chains have decoded (`stream.progress`), a fork is a new
+request from its parent's prefix (the prefix cache serves it), a pruned chain is cancelled, and when
+a prompt's tree phase ends its chains are cancelled and its members' sampling starts at once, while
+other prompts' trees still grow. On an engine without a stream each chain arrives whole (decoded to
+the horizon): the same tree, more tokens. The i.i.d. members start with the first step. Members
+record `parent` and `branch_at`.
 """
 from __future__ import annotations
 
@@ -107,13 +111,17 @@ class _Branch:
     shared: int = 0                  # leading tokens shared with `parent` (= born until re-parented)
     eos_at: int | None = None        # number of tokens when the chain emitted EOS
     pruned: bool = False
+    request: int | None = None       # the running greedy request that extends it
+    base: int = 0                    # len(tokens) when that request was submitted
 
-    def absorb(self, c) -> None:
-        self.tokens += c.token_ids
-        self.logprobs += c.logprobs
-        self.entropies += c.entropies
-        self.top += c.top_logprobs or [None] * len(c.token_ids)
-        if c.finish == "eos":
+    def absorb(self, ids, logprobs, entropies, top, finish: str | None) -> None:
+        """Take the tokens its request has decoded beyond what the branch holds."""
+        k = len(self.tokens) - self.base
+        self.tokens += ids[k:]
+        self.logprobs += logprobs[k:]
+        self.entropies += entropies[k:]
+        self.top += (top or [None] * len(ids))[k:len(ids)]
+        if finish == "eos":
             self.eos_at = len(self.tokens)
 
     def ended_by(self, step: int) -> bool:
@@ -126,7 +134,7 @@ class LATRSampler:
                  filter_steps: tuple[int, ...] = (20, 30, 50), tau_suffix: float | None = 0.2,
                  tau_rouge: float | None = 0.5, tau_edit: float | None = None,
                  mix_ratio_schedule: dict | None = None,
-                 return_threshold_decay: float = 0.05, force_return_step: int = 1024, lookahead_chunk: int = 4):
+                 return_threshold_decay: float = 0.05, force_return_step: int = 1024):
         self.m = max_branch_per_token
         self.tau_abs, self.tau_rel = tau_abs, tau_rel
         self.filter_steps = tuple(sorted(filter_steps))
@@ -134,9 +142,6 @@ class LATRSampler:
         self.schedule = mix_ratio_schedule or {0: 1.0, 100: 0.75, 200: 0.5, 300: 0.25}
         self.decay = return_threshold_decay
         self.force_return_step = force_return_step
-        if lookahead_chunk < 1:
-            raise ValueError(f"lookahead_chunk must be >= 1, got {lookahead_chunk}")
-        self.chunk = lookahead_chunk
 
     def too_similar(self, a: list[int], b: list[int]) -> bool:
         return ((self.tau_suffix is not None and suffix_match(a, b) > self.tau_suffix)
@@ -146,34 +151,93 @@ class LATRSampler:
     def sample(self, engine, prompts, params, seed, ctx):
         if ctx.env is not None:
             raise ValueError("the latr sampler is single-turn; use arpo for tool-using rollouts")
+        from forkrl.rollout.engine.stream import open_stream
         n = params.n
         eta = schedule_value(self.schedule, ctx.step)
         n_kt = min(max(round(n * eta), 0), n)
         horizon = min(self.force_return_step, params.max_tokens)
         tree_params = dataclasses.replace(params, temperature=0.0, n=1, logprobs=self.m, stop=list(params.stop))
         self.pruned = 0
-        trees = self._grow(engine, prompts, n_kt, horizon, tree_params) if n_kt > 1 else [[] for _ in prompts]
-        # finish every surviving branch (and the i.i.d. members) with ordinary sampling
-        requests, owners = [], []
-        for i, (p, branches) in enumerate(zip(prompts, trees)):
-            for br in branches:
-                if br.eos_at is None and len(br.tokens) < params.max_tokens:
-                    requests.append(GenerationRequest(p + br.tokens, dataclasses.replace(
-                        params, n=1, max_tokens=params.max_tokens - len(br.tokens))))
-                    owners.append((i, br))
-            if n - len(branches) > 0:
-                requests.append(GenerationRequest(p, dataclasses.replace(params, n=n - len(branches))))
-                owners.append((i, None))
-        outs = engine.generate(requests, seed=seed) if requests else []
-        rest: dict[int, object] = {}
-        iid: dict[int, list] = {}
-        for (i, br), comps in zip(owners, outs):
-            if br is None:
-                iid[i] = comps
-            else:
-                rest[id(br)] = comps[0]
+        grow = n_kt > 1
+        trees = [[_Branch([], [], [], [], born=0)] if grow else [] for _ in prompts]
+        stream = open_stream(engine, seed)
+        jobs: dict[int, tuple[int, _Branch | None]] = {}   # finishing requests: (prompt, branch or None: i.i.d.)
+        chains: dict[int, tuple[int, _Branch]] = {}        # greedy tree-phase requests
+        done: dict[int, list] = {}
+        step = [0] * len(prompts)
+        cut: list[int | None] = [None if grow else -1 for _ in prompts]
+        window = self.filter_steps[-1] if self.filter_steps else 0
+
+        def finish_tree(i: int) -> None:
+            """Prompt i's tree phase ended: cancel its chains, cut them at the phase's end, start sampling."""
+            end = cut[i] + 1
+            for b in trees[i]:
+                if b.request is not None:
+                    stream.cancel(b.request)
+                    chains.pop(b.request)
+                    b.request = None
+                if len(b.tokens) > end:  # sampling takes over after `end` tokens
+                    b.tokens, b.logprobs, b.entropies, b.top = b.tokens[:end], b.logprobs[:end], b.entropies[:end], b.top[:end]
+                if b.eos_at is not None and b.eos_at > end:
+                    b.eos_at = None
+                if b.eos_at is None and len(b.tokens) < params.max_tokens:
+                    jobs[stream.add(GenerationRequest(prompts[i] + b.tokens, dataclasses.replace(
+                        params, n=1, max_tokens=params.max_tokens - len(b.tokens))))] = (i, b)
+            if n_kt - len(trees[i]) > 0:  # the tree did not fill its share
+                jobs[stream.add(GenerationRequest(prompts[i], dataclasses.replace(params, n=n_kt - len(trees[i]))))] = (i, None)
+
+        def advance(i: int) -> None:
+            """Run prompt i's tree steps as far as its chains have been decoded."""
+            while cut[i] is None:
+                s = step[i]
+                waiting = False
+                for b in trees[i]:
+                    if b.eos_at is None and len(b.tokens) <= s < horizon:
+                        waiting = True
+                        if b.request is None:
+                            b.base = len(b.tokens)
+                            b.request = stream.add(GenerationRequest(prompts[i] + b.tokens, dataclasses.replace(
+                                tree_params, max_tokens=horizon - len(b.tokens)), keep_kv=True))
+                            chains[b.request] = (i, b)
+                if waiting:
+                    return
+                before = set(map(id, trees[i]))
+                self._tree_step(trees, i, s, n_kt, horizon, window, engine.eos_ids, cut)
+                alive = set(map(id, trees[i]))
+                for rid, (j, b) in list(chains.items()):
+                    if j == i and id(b) in before - alive:   # pruned: stop decoding it
+                        stream.cancel(rid)
+                        del chains[rid]
+                step[i] += 1
+            finish_tree(i)
+
+        for i, p in enumerate(prompts):
+            if n - n_kt > 0 or not grow:
+                jobs[stream.add(GenerationRequest(p, dataclasses.replace(params, n=n - (n_kt if grow else 0))))] = (i, None)
+            if grow:
+                advance(i)
+        while not stream.done:
+            for rid, comps in stream.step():
+                if rid in chains:
+                    i, b = chains.pop(rid)
+                    c = comps[0]
+                    b.absorb(c.token_ids, c.logprobs, c.entropies, c.top_logprobs, c.finish)
+                    b.request = None
+                elif rid in jobs:
+                    done[rid] = comps
+            for rid, (i, b) in list(chains.items()):
+                live = stream.progress(rid)
+                if live is not None:
+                    q = live[0]
+                    b.absorb(q.ids, q.logprobs, q.entropies, q.top, q.finish)
+            for i in range(len(prompts)):
+                if cut[i] is None:
+                    advance(i)
         groups, branch_points = [], 0
-        for i, (p, branches) in enumerate(zip(prompts, trees)):
+        for i, p in enumerate(prompts):
+            branches = trees[i]
+            rest = {id(b): comps[0] for rid, comps in done.items() for j, b in [jobs[rid]] if j == i and b is not None}
+            iid = [c for rid, comps in done.items() if jobs[rid] == (i, None) for c in comps]
             index = {id(b): k for k, b in enumerate(branches)}
             members = []
             for br in branches:
@@ -190,41 +254,10 @@ class LATRSampler:
                     t.parent, t.branch_at = index[id(br.parent)], br.shared
                     branch_points += 1
                 members.append(t)
-            members += [Trajectory.from_completion(p, c, group="", version=ctx.version) for c in iid.get(i, [])]
+            members += [Trajectory.from_completion(p, c, group="", version=ctx.version) for c in iid]
             groups.append(members)
         return groups, {"latr/tree_members": float(sum(len(b) for b in trees)), "latr/eta": eta,
                         "latr/pruned": float(self.pruned)}
-
-    def _grow(self, engine, prompts: list[list[int]], capacity: int, horizon: int, params) -> list[list[_Branch]]:
-        """The tree phase of every prompt, in lockstep; returns each prompt's live branches (root
-        first), cut to the step where its phase ended. Chains are extended `chunk` greedy tokens at
-        a time when the step reaches their end, all prompts' chains in one engine call; their states
-        stay in the engine's prefix cache, so an extension or a fork prefills one token."""
-        chunk = self.chunk
-        trees = [[_Branch([], [], [], [], born=0)] for _ in prompts]
-        cut: list[int | None] = [None] * len(prompts)   # set when a prompt's tree phase ends
-        window = self.filter_steps[-1] if self.filter_steps else 0
-        for step in range(horizon + 1):
-            need = [(i, b) for i, branches in enumerate(trees) if cut[i] is None for b in branches
-                    if b.eos_at is None and len(b.tokens) <= step < horizon]
-            if need:
-                reqs = [GenerationRequest(prompts[i] + b.tokens, dataclasses.replace(
-                    params, max_tokens=min(chunk, horizon - len(b.tokens))), keep_kv=True) for i, b in need]
-                for (_, b), (c,) in zip(need, engine.generate(reqs)):
-                    b.absorb(c)
-            for i in range(len(prompts)):
-                if cut[i] is None:
-                    self._tree_step(trees, i, step, capacity, horizon, window, engine.eos_ids, cut)
-            if all(c is not None for c in cut):
-                break
-        for i, branches in enumerate(trees):
-            end = (cut[i] if cut[i] is not None else horizon) + 1
-            for b in branches:  # the tree phase ends after `end` tokens; sampling takes over from there
-                if len(b.tokens) > end:
-                    b.tokens, b.logprobs, b.entropies, b.top = b.tokens[:end], b.logprobs[:end], b.entropies[:end], b.top[:end]
-                if b.eos_at is not None and b.eos_at > end:
-                    b.eos_at = None
-        return trees
 
     def _tree_step(self, trees, i, step, capacity, horizon, window, eos_ids, cut) -> None:
         """One step of prompt i's tree: prune, maybe end the phase, then fork."""
@@ -238,7 +271,7 @@ class LATRSampler:
                 self.pruned += 1
                 # its children now compare with (and hang from) its parent, with which they share the
                 # shorter prefix; a dead branch is not extended, so the tree cannot depend on how far
-                # chains had been decoded ahead (lookahead_chunk)
+                # chains had been decoded ahead
                 for child in branches:
                     if child.parent is br:
                         child.parent, child.shared = br.parent, min(child.shared, br.shared)

@@ -220,15 +220,21 @@ class DecoderRunner:
         return F.linear(x, w)
 
     # -- cache -------------------------------------------------------------------------------------
-    def reserve(self, slots: int, capacity: int) -> None:
-        """Make room for `slots` sequences of up to `capacity` tokens (contents are not kept).
+    def reserve(self, slots: int, capacity: int, keep: bool = False) -> None:
+        """Make room for `slots` sequences of up to `capacity` tokens; with `keep` the buffers only
+        grow and keep their contents (a stream whose running sequences stay), else contents are lost.
 
-        A buffer much longer than needed is replaced too: a decode step reads K[:B, :, :T], and with
-        rows `capacity` apart instead of T, the attention matmuls run ~1.7x slower (measured on CPU)."""
+        Without `keep`, a buffer much longer than needed is replaced too: a decode step reads
+        K[:B, :, :T], and with rows `capacity` apart instead of T, the attention matmuls run ~1.7x
+        slower (measured on CPU)."""
+        old = None
         if self.k.dim() == 5:
             _, have_slots, _, have_cap, _ = self.k.shape
-            if slots <= have_slots and capacity <= have_cap <= 2 * capacity + 64:
+            if slots <= have_slots and capacity <= have_cap and (keep or have_cap <= 2 * capacity + 64):
                 return
+            if keep:
+                old = (self.k, self.v)
+                slots, capacity = max(slots, have_slots), max(capacity, have_cap)
         shape = (self.n_layers, slots, self.n_kv, capacity, self.head_dim)
         self._graphs.clear()    # they read the old buffers
         self.k = self.v = None  # free the old buffers before allocating new ones
@@ -236,6 +242,10 @@ class DecoderRunner:
         # cache only with the compiled attention: the PyTorch path's batched matmuls ran slower on it
         self.k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+        if old is not None:
+            s, c = old[0].shape[1], old[0].shape[3]
+            self.k[:, :s, :, :c] = old[0]
+            self.v[:, :s, :, :c] = old[1]
 
     def read(self, slot: int, length: int) -> torch.Tensor:
         """States of a slot's first `length` tokens as [layers, 2, kv_heads, length, head_dim]."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from forkrl.types import Completion, SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)   # identity: a request's n samples start out equal
 class Sequence:
     request: int                 # index of the request it answers
     prompt: list[int]

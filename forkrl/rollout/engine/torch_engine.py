@@ -2,10 +2,13 @@
 (`runner.DecoderRunner`: Llama, Qwen2, Qwen3). Per new token it reports the id, the log-prob and the
 entropy of the full next-token distribution.
 
-    while not scheduler.done:
+    while not scheduler.done:                               # TorchStream.step, one pass per call
         logits = self._admit_waiting(scheduler, logits)     # prefill new sequences into free slots
         tokens = self._sample(scheduler, logits, ...)       # one token per running sequence; retire the finished
         logits = self._decode(scheduler, tokens)            # one forward over the running slots
+
+`generate` adds its requests to a `TorchStream` and steps it until every one finished; samplers that
+react to finished work open the stream themselves (`forkrl.rollout.engine.stream`).
 
 The runner keeps its own copy of the weights in the sampling dtype (bf16 by default where the CPU or
 GPU has bf16 units), refreshed on the first `generate` after `weights_updated()`
@@ -106,6 +109,10 @@ class TorchEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def stream(self, seed: int | None = None) -> TorchStream:
+        """An open continuous batch: requests join while it runs (stream.py)."""
+        return TorchStream(self, seed)
+
     def generate(self, requests: list[GenerationRequest], seed: int | None = None,
                  stop_when: Callable[[list[int]], bool] | None = None) -> list[list[Completion]]:
         """Sample `params.n` completions for each request; returns them per request, in order.
@@ -113,42 +120,25 @@ class TorchEngine:
         stop_when(finished) is asked whenever completions finish, with the number of finished
         completions of each request so far; when it answers True, generation stops and every
         unfinished completion comes back as it is, with finish "abort" (APRIL's partial rollouts)."""
-        start = time.perf_counter()
-        seqs = sequences_of(requests)
-        generator = generator_for(self.device, seed, requests)
-        finished = [0] * len(requests)
+        n_seqs = sum(r.params.n for r in requests)
+        stream = TorchStream(self, seed, slots=min(self.max_batch_size, n_seqs),
+                             capacity=max((len(r.prompt_ids) + r.params.max_tokens for r in requests), default=1),
+                             requests=requests)
+        if stop_when is not None:
+            finished = [0] * len(requests)
 
-        def check(done: list[Sequence]) -> bool:
-            for q in done:
-                finished[q.request] += 1
-            return stop_when is not None and stop_when(finished)
+            def check(done: list[Sequence]) -> bool:
+                for q in done:
+                    finished[q.request] += 1
+                return stop_when(finished)
+            stream.stop_when = check
+        ids = [stream.add(r) for r in requests]
+        out: dict[int, list[Completion]] = {}
+        while not stream.done:
+            out.update(stream.step())
+        return [out[i] for i in ids]
 
-        if self._stale:
-            self.stats.sync_seconds += self.runner.sync()
-            self.stats.syncs += 1
-            self._stale = False
-        self._run(seqs, generator, check)
-        out: list[list[Completion]] = [[] for _ in requests]
-        for q in seqs:
-            out[q.request].append(q.completion(self.tokenizer))
-        self.stats.seconds += time.perf_counter() - start
-        return out
-
-    # -- the engine loop -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _run(self, seqs: list[Sequence], generator, check) -> None:
-        n_slots = min(self.max_batch_size, len(seqs))
-        self.runner.reserve(n_slots, max(len(q.prompt) + q.params.max_tokens for q in seqs))
-        scheduler = Scheduler(seqs, n_slots)
-        eos = torch.tensor(self.eos_ids, device=self.device)
-        logits: torch.Tensor | None = None   # [len(scheduler.slots), V]: next-token logits per slot
-        while not scheduler.done:
-            logits = self._admit_waiting(scheduler, logits)
-            tokens = self._sample(scheduler, logits, generator, eos, check)
-            if tokens is None:
-                break
-            logits = self._decode(scheduler, tokens)
-
+    # -- the engine loop (TorchStream.step runs it one step at a time) -----------------------------
     def _admit_waiting(self, scheduler: Scheduler, logits: torch.Tensor | None) -> torch.Tensor:
         """Prefill waiting sequences into free slots, then compact when nothing waits; the logits
         follow their sequences."""
@@ -171,6 +161,7 @@ class TorchEngine:
         finished sequences leave their slots. Returns the sampled tokens, or None when generation
         ends here (all done, or `stop_when` said stop)."""
         rows = list(scheduler.slots)
+        self.stats.steps += 1
         temperature, top_p, hapo = sampling_tensors([q.params for q in rows], self.device)
         tok, logp, ent = sample_next(logits, temperature, top_p, generator, hapo)
         self.stats.decode_tokens += len(rows)
@@ -180,7 +171,7 @@ class TorchEngine:
         is_eos = torch.isin(tok, eos).tolist()
         done = [q for q, t, lp, h, e in zip(rows, tok.tolist(), logp.tolist(), ent.tolist(), is_eos)
                 if q.append(t, lp, h, e, self.tokenizer)]
-        aborted = bool(done) and check(done)
+        aborted = bool(done) and check is not None and check(done)
         if aborted:
             scheduler.abort()
         for j, q in enumerate(rows):
@@ -296,3 +287,78 @@ class TorchEngine:
             return  # too short to index, or already stored (or inside a longer stored sequence)
         self.prefix_cache.insert(tokens, self.runner.read(slot, len(tokens)))
 
+
+
+class TorchStream:
+    """TorchEngine's continuous batch, open to new requests between steps (stream.py): one
+    Scheduler, one random stream and the pending logits live here across `step()` calls."""
+
+    def __init__(self, engine: TorchEngine, seed: int | None, slots: int | None = None, capacity: int = 0,
+                 requests=()):
+        self.engine = engine
+        self.scheduler = Scheduler([], slots or engine.max_batch_size)
+        self.generator = generator_for(engine.device, seed, requests)
+        self.eos = torch.tensor(engine.eos_ids, device=engine.device)
+        self.logits: torch.Tensor | None = None
+        self.seqs: dict[int, list[Sequence]] = {}     # requests not yet returned by step()
+        self.stop_when: Callable[[list[Sequence]], bool] | None = None
+        self.next_id = 0
+        if engine._stale:
+            engine.stats.sync_seconds += engine.runner.sync()
+            engine.stats.syncs += 1
+            engine._stale = False
+        self.capacity = 0
+        self._grow(capacity)
+
+    def _grow(self, need: int) -> None:
+        """Room for `need` tokens per slot; a longer request regrows the cache, keeping its contents."""
+        if need > self.capacity:
+            self.capacity = max(need, self.capacity and -(-need // 64) * 64)
+            self.engine.runner.reserve(self.scheduler.n_slots, self.capacity, keep=bool(self.scheduler.slots))
+
+    def add(self, request: GenerationRequest) -> int:
+        rid, self.next_id = self.next_id, self.next_id + 1
+        seqs = sequences_of([request])
+        for q in seqs:
+            q.request = rid
+        self._grow(len(request.prompt_ids) + request.params.max_tokens)
+        self.seqs[rid] = seqs
+        self.scheduler.waiting.extend(seqs)
+        return rid
+
+    def progress(self, rid: int) -> list[Sequence]:
+        return self.seqs[rid]
+
+    def cancel(self, rid: int) -> None:
+        """End a request now: its sequences come back from the next step with what they sampled,
+        finish "abort"; with keep_kv the states of what a running one was fed stay in the prefix cache."""
+        engine, scheduler = self.engine, self.scheduler
+        for q in self.seqs.get(rid, []):
+            if q.finish is not None:
+                continue
+            q.finish = "abort"
+            if q in scheduler.waiting:
+                scheduler.waiting.remove(q)
+                continue
+            j = scheduler.slots.index(q)
+            if q.keep_kv and engine.prefix_cache is not None and q.length > len(q.prompt):
+                engine._store_slot(j, (q.prompt + q.ids)[:q.length])
+            scheduler.retire(j)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, list[Completion]]]:
+        """One step of the batch: admit waiting sequences, sample a token for every running one,
+        decode. Returns the requests all of whose sequences have finished, with their completions."""
+        engine, scheduler = self.engine, self.scheduler
+        start = time.perf_counter()
+        if not scheduler.done:
+            self.logits = engine._admit_waiting(scheduler, self.logits)
+            tokens = engine._sample(scheduler, self.logits, self.generator, self.eos, self.stop_when)
+            self.logits = engine._decode(scheduler, tokens) if tokens is not None else None
+        ready = [rid for rid, qs in self.seqs.items() if all(q.finish is not None for q in qs)]
+        engine.stats.seconds += time.perf_counter() - start
+        return [(rid, [q.completion(engine.tokenizer) for q in self.seqs.pop(rid)]) for rid in ready]
+
+    @property
+    def done(self) -> bool:
+        return not self.seqs
