@@ -225,3 +225,24 @@ def test_stream_admits_requests_between_steps_and_cancels_into_the_cache(tiny):
                                                   SamplingParams(temperature=0.0, max_tokens=20))])
     assert engine.stats.prefill_tokens - before == 1
     assert part.token_ids + rest.token_ids == ref.token_ids
+
+
+def test_a_fork_of_a_running_sequence_copies_its_states(tiny):
+    """A request that continues part of a sequence still being sampled (a tree fork) takes the states
+    from that sequence's slot and prefills only its own tokens; it samples what it samples alone."""
+    model, tok = tiny
+    engine = TorchEngine(model, tok, max_batch_size=4, prefix_cache_mb=0)
+    prompt = _requests(tok)[0].prompt_ids
+    stream = engine.stream(seed=0)
+    parent = stream.add(GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=40)))
+    while len(stream.progress(parent)[0].ids) < 20:
+        stream.step()
+    head = prompt + stream.progress(parent)[0].ids[:18]
+    fork = GenerationRequest(head + [(head[-1] + 1) % 50], SamplingParams(temperature=0.0, max_tokens=6))
+    before = engine.stats.prefill_tokens
+    rid = stream.add(fork)
+    got = {}
+    while not stream.done:
+        got.update(stream.step())
+    assert engine.stats.prefill_tokens - before == 1
+    _close(got[rid][0], engine.generate([fork])[0][0])

@@ -144,7 +144,9 @@ class TorchEngine:
         follow their sequences."""
         placed = scheduler.admit()
         if placed:
-            new_logits = self._admit([q for q, _ in placed], [j for _, j in placed])
+            new_at = {j for _, j in placed}
+            running = [(j, q) for j, q in enumerate(scheduler.slots) if q is not None and j not in new_at]
+            new_logits = self._admit([q for q, _ in placed], [j for _, j in placed], running)
             full = new_logits.new_empty((len(scheduler.slots), new_logits.shape[1]))
             if logits is not None:
                 full[:len(logits)] = logits[:len(full)]
@@ -199,11 +201,13 @@ class TorchEngine:
         return logits
 
     # -- prefill with prefix reuse ---------------------------------------------------------------------
-    def _admit(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
+    def _admit(self, seqs: list[Sequence], slots: list[int], running: list[tuple[int, Sequence]] = ()
+               ) -> torch.Tensor:
         """Prefill new sequences into free slots; returns their next-token logits [len(seqs), V].
 
         Reuse, in order: identical prompts run once and are copied to the other slots; each distinct
-        prompt takes the longest stored prefix from the prefix cache; distinct prompts admitted
+        prompt takes the longest prefix it shares with a stored sequence (the prefix cache) or with a
+        running one (its slot: a fork of a sequence still being sampled); distinct prompts admitted
         together that share a prefix of at least one cache block (a system prompt, a few-shot header)
         run it once: in sorted order, each run of such prompts copies it from the run's first prompt,
         which is prefilled first. At least one token of every prompt runs: its state gives the
@@ -219,7 +223,11 @@ class TorchEngine:
             cached, kv = (0, None)
             if self.prefix_cache is not None:
                 cached, kv = self.prefix_cache.lookup(prompt, max_len=len(prompt) - 1)
-            if cached:
+            src, n = self._running_prefix(prompt, running)
+            if n > cached:
+                runner.copy(src, slots[k], n)
+                cached = n
+            elif cached:
                 runner.write(slots[k], kv)
             start[k] = cached
         donor: dict[int, tuple[int, int]] = {}   # follower -> (first prompt of its run, shared tokens)
@@ -255,6 +263,21 @@ class TorchEngine:
                 runner.copy(slots[src], slots[k], len(q.prompt))
             q.length = len(q.prompt)
         return torch.stack([logits[leader[tuple(q.prompt)]] for q in seqs])
+
+    @staticmethod
+    def _running_prefix(prompt: list[int], running: list[tuple[int, Sequence]], least: int = 16) -> tuple[int, int]:
+        """(slot, length) of the running sequence whose fed tokens share the longest prefix with
+        `prompt` (at most len(prompt) - 1, at least `least` tokens); (-1, 0) when none does."""
+        best, best_n = -1, 0
+        limit = len(prompt) - 1
+        for j, q in running:
+            if q.length <= max(best_n, least - 1) or q.prompt[:least] != prompt[:least]:
+                continue
+            fed = q.prompt + q.ids[:q.length - len(q.prompt)]
+            n = next((i for i, (a, b) in enumerate(zip(fed, prompt[:limit])) if a != b), min(len(fed), limit))
+            if n > best_n and n >= least:
+                best, best_n = j, n
+        return best, best_n
 
     def _prefill_slots(self, start: dict[int, int], seqs: list[Sequence], slots: list[int]) -> dict[int, torch.Tensor]:
         """Run prompts seqs[k] from token start[k] on (the slot holds the rest), in chunks of ~2k new
