@@ -271,7 +271,8 @@ class TorchEngine:
         best, best_n = -1, 0
         limit = len(prompt) - 1
         for j, q in running:
-            if q.length <= max(best_n, least - 1) or q.prompt[:least] != prompt[:least]:
+            head = min(least, len(q.prompt))
+            if q.length <= max(best_n, least - 1) or q.prompt[:head] != prompt[:head]:
                 continue
             fed = q.prompt + q.ids[:q.length - len(q.prompt)]
             n = next((i for i, (a, b) in enumerate(zip(fed, prompt[:limit])) if a != b), min(len(fed), limit))
