@@ -474,3 +474,15 @@ def test_tree_steps_keep_the_continuous_batch_full():
                            tau_suffix=0.3)
     assert budget.extra["latr/pruned"] > 0 and all(len(g) == 4 for g in groups)
     assert _full_until_drained(engine.in_use, 4)
+
+
+def test_a_steps_rollout_calls_sum_into_one_budget():
+    """Refill rounds add up: counts are summed and the ratios come from the sums, not summed ratios."""
+    from forkrl.rollout import RolloutBudget
+    total = RolloutBudget(trajectories=8, decoded_tokens=80, prefilled_tokens=40, steps=20, extra={"arpo/branches": 2})
+    total.add(RolloutBudget(trajectories=2, decoded_tokens=40, prefilled_tokens=0, steps=10, extra={"arpo/branches": 1}))
+    m = total.metrics()
+    assert m["sampler/tokens_per_trajectory"] == (120 + 40) / 10
+    assert m["sampler/mean_batch_rows"] == 120 / 30
+    assert m["sampler/arpo/branches"] == 3 and m["sampler/trajectories"] == 10
+    assert "sampler/mean_batch_rows" not in RolloutBudget(trajectories=1, decoded_tokens=5).metrics()

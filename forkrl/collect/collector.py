@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from forkrl.registry import GATES, REWARD_TERMS
 from forkrl.rollout import GenerationRequest, SamplingParams, build_local_engine
-from forkrl.rollout.samplers import SamplerContext, build_sampler, run_sampler
+from forkrl.rollout.samplers import RolloutBudget, SamplerContext, build_sampler, run_sampler
 from forkrl.types import PolicyFeedback, RolloutBatch, Sample, Trajectory
 
 
@@ -176,7 +176,7 @@ class Collector:
         self._epoch_order: tuple[tuple[int, int] | None, list[int]] = (None, [])
         self._round = 0
         self._generated: list[Trajectory] = []
-        self._budget: dict[str, float] = {}
+        self._budget = RolloutBudget()
         self._scoring_seconds = 0.0
         self._groups_wanted: int | None = None
         self._gate_metrics: dict = {}
@@ -186,7 +186,7 @@ class Collector:
         t0 = time.perf_counter()
         self.engine.stats.decode_tokens = 0
         sync0 = self.engine.stats.sync_seconds
-        self._scoring_seconds, self._budget, self._generated, self._round = 0.0, {}, [], 0
+        self._scoring_seconds, self._budget, self._generated, self._round = 0.0, RolloutBudget(), [], 0
         # a step reuses only the prefixes it computed itself: what evaluation left in the cache must not
         # change training (nor differ between a resumed run and one that never stopped)
         self.engine.weights_updated()
@@ -195,7 +195,7 @@ class Collector:
         groups, stats = self._first_round(step)
         trajs = [t for g in groups for t in g]
         t_sample = time.perf_counter() - t0 - self._scoring_seconds
-        metrics = {**stats, **self._budget, "time/sampling_s": t_sample, "time/scoring_s": self._scoring_seconds,
+        metrics = {**stats, **self._budget.metrics(), "time/sampling_s": t_sample, "time/scoring_s": self._scoring_seconds,
                    # copying the updated weights into the engine's sampling weights (part of sampling_s)
                    "time/weight_sync_s": self.engine.stats.sync_seconds - sync0}
         return RolloutBatch(trajs, self._generated, metrics, self.engine.stats.decode_tokens)
@@ -298,8 +298,7 @@ class Collector:
         ctx = SamplerContext(env=self.env, tokenizer=self.tokenizer, version=self.version, step=self.version + 1,
                              samples=samples, groups=self._groups_wanted or len(samples))
         groups, budget = run_sampler(self.sampler, self.engine, prompt_ids, params, seed, ctx)
-        for k, v in budget.metrics().items():  # summed over the step's rollout calls (refills)
-            self._budget[k] = self._budget.get(k, 0.0) + v
+        self._budget.add(budget)  # summed over the step's rollout calls (refills); ratios from the sums
         out = []
         for j, members in enumerate(groups):
             s = members[0].sample if members and members[0].sample is not None else samples[j]

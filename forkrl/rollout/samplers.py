@@ -50,8 +50,17 @@ class RolloutBudget:
     cached_tokens: int = 0
     env_tokens: int = 0          # tool results inserted into the trajectories (each counted where it was inserted)
     tool_calls: int = 0
+    steps: int = 0               # decode steps of the engine's continuous batch (0: an engine that does not count them)
     seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, other: RolloutBudget) -> None:
+        """Sum another call's spending into this one (a step's refill rounds)."""
+        for f in ("trajectories", "branch_points", "decoded_tokens", "prefilled_tokens", "cached_tokens",
+                  "env_tokens", "tool_calls", "steps", "seconds"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        for k, v in other.extra.items():
+            self.extra[k] = self.extra.get(k, 0.0) + v
 
     def metrics(self, prefix: str = "sampler/") -> dict[str, float]:
         n = max(self.trajectories, 1)
@@ -63,6 +72,8 @@ class RolloutBudget:
                f"{prefix}policy_tokens": float(self.decoded_tokens), f"{prefix}env_tokens": float(self.env_tokens),
                "time/sampler_s": self.seconds,
                f"{prefix}tokens_per_trajectory": (self.decoded_tokens + self.prefilled_tokens) / n}
+        if self.steps:
+            out[f"{prefix}mean_batch_rows"] = self.decoded_tokens / self.steps
         out.update({f"{prefix}{k}": v for k, v in self.extra.items()})
         return out
 
@@ -77,7 +88,7 @@ def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParam
                 ctx: SamplerContext | None = None) -> tuple[list[list[Trajectory]], RolloutBudget]:
     """Calls `sampler.sample` and measures what it spent through the engine's counters."""
     ctx = ctx or SamplerContext()
-    s0 = (engine.stats.decode_tokens, engine.stats.prefill_tokens, engine.stats.cached_tokens)
+    s0 = (engine.stats.decode_tokens, engine.stats.prefill_tokens, engine.stats.cached_tokens, engine.stats.steps)
     start = time.perf_counter()
     groups, extra = sampler.sample(engine, prompts, params, seed, ctx)
     trajs = [t for g in groups for t in g]
@@ -86,7 +97,7 @@ def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParam
                            prefilled_tokens=engine.stats.prefill_tokens - s0[1],
                            cached_tokens=engine.stats.cached_tokens - s0[2],
                            env_tokens=sum(env_tokens(t) for t in trajs),
-                           tool_calls=sum(len(t.tool_calls) for t in trajs),
+                           tool_calls=sum(len(t.tool_calls) for t in trajs), steps=engine.stats.steps - s0[3],
                            seconds=time.perf_counter() - start, extra=extra)
     return groups, budget
 
