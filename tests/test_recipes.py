@@ -17,6 +17,7 @@ METHOD_METRIC = {
     "clip_cov": "cov/candidates", "kl_cov": "ppo_kl_abs", "forking_tokens": "train/selected_token_frac",
     "entropy_target": "policy/entropy", "tools_quickstart": "tools/use_frac", "tools_search": "tools/use_frac",
     "grpo_roc": "roc/pool", "sft_tools": "sft/nll", "arpo": "sampler/arpo/branches", "latr": "sampler/latr/eta",
+    "arpo_long": "sampler/arpo/branches", "latr_long": "sampler/latr/eta",
     "april": "sampler/april/returned_groups", "dars": "dars/extra_rollouts", "brorl": "sampler/broad/prefill_shared_tokens",
     "etmr": "sampler/etmr/leaves", "aepo": "sampler/aepo/global_per_prompt",
     "agent_single_call": "sampler/episodes", "agent_two_step": "sampler/episodes", "ppo": "critic/vf_explained_var",
