@@ -147,3 +147,24 @@ def test_a_packed_token_cannot_see_another_sequence(tiny):
     others = [0, 2, 3]
     assert torch.equal(before[others], after[others])
     assert not torch.equal(before[1], after[1])
+
+
+def test_the_trainers_gradient_checkpointing_is_on_in_the_learner(tmp_path):
+    """`train.gradient_checkpointing` must reach the learner's forward: transformers recomputes layers
+    only in training mode, and a loaded model is in eval mode (the option was silently off). Dropout
+    stays off, so the forward is the sampled policy's."""
+    from forkrl.train import Trainer
+    from tests.test_trainer import _cfg
+    saved = {}
+    for ckpt in (False, True):
+        (tmp_path / str(ckpt)).mkdir()
+        trainer = Trainer(_cfg(tmp_path / str(ckpt), train={"steps": 1, "gradient_checkpointing": ckpt}))
+        model = trainer.model
+        batch = _batch(model, trainer.tokenizer)
+        saved[ckpt] = saved_bytes(model, batch)
+        if ckpt:
+            assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+            with torch.no_grad():
+                twice = [response_logprobs(model, batch)[0] for _ in range(2)]
+            assert torch.equal(twice[0], twice[1])   # no dropout in training mode
+    assert saved[True] < saved[False] / 3, saved

@@ -136,6 +136,15 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers recomputes a layer only in training mode (from_pretrained returns eval mode, and
+            # checkpointing was then silently off); dropout stays off, so the learner's log-probs are the
+            # sampled policy's
+            model.train()
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+                if isinstance(getattr(module, "attention_dropout", None), float):
+                    module.attention_dropout = 0.0
         # one process, or this rank of `forkrl train --nproc N` (torchrun): the learner is then sharded and
         # the engine samples from its own full copy of the weights, refreshed after every update
         self.dp = dp = DataParallel.from_env(cfg.train.device)
