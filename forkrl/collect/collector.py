@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 
 from forkrl.registry import GATES, REWARD_TERMS
 from forkrl.rollout import GenerationRequest, SamplingParams, build_local_engine
-from forkrl.rollout.samplers import RolloutBudget, SamplerContext, build_sampler, run_sampler
+from forkrl.rollout.samplers import (
+    RolloutBudget,
+    SamplerContext,
+    build_sampler,
+    run_sampler,
+)
 from forkrl.types import PolicyFeedback, RolloutBatch, Sample, Trajectory
 
 
