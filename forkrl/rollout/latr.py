@@ -16,13 +16,13 @@ inside a pruning window, or at `force_return_step`; every branch then finishes w
 sampling from its tree prefix.
 
 Because tree-phase chains move greedily, a chain's continuation is fixed once it is born. Every
-chain is one greedy request that runs ahead in the engine's continuous batch (`engine.stream`); a
-prompt's tree steps as far as all its chains have decoded (`stream.progress`), a fork is a new
-request from its parent's prefix (the prefix cache serves it), a pruned chain is cancelled, and when
-a prompt's tree phase ends its chains are cancelled and its members' sampling starts at once, while
-other prompts' trees still grow. On an engine without a stream each chain arrives whole (decoded to
-the horizon): the same tree, more tokens. The i.i.d. members start with the first step. Members
-record `parent` and `branch_at`.
+chain is one greedy request that runs ahead in the engine's continuous batch (`engine.stream`), and
+a prompt's tree steps as far as all its chains have decoded (`stream.progress`). A fork is a new
+request from its parent's prefix (the engine copies those states from the parent's slot); a pruned
+chain is cancelled; when a prompt's tree phase ends, its chains are cancelled and its members'
+sampling starts at once, while other prompts' trees still grow. On an engine without a stream each
+chain arrives whole (decoded to the horizon): the same tree, more tokens. The i.i.d. members start
+with the first step. Members record `parent` and `branch_at`.
 """
 from __future__ import annotations
 
