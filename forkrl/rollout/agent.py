@@ -109,17 +109,6 @@ def run_tools(env: ToolEnv, tokenizer, pending: list[tuple[Episode, list]], vers
             e.done, t.finish = True, "length"
 
 
-def advance(engine, env: ToolEnv, tokenizer, episodes: list[Episode], params: SamplingParams, seed: int,
-            version: int = 0) -> None:
-    """One turn of every live episode, in one `generate` call: generate until a tool call closes (or
-    the episode ends), run the calls, append the observations. Episodes that finish are marked done."""
-    live = [e for e in episodes if not e.done]
-    if not live:
-        return
-    outs = engine.generate([turn_request(e, env, params) for e in live], seed=seed)
-    run_tools(env, tokenizer, [(e, record_turn(e, c, env, version)) for e, (c,) in zip(live, outs)], version)
-
-
 def run_episodes(engine, env: ToolEnv, tokenizer, groups: list[list[Episode]], params: SamplingParams,
                  seed: int, version: int = 0, after_turn=None, when_drained=None) -> None:
     """Every episode of every group to its end, through one continuous batch: an episode's next turn

@@ -70,6 +70,19 @@ def _build_torch(rollout, model, tokenizer, seed: int = 0):
                               cuda_graphs=rollout.cuda_graphs)
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists (binary search over slice comparisons, which
+    run in C: this is on the admission path, against every running sequence)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @register_engine("torch", build=_build_torch)
 class TorchEngine:
     """Continuous batching over the runner's preallocated key/value cache (see the module docstring).
@@ -223,7 +236,7 @@ class TorchEngine:
             cached, kv = (0, None)
             if self.prefix_cache is not None:
                 cached, kv = self.prefix_cache.lookup(prompt, max_len=len(prompt) - 1)
-            src, n = self._running_prefix(prompt, running)
+            src, n = self._running_prefix(prompt, running, least=max(16, cached + 1))
             if n > cached:
                 runner.copy(src, slots[k], n)
                 cached = n
@@ -236,7 +249,7 @@ class TorchEngine:
         root, run = None, 0
         for prev, k in itertools.pairwise(ordered):
             a, b = seqs[prev].prompt, seqs[k].prompt
-            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            n = shared_prefix(a, b)
             if root is not None and min(run, n) >= block:
                 run = min(run, n)
             elif prev not in donor:       # a donor must be prefilled before its followers
@@ -265,20 +278,17 @@ class TorchEngine:
         return torch.stack([logits[leader[tuple(q.prompt)]] for q in seqs])
 
     @staticmethod
-    def _running_prefix(prompt: list[int], running: list[tuple[int, Sequence]], least: int = 16) -> tuple[int, int]:
+    def _running_prefix(prompt: list[int], running: list[tuple[int, Sequence]], least: int) -> tuple[int, int]:
         """(slot, length) of the running sequence whose fed tokens share the longest prefix with
         `prompt` (at most len(prompt) - 1, at least `least` tokens); (-1, 0) when none does."""
-        best, best_n = -1, 0
-        limit = len(prompt) - 1
+        best, best_n = -1, least - 1
         for j, q in running:
-            head = min(least, len(q.prompt))
-            if q.length <= max(best_n, least - 1) or q.prompt[:head] != prompt[:head]:
+            if q.length <= best_n:
                 continue
-            fed = q.prompt + q.ids[:q.length - len(q.prompt)]
-            n = next((i for i, (a, b) in enumerate(zip(fed, prompt[:limit])) if a != b), min(len(fed), limit))
-            if n > best_n and n >= least:
+            n = shared_prefix((q.prompt + q.ids)[:q.length], prompt[:-1])
+            if n > best_n:
                 best, best_n = j, n
-        return best, best_n
+        return (best, best_n) if best >= 0 else (-1, 0)
 
     def _prefill_slots(self, start: dict[int, int], seqs: list[Sequence], slots: list[int]) -> dict[int, torch.Tensor]:
         """Run prompts seqs[k] from token start[k] on (the slot holds the rest), in chunks of ~2k new
