@@ -46,6 +46,11 @@ def segment_entropy(entropies: list[float], k: int, vocab_size: int,
     return sum(values) / math.log(vocab_size)
 
 
+def global_fill_in(group: list[Episode], M: int) -> list[Episode]:
+    """Every path of a prompt ended with slots free: one fresh trajectory from the prompt (§2 step 6)."""
+    return [new_episode(group[0].traj.prompt_ids)] if len(group) < M else []
+
+
 def assemble(groups: list[list[Episode]], parents: dict[int, Episode], M: int) -> list[list]:
     """The first M episodes of each group as trajectories, with `parent` as an index into the group
     (a branch whose parent did not make the cut becomes a root)."""
@@ -111,11 +116,10 @@ class ARPOSampler:
             count["branches"] += len(children)
             return children
 
-        def when_drained(i: int) -> list[Episode]:   # global fill-in: every path ended with slots free
-            if len(groups[i]) >= M:
-                return []
-            count["fills"] += 1
-            return [new_episode(groups[i][0].traj.prompt_ids)]
+        def when_drained(i: int) -> list[Episode]:
+            fresh = global_fill_in(groups[i], M)
+            count["fills"] += len(fresh)
+            return fresh
 
         run_episodes(engine, ctx.env, ctx.tokenizer, groups, params, seed, ctx.version, after_turn, when_drained)
         out = assemble(groups, parents, M)
@@ -201,10 +205,9 @@ class AEPOSampler(ARPOSampler):
             return children
 
         def when_drained(i: int) -> list[Episode]:
-            if len(groups[i]) >= M:
-                return []
-            count["fills"] += 1
-            return [new_episode(groups[i][0].traj.prompt_ids)]
+            fresh = global_fill_in(groups[i], M)
+            count["fills"] += len(fresh)
+            return fresh
 
         run_episodes(engine, ctx.env, ctx.tokenizer, groups, params, seed, ctx.version, after_turn, when_drained)
         planned = [p if p is not None else 1 for p in planned]
