@@ -37,11 +37,22 @@ class ModelConfig(Section):
     # with LoRA, what the run exports: merged (OUTPUT/final, a plain model), adapter (OUTPUT/adapter, for
     # peft's PeftModel.from_pretrained on the base model) or both
     export: Literal["merged", "adapter", "both"] = "merged"
+    # several LoRA adapters on the one base model, each with model.lora's options (MARFT's agents: one
+    # adapter per agent, algorithms.md §19); a trajectory names the adapter that sampled it
+    adapters: list[str] | None = None
 
     @model_validator(mode="after")
     def _adapters_need_lora(self):
+        if self.adapters is not None and not self.lora:
+            raise ValueError("model.adapters names LoRA adapters, but model.lora (their options) is not set")
         if self.export != "merged" and not self.lora:
             raise ValueError(f"model.export={self.export!r} exports LoRA adapters, but model.lora is not set")
+        if self.adapters is not None:
+            if not self.adapters or len(set(self.adapters)) != len(self.adapters):
+                raise ValueError(f"model.adapters must name distinct adapters, got {self.adapters}")
+            if self.export != "adapter":
+                raise ValueError(f"model.export={self.export!r}: a model with several adapters has no single merged "
+                                 "form; use model.export: adapter")
         return self
 
 
@@ -239,6 +250,9 @@ class CriticConfig(Section):
     huber_delta: float | None = Field(None, gt=0)  # MARFT's Huber error (delta 10) in place of the square
     warmup_steps: int = Field(0, ge=0)             # the first steps train the critic only
     grad_clip: float | None = Field(1.0, gt=0)
+    # where the critic is read and trained: token (a value per generated token, PPO and MARFT-T) or action
+    # (one value per response, at its first token: MARFT-A's critic per (step, agent position))
+    level: Literal["token", "action"] = "token"
 
 
 class AlgoConfig(Section):
@@ -497,9 +511,13 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _methods_fit_the_run(self):
-        """Each gate's and reward term's own `check` hook, with the whole config: a combination that
-        cannot work is refused here, naming both sides."""
-        from forkrl.registry import GATES, REWARD_TERMS
+        """Each gate's, reward term's and the sampler's own `check` hook, with the whole config: a
+        combination that cannot work is refused here, naming both sides."""
+        from forkrl.registry import GATES, REWARD_TERMS, SAMPLERS
+        check = SAMPLERS.hook(self.rollout.sampler, "check")
+        problem = check(self, **self.rollout.sampler_params) if check is not None else None
+        if problem:
+            raise ValueError(f"rollout.sampler ({self.rollout.sampler}): {problem}")
         for registry, entries, where in ((GATES, self.rollout.gates, "rollout.gates"),
                                          (REWARD_TERMS, self.task.reward_terms, "task.reward_terms")):
             for i, entry in enumerate(entries):

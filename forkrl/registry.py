@@ -37,6 +37,10 @@ LEARNER_ARGUMENTS = frozenset({
     "values",     # [B, T] the critic's values of the states before each generated token (algo.critic)
     "returns",    # [B, T] the critic's targets: lambda-returns by GAE (algo.critic.gamma, lam)
     "steps",      # [B, 3] step-level samples of episodes: episode id, step index, matched (UI-S1)
+    "value_mask", # [B, T] where the critic reads and trains (every generated token, or each row's first)
+    "words",      # [B] words of each row's generated text (MARFT's action log-prob by words)
+    "adapter",    # [B] index of each row's LoRA adapter (model.adapters), None without adapters
+    "step",       # the training step (1-based)
 })
 
 

@@ -55,6 +55,9 @@ class GenerationRequest:
     # keep the key/value states of each finished sequence (prompt + completion) in the engine's prefix
     # cache, for a later request that continues it (a turn after a tool result, a branch)
     keep_kv: bool = False
+    # the LoRA adapter to sample with (model.adapters: MARFT's agents); None: the model as it is. One
+    # engine call or stream runs one adapter at a time
+    adapter: str | None = None
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Trajectory:
     source: str = "policy"          # policy | replay (self-imitation, own loss term) | stats_only (advantage
                                     # statistics only, not trained)
     episode_step: EpisodeStep | None = None  # a step-level sample of a multi-step episode
+    adapter: str | None = None      # the LoRA adapter that sampled it and trains on it (model.adapters)
 
     @property
     def num_generated(self) -> int:
@@ -175,7 +179,8 @@ class EngineStats:
 
 # sampling features an engine may offer; a recipe that needs one the engine lacks is refused when the
 # engine is built (forkrl.rollout.build_engine)
-ENGINE_FEATURES = frozenset({"exact_entropy", "adaptive_temperature", "stop_when", "prefix_cache", "top_logprobs"})
+ENGINE_FEATURES = frozenset({"exact_entropy", "adaptive_temperature", "stop_when", "prefix_cache", "top_logprobs",
+                             "adapters"})
 
 
 @runtime_checkable

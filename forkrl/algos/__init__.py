@@ -5,6 +5,7 @@ ground floor's registry).
 - entropy_losses: losses that restrict the tokens driving entropy collapse (Clip-Cov, KL-Cov)
 - losses: log-probs, advantages, masks -> scalar loss and metrics; aggregation modes; KL estimators
 - values: a learned critic's formulas (GAE, the clipped value loss, explained variance)
+- marft: MARFT's action log-prob, action-level PPO and agent-by-agent selection
 - selection: which samples train (DAPO dynamic sampling), which tokens train (forking tokens), and
   reward shaping (DAPO overlong)
 """
@@ -12,6 +13,7 @@ from forkrl.algos import (  # noqa: F401  (registers the methods)
     advantages,
     entropy_losses,
     losses,
+    marft,
     selection,
     tree_advantages,
     values,

@@ -42,6 +42,50 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
     return adv.float(), returns.float()
 
 
+def episode_gae(rewards: Tensor, values: Tensor, mask: Tensor, episodes: Tensor | None, *, gamma: float = 1.0,
+                lam: float = 1.0) -> tuple[Tensor, Tensor]:
+    """`gae` where the rows of one episode form one sequence, [B, T] each in and out.
+
+    `episodes` [B, 2+] holds each row's (episode id, step index): the rows of an episode are chained
+    in step order, each row's masked positions in order, so the last position of a row is followed
+    by the first of the next. That is MARFT's flattened (step, agent) sequence (§19): with one value
+    per row (its first token), delta_{t,k} = r_{t,k} + gamma V_{t,k+1} - V_{t,k}, and agent K of step t
+    is followed by agent 1 of step t + 1; with a value per token it is MARFT-T's chain of per-token
+    GAE across agents. A row with episode id -1 (or `episodes` None) is a sequence of its own."""
+    if episodes is None or bool((episodes[:, 0] < 0).all()):
+        return gae(rewards, values, mask, gamma=gamma, lam=lam)
+    m = mask > 0
+    chains: dict[int, list[int]] = {}
+    for b, (e, i) in enumerate(episodes[:, :2].tolist()):
+        chains.setdefault(e if e >= 0 else -1 - b, []).append(b)
+    order = [sorted(rows, key=lambda b: int(episodes[b, 1])) for rows in chains.values()]
+    where = [[(b, t) for b in rows for t in m[b].nonzero().flatten().tolist()] for rows in order]
+    T = max((len(w) for w in where), default=1) or 1
+    flat_r, flat_v, flat_m = (torch.zeros(len(where), T) for _ in range(3))
+    for c, w in enumerate(where):
+        if w:
+            rows, cols = zip(*w)
+            flat_r[c, :len(w)], flat_v[c, :len(w)] = rewards[rows, cols], values[rows, cols]
+            flat_m[c, :len(w)] = 1
+    flat_adv, flat_ret = gae(flat_r, flat_v, flat_m, gamma=gamma, lam=lam)
+    adv, ret = torch.zeros(rewards.shape), torch.zeros(rewards.shape)
+    for c, w in enumerate(where):
+        if w:
+            rows, cols = zip(*w)
+            adv[rows, cols], ret[rows, cols] = flat_adv[c, :len(w)], flat_ret[c, :len(w)]
+    return adv, ret
+
+
+def first_token_mask(mask: Tensor) -> Tensor:
+    """[B, T]: 1 on each row's first masked position (where an action-level critic reads the state
+    before the response), 0 elsewhere."""
+    m = mask > 0
+    out = torch.zeros(m.shape, dtype=torch.float32)
+    has = m.any(-1)
+    out[has, m.float().argmax(-1)[has]] = 1.0
+    return out
+
+
 def outcome_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
     """[B, T]: each row's scalar reward on its last masked token (the outcome arrives when the
     response ends), zero elsewhere."""
@@ -66,19 +110,26 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 
 @register_advantage("gae")
 def gae_advantage(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, values: Tensor, returns: Tensor,
-                  whiten: bool = True) -> tuple[Tensor, dict]:
-    """PPO's advantage from a learned critic: A_t = R_t - V_t, the GAE of `gae` (R the lambda-return the
+                  value_mask: Tensor | None = None, whiten: bool = True) -> tuple[Tensor, dict]:
+    """PPO's advantage from a learned critic: A = R - V, the GAE of `gae` (R the lambda-return the
     critic computed with its `algo.critic.gamma` and `lam`, V its values before the update), whitened
-    over the batch's generated tokens as verl does (`whiten=False` keeps the raw scale). Groups play
-    no part: the critic is the baseline."""
-    m = mask > 0
-    adv = torch.where(m, returns - values, torch.zeros_like(values))
-    raw = adv[m]
+    over the positions the critic reads (`value_mask`: every generated token by default, as verl; one
+    per response for an action-level critic, MARFT's normalisation over its nonzero entries;
+    `whiten=False` keeps the raw scale). Each generated token then takes the advantage of the latest
+    critic position at or before it, so an action-level advantage covers its whole response. Groups
+    play no part: the critic is the baseline."""
+    vm = (mask if value_mask is None else value_mask) > 0
+    adv = torch.where(vm, returns - values, torch.zeros_like(values))
+    raw = adv[vm]
     if whiten:
-        adv = masked_whiten(adv, mask)
-    metrics = {"adv/mean": float(adv[m].mean()) if m.any() else 0.0,
-               "adv/abs_mean": float(adv[m].abs().mean()) if m.any() else 0.0,
-               "adv/raw_mean": float(raw.mean()) if m.any() else 0.0}
+        adv = masked_whiten(adv, vm.float())
+    if value_mask is not None:
+        pos = torch.arange(vm.shape[1]).expand_as(vm)
+        latest = torch.where(vm, pos, torch.full_like(pos, -1)).cummax(-1).values
+        adv = torch.where((latest >= 0) & (mask > 0), adv.gather(-1, latest.clamp(min=0)), torch.zeros_like(adv))
+    metrics = {"adv/mean": float(adv[vm].mean()) if vm.any() else 0.0,
+               "adv/abs_mean": float(adv[vm].abs().mean()) if vm.any() else 0.0,
+               "adv/raw_mean": float(raw.mean()) if vm.any() else 0.0}
     return adv, metrics
 
 

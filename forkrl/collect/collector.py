@@ -185,6 +185,7 @@ class Collector:
         self._scoring_seconds = 0.0
         self._groups_wanted: int | None = None
         self._gate_metrics: dict = {}
+        self._term_metrics: dict[str, tuple[float, int]] = {}  # reward terms' metrics this step: (weighted sum, count)
 
     # -- the source interface ---------------------------------------------------------------------
     def next_batch(self, step: int) -> RolloutBatch:
@@ -192,6 +193,7 @@ class Collector:
         self.engine.stats.decode_tokens = 0
         sync0 = self.engine.stats.sync_seconds
         self._scoring_seconds, self._budget, self._generated, self._round = 0.0, RolloutBudget(), [], 0
+        self._term_metrics = {}
         # a step reuses only the prefixes it computed itself: what evaluation left in the cache must not
         # change training (nor differ between a resumed run and one that never stopped)
         self.engine.weights_updated()
@@ -201,6 +203,7 @@ class Collector:
         trajs = [t for g in groups for t in g]
         t_sample = time.perf_counter() - t0 - self._scoring_seconds
         metrics = {**stats, **self._budget.metrics(), "time/sampling_s": t_sample, "time/scoring_s": self._scoring_seconds,
+                   **{k: v / max(n, 1) for k, (v, n) in self._term_metrics.items()},
                    # copying the updated weights into the engine's sampling weights (part of sampling_s)
                    "time/weight_sync_s": self.engine.stats.sync_seconds - sync0}
         return RolloutBatch(trajs, self._generated, metrics, self.engine.stats.decode_tokens)
@@ -325,6 +328,8 @@ class Collector:
             t.correct = correct[i]
         ctx = self.context(step)
         for (term, params), state in zip(self.terms, self.term_state):
-            term(trajs, dataclasses.replace(ctx, state=state), **params)
+            for k, v in (term(trajs, dataclasses.replace(ctx, state=state), **params) or {}).items():
+                total_, n = self._term_metrics.get(k, (0.0, 0))  # a mean over the step's scored trajectories
+                self._term_metrics[k] = (total_ + v * len(trajs), n + len(trajs))
         self._scoring_seconds += time.perf_counter() - start
 

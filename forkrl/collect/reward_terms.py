@@ -101,3 +101,30 @@ def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size
                           "router_cost": cost, "router_cost_reward": r_cost})
         t.reward = total_reward(problem is None, answer is not None, outcome, r_cost, alpha)
     return {}
+
+
+@register_reward_term("team_reward")
+def team_reward(trajs, ctx) -> dict:
+    """MARFT's rewards (algorithms.md §19): the environment's reward of an episode goes to its last
+    step (the last agent of the profile) and every earlier step gets 0; every step of the episode
+    counts as correct when the last one is. `t.rewards["team_reward"]` holds the episode's reward.
+    Metrics: `marft/team_reward`, the mean episode reward, and `marft/team_accuracy`."""
+    episodes: dict[tuple[str, str], list] = {}
+    for t in trajs:
+        if t.episode_step is None:
+            raise ValueError("team_reward shares an episode's reward among its steps, but a trajectory is not a step "
+                             "of an episode (use it with rollout.sampler: marft)")
+        episodes.setdefault((t.group, t.episode_step.episode), []).append(t)
+    rewards, correct = [], []
+    for steps in episodes.values():
+        last = max(steps, key=lambda t: t.episode_step.index)
+        rewards.append(last.reward)
+        correct.append(last.correct)
+        for t in steps:
+            t.rewards["team_reward"] = last.reward
+            t.correct = last.correct
+            if t is not last:
+                t.reward = 0.0
+    if not rewards:
+        return {}
+    return {"marft/team_reward": sum(rewards) / len(rewards), "marft/team_accuracy": sum(correct) / len(correct)}

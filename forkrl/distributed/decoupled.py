@@ -129,7 +129,8 @@ class RolloutWorker:
         rc.rollout.prompts_per_step = unit_groups
         self.delay = rc.distributed.simulated_token_delay_s
         seed_everything(rc.seed)
-        self.model, tokenizer = load_policy(rc.model.name, dtype=rc.model.dtype, lora=rc.model.lora, seed=rc.seed)
+        self.model, tokenizer = load_policy(rc.model.name, dtype=rc.model.dtype, lora=rc.model.lora, seed=rc.seed,
+                                           adapters=rc.model.adapters)
         engine = build_engine(rc.rollout, self.model, tokenizer, seed=rc.seed)
         env = build_env(rc, self.model, tokenizer, seed_of_call=lambda: self.collector.version)
         self.collector = Collector(rc, task=build_task(rc.task, seed=rc.seed), engine=engine, tokenizer=tokenizer,
@@ -298,7 +299,8 @@ class LearnerActor:
         _threads(rc.distributed.learner_cpus)
         rc.log.progress = False  # a bar redrawn with \r does not travel through Ray's log lines: one line per step instead
         seed_everything(rc.seed)
-        model, tokenizer = load_policy(rc.model.name, dtype=rc.model.dtype, lora=rc.model.lora, seed=rc.seed)
+        model, tokenizer = load_policy(rc.model.name, dtype=rc.model.dtype, lora=rc.model.lora, seed=rc.seed,
+                                           adapters=rc.model.adapters)
         self.rollouts = RayRollouts(rc, ledger, workers, policy_weights=lambda: trainable_state(model))
         self.trainer = Trainer(rc, model=model, tokenizer=tokenizer, source=self.rollouts)
         self.trainer.loop.on_step.append(_log_step)

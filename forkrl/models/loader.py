@@ -150,11 +150,13 @@ def random_model(model_type: str, *, seed: int = 0, device=None, **config):
 
 
 def load_policy(spec: str = EMBEDDED_MODEL, *, dtype: str = "float32", lora: dict | None = None,
-                seed: int = 0):
+                seed: int = 0, adapters: list[str] | None = None):
     """Return (model, tokenizer) for a spec (see the module docstring).
 
     dtype: float32 | bfloat16 | float16. lora: keyword arguments of `peft.LoraConfig`
     (e.g. {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}); only adapters then train.
+    adapters: names of several LoRA adapters, each with `lora`'s options (MARFT's agents,
+    `forkrl.models.adapters`); without it, one adapter named "default".
     """
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +174,11 @@ def load_policy(spec: str = EMBEDDED_MODEL, *, dtype: str = "float32", lora: dic
             from peft import LoraConfig, get_peft_model
         except ImportError as e:  # pragma: no cover - peft is a core dependency
             raise ImportError("LoRA needs peft: pip install peft") from e
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        if adapters:
+            from forkrl.models.adapters import add_adapters
+            model = add_adapters(model, list(adapters), lora)
+        else:
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     return model, tokenizer
 
 

@@ -1,7 +1,7 @@
 """Generation: engines that sample tokens with log-probs and entropies, the samplers that decide where
 the sampling budget goes, and the data objects they fill."""
 from forkrl.registry import ENGINES, SAMPLERS
-from forkrl.rollout import april, arpo, etmr, latr, semi_online, vllm_engine  # noqa: F401  (registers samplers and engines)
+from forkrl.rollout import april, arpo, etmr, latr, marft, semi_online, vllm_engine  # noqa: F401  (registers samplers and engines)
 from forkrl.rollout.engine import HFEngine, TorchEngine, build_local_engine, sample_next
 from forkrl.rollout.samplers import (
     RolloutBudget,

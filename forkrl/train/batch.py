@@ -2,6 +2,7 @@
 and which tokens several tree branches share (`token_origin`, `first_occurrence`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,23 @@ class PackedBatch:
     # [B, 3] step-level samples of multi-step episodes (Trajectory.episode_step): episode id (unique in
     # the batch; -1 for a trajectory that is not a step), step index, matched (1/0); None when no row is
     episode_steps: Tensor | None = None
+    # [B, L] the positions a learned critic is read at and trained on (algo.critic.level: every generated
+    # token, or each row's first); set with old_values
+    value_mask: Tensor | None = None
+    # [B] index into `adapter_names` of the LoRA adapter each row trains (model.adapters); None when no row names one
+    adapter: Tensor | None = None
+    adapter_names: tuple[str, ...] = ()
+    # [B] words of each row's generated text (MARFT's action log-prob normalisation by words)
+    words: Tensor | None = None
+
+    def adapter_of(self) -> str | None:
+        """The one adapter every row of this (micro-)batch trains; None when rows name none."""
+        if self.adapter is None:
+            return None
+        used = torch.unique(self.adapter).tolist()
+        if len(used) != 1:
+            raise ValueError(f"a micro-batch runs one adapter; these rows name {[self.adapter_names[i] for i in used]}")
+        return self.adapter_names[used[0]]
 
     def __post_init__(self):
         if self.train_mask is None:
@@ -73,7 +91,10 @@ class PackedBatch:
                            None if self.old_values is None else self.old_values[idx, :L],
                            None if self.returns is None else self.returns[idx, :L],
                            None if self.seconds is None else self.seconds[idx],
-                           None if self.episode_steps is None else self.episode_steps[idx])
+                           None if self.episode_steps is None else self.episode_steps[idx],
+                           None if self.value_mask is None else self.value_mask[idx, :L],
+                           None if self.adapter is None else self.adapter[idx], self.adapter_names,
+                           None if self.words is None else self.words[idx])
 
 
 def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
@@ -113,7 +134,19 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
         torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool),
         token_origin=token_origin(trajectories, L),
         seconds=torch.tensor([sum(c.seconds for c in t.tool_calls) for t in trajectories], dtype=torch.float64),
-        episode_steps=episode_steps(trajectories))
+        episode_steps=episode_steps(trajectories), **adapters(trajectories),
+        words=torch.tensor([len(t.text.split()) for t in trajectories], dtype=torch.float32))
+
+
+def adapters(trajectories: list[Trajectory]) -> dict:
+    """`adapter` and `adapter_names` of the packed batch (names in order of first appearance)."""
+    if all(t.adapter is None for t in trajectories):
+        return {}
+    if any(t.adapter is None for t in trajectories):
+        raise ValueError("a batch mixes rows that name a LoRA adapter with rows that do not")
+    names: dict[str, int] = {}
+    index = [names.setdefault(t.adapter, len(names)) for t in trajectories]
+    return {"adapter": torch.tensor(index, dtype=torch.long), "adapter_names": tuple(names)}
 
 
 def episode_steps(trajectories: list[Trajectory]) -> Tensor | None:
@@ -169,7 +202,12 @@ def first_occurrence(origin: Tensor) -> Tensor:
 def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int) -> list[Tensor]:
     """Split `rows` (in order) into micro-batches of at most `max_rows` sequences and about `max_tokens`
     tokens: each distinct prompt once plus every response (what `pack_rows` runs; a single longer row
-    goes alone)."""
+    goes alone). Rows of different LoRA adapters never share a micro-batch: with adapters, `rows` are
+    taken adapter by adapter (in order within each)."""
+    if batch.adapter is not None:
+        return [m for a in torch.unique(batch.adapter[rows]).tolist()
+                for m in micro_batches(dataclasses.replace(batch, adapter=None), rows[batch.adapter[rows] == a],
+                                       max_rows, max_tokens)]
     prompt_len = batch.prompt_mask.sum(-1).tolist()
     pos = torch.arange(1, batch.loss_mask.shape[1] + 1)
     resp_len = ((batch.loss_mask > 0) * pos).max(-1).values.tolist()

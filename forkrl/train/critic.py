@@ -16,8 +16,9 @@ from torch import Tensor
 
 from forkrl.algos.losses import AggNorm
 from forkrl.algos.values import (
+    episode_gae,
     explained_variance,
-    gae,
+    first_token_mask,
     outcome_token_rewards,
     value_loss,
 )
@@ -47,22 +48,25 @@ class Critic:
         return out
 
     def annotate(self, batch: PackedBatch, max_rows: int = 16, max_tokens: int = 4096) -> tuple[PackedBatch, dict]:
-        """The batch with `old_values` and `returns` (GAE's lambda-returns of the outcome reward on each
-        row's last generated token, over its generated tokens), and the critic's batch metrics."""
-        values = self.values(batch, max_rows, max_tokens)
-        _, returns = gae(outcome_token_rewards(batch.rewards, batch.loss_mask), values, batch.loss_mask,
-                         gamma=self.cfg.gamma, lam=self.cfg.lam)
-        batch.old_values, batch.returns = values, returns
-        m = batch.loss_mask > 0
+        """The batch with `value_mask` (where the critic reads: every generated token, or with
+        `level: action` each row's first), `old_values` there and `returns`: GAE's lambda-returns of
+        each row's reward, placed on its last read position, over the rows of its episode chained in
+        step order (`episode_gae`; a row outside an episode is its own). The critic's batch metrics."""
+        mask = batch.loss_mask if self.cfg.level == "token" else first_token_mask(batch.loss_mask)
+        values = self.values(batch, max_rows, max_tokens) * mask
+        _, returns = episode_gae(outcome_token_rewards(batch.rewards, mask), values, mask, batch.episode_steps,
+                                 gamma=self.cfg.gamma, lam=self.cfg.lam)
+        batch.old_values, batch.returns, batch.value_mask = values, returns, mask
+        m = mask > 0
         metrics = {"critic/values/mean": float(values[m].mean()) if m.any() else 0.0,
                    "critic/returns/mean": float(returns[m].mean()) if m.any() else 0.0,
-                   "critic/vf_explained_var": explained_variance(values, returns, batch.loss_mask)}
+                   "critic/vf_explained_var": explained_variance(values, returns, mask)}
         return batch, metrics
 
     def loss(self, sub: PackedBatch, norm: AggNorm, agg: str) -> tuple[Tensor, dict]:
         """The clipped value loss of the micro-batch `sub`, with the mini-batch's normalisers."""
         values = self.forward(sub).float().cpu()
-        return value_loss(values, sub.old_values, sub.returns, sub.loss_mask, clip=self.cfg.value_clip,
+        return value_loss(values, sub.old_values, sub.returns, sub.value_mask, clip=self.cfg.value_clip,
                           huber_delta=self.cfg.huber_delta, agg=agg, norm=norm)
 
     def step(self) -> float:

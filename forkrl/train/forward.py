@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from forkrl.models.adapters import active_adapter
 from forkrl.train.batch import PackedBatch
 
 
@@ -177,7 +178,8 @@ class PolicyForward(torch.nn.Module):
 
     def forward(self, batch: PackedBatch, full_distribution: bool = False):
         _, head = _decoder_and_head(self.model)
-        h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
+        with active_adapter(self.model, batch.adapter_of()):  # the rows' LoRA adapter (model.adapters)
+            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
         self.tokens_run += packed.run
         self.tokens_shared += packed.shared
         valid = batch.loss_mask > 0
@@ -221,7 +223,8 @@ class ValueForward(torch.nn.Module):
         self.autocast = autocast
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
+        with active_adapter(self.model, batch.adapter_of()):
+            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
         v = self.head(h.float()).squeeze(-1)
         values = torch.zeros(batch.resp_ids.shape, dtype=torch.float32, device=device)
         if v.numel():

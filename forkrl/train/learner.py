@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -31,6 +32,7 @@ from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.losses import AggNorm
 from forkrl.algos.schedules import cosine_ramp
 from forkrl.collect import derive_seed
+from forkrl.models.adapters import active_adapter
 from forkrl.train.batch import (  # noqa: F401  (re-exported: the learner's nouns, by their old address)
     PackedBatch,
     first_occurrence,
@@ -156,7 +158,7 @@ class Learner:
             rows = mb.row_weight.unsqueeze(-1).expand_as(mb.adv)
             weight = rows if weight is None else weight * rows
         available = {"entropy": mb.entropy, "agg": a.agg, "norm": mb.norm, "weight": weight, "stats": mb.stats,
-                     "turn": mb.turn, "progress": mb.progress}
+                     "turn": mb.turn, "progress": mb.progress, "words": mb.sub.words}
         loss, m = call(self.loss_fn, mb.logp, mb.old, mb.adv, mb.mask, available=available, params=a.loss_params)
         metrics.update({("replay/" if mb.replay else "") + k: v for k, v in m.items()})
         return mb.coef * loss, metrics
@@ -179,6 +181,16 @@ class Learner:
         """-algo.entropy_coef x the policy's entropy, aggregated like the loss (a bonus when positive)."""
         a = self.cfg.algo
         return -a.entropy_coef * agg_loss(mb.entropy, mb.mask, a.agg, mb.norm), {}
+
+    def _adapter_of(self, sub: PackedBatch) -> contextlib.ExitStack:
+        """The micro-batch's LoRA adapter active in the policy (and the critic's value model)."""
+        stack = contextlib.ExitStack()
+        name = sub.adapter_of()
+        if name is not None:
+            stack.enter_context(active_adapter(self.model, name))
+            if self.critic is not None:
+                stack.enter_context(active_adapter(self.critic.forward.model, name))
+        return stack
 
     # -- one update from a rollout batch, and what the collector learns from it --------------------
     def learn(self, batch: RolloutBatch, step: int) -> tuple[dict[str, float], PolicyFeedback]:
@@ -280,7 +292,9 @@ class Learner:
         if len(mine) == 0:
             self._idle()
             return None
-        return response_log_softmax(self.forward, probe.select(mine)).cpu()
+        # one forward, or one per LoRA adapter (the order is the same before and after the update)
+        parts = micro_batches(probe, mine, len(mine), 2**62)
+        return torch.cat([response_log_softmax(self.forward, probe.select(idx)).cpu() for idx in parts])
 
     def _entropy_probe(self, batch: PackedBatch, gen: torch.Generator) -> PackedBatch | None:
         """A few random policy rows, cut to log.entropy_probe_tokens trained tokens, whose full
@@ -301,13 +315,13 @@ class Learner:
     def progress(self, step: int) -> float:
         return (step - 1) / max(self.cfg.train.steps, 1)
 
-    def advantages(self, batch: PackedBatch, progress: float) -> tuple[PackedBatch, Tensor, dict]:
+    def advantages(self, batch: PackedBatch, progress: float, step: int = 1) -> tuple[PackedBatch, Tensor, dict]:
         """Advantages, then sample selection (which may drop rows) and token selection."""
         a = self.cfg.algo
         adv, metrics = call(self.advantage_fn, batch.rewards, batch.group_ids, batch.loss_mask,
                             available={"entropy": batch.sampling_entropy, "origin": batch.token_origin,
                                        "values": batch.old_values, "returns": batch.returns,
-                                       "steps": batch.episode_steps},
+                                       "steps": batch.episode_steps, "value_mask": batch.value_mask},
                             params=a.advantage_params)
         fixed = ~torch.isnan(batch.fixed_adv)
         if fixed.any():
@@ -320,7 +334,8 @@ class Learner:
             batch, adv, seq_adv = batch.select(idx), adv[idx], seq_adv[idx]
             adv = adv[:, :batch.resp_ids.shape[1]]
         if self.sample_selector is not None:
-            keep = call(self.sample_selector, seq_adv, batch.group_ids, available={"progress": progress},
+            keep = call(self.sample_selector, seq_adv, batch.group_ids,
+                        available={"progress": progress, "adapter": batch.adapter, "step": step},
                         params=a.sample_selector_params)
             keep = keep | batch.replay  # replayed rows are chosen by the replay buffer, not here
             metrics["train/selected_sample_frac"] = float(keep.float().mean())
@@ -357,7 +372,7 @@ class Learner:
         self._critic_only = self.critic is not None and self.critic.warming_up(step)
         if self.critic is not None:
             batch, critic_metrics = self.critic.annotate(batch, t.micro_batch_size, self.micro_tokens)
-        batch, adv, adv_metrics = self.advantages(batch, progress)
+        batch, adv, adv_metrics = self.advantages(batch, progress, step)
         seq_adv = [0.0] * len(order)
         for row, i in enumerate(order):
             seq_adv[i] = self.last_seq_adv[row]
@@ -420,7 +435,8 @@ class Learner:
                     # normalisers over the whole mini-batch (every rank's rows): the ranks' gradients then sum
                     norm = AggNorm(tokens=float(batch.train_mask[part].sum().clamp(min=1)), seqs=float(len(part)),
                                    const=float(a.agg_const or self.max_new_tokens))
-                    value_norm = dataclasses.replace(norm, tokens=float(batch.loss_mask[part].sum().clamp(min=1)))
+                    read = batch.value_mask if batch.value_mask is not None else batch.loss_mask
+                    value_norm = dataclasses.replace(norm, tokens=float(read[part].sum().clamp(min=1)))
                     mine = part if batch.owner is None else part[batch.owner[part] == rank]
                     micros = micro_batches(batch, mine, t.micro_batch_size, self.micro_tokens)
                     for micro in self.dp.pad_count(micros):
@@ -458,8 +474,10 @@ class Learner:
                         mini_loss += float(loss.detach())  # micro losses carry mini-batch normalisers: they sum
                         finite = finite and bool(torch.isfinite(loss))
                         # backward even when non-finite: every rank must take part in FSDP's reduce-scatter;
-                        # the non-finite gradient then skips the step on every rank alike
-                        loss.backward()
+                        # the non-finite gradient then skips the step on every rank alike. Under the rows'
+                        # adapter: gradient checkpointing runs their layers again
+                        with self._adapter_of(sub):
+                            loss.backward()
                 loss_total, n_minis = loss_total + mini_loss, n_minis + 1
                 params = [p for p in self.model.parameters() if p.requires_grad]
                 gn = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf")))

@@ -111,6 +111,8 @@ def check_data_parallel(cfg: RunConfig, dp: DataParallel, custom_source: bool) -
         problems.append("a custom batch source (Ray rollouts, swarm peers)")
     if cfg.algo.critic.enabled:
         problems.append("algo.critic (the value model is not sharded yet: PPO with a critic runs in one process)")
+    if cfg.model.adapters:
+        problems.append("model.adapters (switching adapters per micro-batch is not wired into FSDP yet)")
     if problems:
         raise UserError(f"--nproc {dp.world} cannot run: " + "; ".join(problems))
 
@@ -130,7 +132,8 @@ class Trainer:
         check_before_loading(cfg, model_given=model is not None)
         if model is None:  # the tokenizer and the config first: a prompt too long for the model is a data error
             self._check_prompt_lengths(load_tokenizer(cfg.model.name), model_context(cfg.model.name))
-            model, tokenizer = load_policy(cfg.model.name, dtype=cfg.model.dtype, lora=cfg.model.lora, seed=cfg.seed)
+            model, tokenizer = load_policy(cfg.model.name, dtype=cfg.model.dtype, lora=cfg.model.lora, seed=cfg.seed,
+                                           adapters=cfg.model.adapters)
         else:
             self._check_prompt_lengths(tokenizer, getattr(model.config, "max_position_embeddings", None))
         self.model, self.tokenizer = model, tokenizer
@@ -261,13 +264,15 @@ class Trainer:
         samples = self.task.eval[:e.size] if e.size else self.task.eval
         generate = self._tool_rollout if self.env is not None else None
         # a sampler that runs whole episodes itself (agent programs) evaluates through them
-        episodes = getattr(getattr(self.source, "sampler", None), "evaluation_rollout", None)
+        sampler = getattr(self.source, "sampler", None)
+        episodes = getattr(sampler, "evaluation_rollout", None)
         if episodes is not None:
             generate = episodes(self.engine, self.tokenizer, self.step_idx)
         res = evaluate(self.engine, self.task, samples, max_new_tokens=e.max_new_tokens or r.max_new_tokens,
                        stop=r.stop, pass_k=e.pass_k, n_samples=e.samples, temperature=e.temperature,
                        seed=self.cfg.seed + 17, generate=generate, tools=self.env is not None,
-                       episode_rewards=episodes is not None)
+                       # an episode's own reward (agent programs, UI-S1's SOP), unless the task scores it (MARFT)
+                       episode_rewards=episodes is not None and getattr(sampler, "evaluation_rewards", True))
         if not generations:
             res.pop("generations", None)
         return res

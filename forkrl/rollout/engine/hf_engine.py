@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
+from forkrl.models.adapters import active_adapter, one_adapter
 from forkrl.models.loader import cache_kwarg
 from forkrl.registry import register_engine
 from forkrl.rollout.engine.prefix_cache import PrefixCache
@@ -44,6 +45,7 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.eos_ids, self.pad_id = eos_and_pad_ids(model, tokenizer)
         self.stats = EngineStats()
+        self._adapter: str | None = None  # the adapter whose states the prefix cache holds
 
     def weights_updated(self) -> None:
         """Stored prefix states no longer match the policy (the forward reads the live weights)."""
@@ -67,17 +69,22 @@ class HFEngine:
                 finished[q.request] += 1
             return stop_when is not None and stop_when(finished)
 
+        adapter = one_adapter(requests)
+        if adapter != self._adapter and self.prefix_cache is not None:
+            self.prefix_cache.clear()  # stored states belong to the adapter that computed them
+        self._adapter = adapter
         was_training = self.model.training
         self.model.eval()
         try:
-            aborted = False
-            for b in range(0, len(seqs), self.max_batch_size):
-                batch = seqs[b:b + self.max_batch_size]
-                if aborted:
-                    for q in batch:
-                        q.finish = "abort"
-                    continue
-                aborted = self._run_batch(batch, generator, check)
+            with active_adapter(self.model, adapter):
+                aborted = False
+                for b in range(0, len(seqs), self.max_batch_size):
+                    batch = seqs[b:b + self.max_batch_size]
+                    if aborted:
+                        for q in batch:
+                            q.finish = "abort"
+                        continue
+                    aborted = self._run_batch(batch, generator, check)
         finally:
             self.model.train(was_training)
         out: list[list[Completion]] = [[] for _ in requests]

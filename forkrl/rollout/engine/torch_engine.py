@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from forkrl.cpu import tune_allocator
+from forkrl.models.adapters import active_adapter, one_adapter
 from forkrl.registry import register_engine
 from forkrl.rollout.engine.prefix_cache import PrefixCache
 from forkrl.rollout.engine.runner import (
@@ -110,6 +111,7 @@ class TorchEngine:
         self.stats.sync_seconds += self.runner.last_sync_seconds
         self.stats.syncs += 1
         self._stale = False
+        self._adapter: str | None = None  # the LoRA adapter the sampling weights hold (None: as the model is)
 
     def weights_updated(self) -> None:
         """The policy changed: stored prefix states no longer match it, and the sampling weights are
@@ -117,6 +119,17 @@ class TorchEngine:
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
         self._stale = True
+
+    def _sync(self, adapter: str | None) -> None:
+        """Sampling weights for `adapter`, copied again when the policy changed or another adapter
+        is asked for (whose stored prefix states then no longer apply)."""
+        if adapter != self._adapter and self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        if self._stale or adapter != self._adapter:
+            with active_adapter(self.model, adapter):
+                self.stats.sync_seconds += self.runner.sync()
+            self.stats.syncs += 1
+            self._stale, self._adapter = False, adapter
 
     @property
     def device(self) -> torch.device:
@@ -337,10 +350,9 @@ class TorchStream:
         self.seqs: dict[int, list[Sequence]] = {}     # requests not yet returned by step()
         self.stop_when: Callable[[list[Sequence]], bool] | None = None
         self.next_id = 0
-        if engine._stale:
-            engine.stats.sync_seconds += engine.runner.sync()
-            engine.stats.syncs += 1
-            engine._stale = False
+        # one adapter per stream; the weights are synced for it (and refreshed after an update) here
+        self.adapter = one_adapter(requests) if requests else None
+        engine._sync(self.adapter)
         self.capacity = 0
         self._grow(capacity)
 
@@ -351,6 +363,12 @@ class TorchStream:
             self.engine.runner.reserve(self.scheduler.n_slots, self.capacity, keep=bool(self.scheduler.slots))
 
     def add(self, request: GenerationRequest) -> int:
+        if request.adapter != self.adapter:
+            if self.seqs:
+                raise ValueError(f"this stream samples with adapter {self.adapter!r} until its requests finish; "
+                                 f"a request for {request.adapter!r} must wait")
+            self.adapter = request.adapter
+            self.engine._sync(self.adapter)
         rid, self.next_id = self.next_id, self.next_id + 1
         seqs = sequences_of([request])
         for q in seqs:
