@@ -290,13 +290,29 @@ def test_gradient_checkpointing_recomputes_each_micro_batch_under_its_adapter(tm
             f"train.gradient_checkpointing={str(checkpointing).lower()}", "log.entropy_probe_tokens=0"])
         trainer = Trainer(cfg)
         trainer.train()
-        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        return trainer
 
-    plain, checkpointed = adapters_after_one_step(False), adapters_after_one_step(True)
+    trainer = adapters_after_one_step(False)
+    plain = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    checkpointed = {n: p for n, p in adapters_after_one_step(True).model.named_parameters() if "lora_" in n}
     moved = [n for n in plain if ".actor." in n and "lora_B" in n and plain[n].abs().sum() > 0]
     assert moved, "the actor's adapter did not train"
     for n in plain:
         assert torch.allclose(plain[n], checkpointed[n], atol=1e-6), n
+
+    # the exported adapters load as the model card says, one subfolder per agent
+    from peft import PeftModel
+
+    from forkrl.models.adapters import active_adapter
+    from forkrl.models.loader import load_policy
+    out = tmp_path / "False" / "adapter"
+    assert "load_adapter" in (out / "README.md").read_text()
+    loaded = PeftModel.from_pretrained(load_policy("tiny-random", seed=0)[0], str(out / "reasoner"),
+                                       adapter_name="reasoner")
+    loaded.load_adapter(str(out / "actor"), adapter_name="actor")
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), active_adapter(trainer.model, "actor"), active_adapter(loaded, "actor"):
+        assert torch.allclose(trainer.model(x).logits, loaded(x).logits, atol=1e-5)
 
 
 def test_config_errors_name_the_field():

@@ -79,6 +79,12 @@ def write_model_card(folder: Path, cfg, summary: dict, adapter: bool = False) ->
     task = cfg.task.dataset if cfg.task.source in ("reasoning_gym", "hf") else cfg.task.train_path
     load = (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), \"{folder}\")" if adapter
             else f"AutoModelForCausalLM.from_pretrained(\"{folder}\")")
+    if adapter and cfg.model.adapters:  # peft writes each named adapter to its own subfolder
+        first, *rest = cfg.model.adapters
+        load = "\n".join([f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
+                          f"\"{folder / first}\", adapter_name=\"{first}\")"]
+                         + [f"model.load_adapter(\"{folder / name}\", adapter_name=\"{name}\")" for name in rest]
+                         + [f"model.set_adapter(\"{first}\")  # one agent at a time"])
     lines = ["---", f"base_model: {cfg.model.name}", f"library_name: {'peft' if adapter else 'transformers'}",
              f"tags: [forkrl, reinforcement-learning, {cfg.algo.advantage}, {cfg.algo.loss}]", "---", "",
              f"# {cfg.name}", "",
