@@ -67,9 +67,9 @@ def agent_by_agent(values: Tensor, group_ids: Tensor, *, adapter: Tensor | None 
     """MARFT's optional agent-by-agent training (§19, `agent_iteration_interval`): for `interval`
     steps only one agent trains, then the next, in profile order:
         trained agent at step s = floor((s - 1) / interval) mod K
-    `adapter` [B] is each row's agent (its LoRA adapter's index, in profile order: the order the
-    agents' rows first appear in the batch); rows of the other agents are dropped, so their
-    adapters get no gradient and keep their weights."""
+    `adapter` [B] is each row's agent (the index of its LoRA adapter in `model.adapters`, the profile
+    order; K = the highest index + 1, every agent acting in every episode); rows of the other agents
+    are dropped, so their adapters get no gradient and keep their weights."""
     if adapter is None:
         raise ValueError("agent_by_agent trains one agent's adapter at a time: the rows name no adapter "
                          "(set model.adapters)")

@@ -97,8 +97,9 @@ class PackedBatch:
                            None if self.words is None else self.words[idx])
 
 
-def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
-    """The one place a list of trajectories becomes tensors."""
+def pack(trajectories: list[Trajectory], pad_id: int, adapter_order: list[str] | None = None) -> PackedBatch:
+    """The one place a list of trajectories becomes tensors. `adapter_order`: the model's LoRA adapters,
+    which number the rows' adapters (default: in order of first appearance)."""
     prompts: dict[tuple[int, ...], int] = {}
     for t in trajectories:
         prompts.setdefault(tuple(t.prompt_ids), len(prompts))
@@ -134,17 +135,20 @@ def pack(trajectories: list[Trajectory], pad_id: int) -> PackedBatch:
         torch.tensor([t.source == "stats_only" for t in trajectories], dtype=torch.bool),
         token_origin=token_origin(trajectories, L),
         seconds=torch.tensor([sum(c.seconds for c in t.tool_calls) for t in trajectories], dtype=torch.float64),
-        episode_steps=episode_steps(trajectories), **adapters(trajectories),
+        episode_steps=episode_steps(trajectories), **adapters(trajectories, adapter_order),
         words=torch.tensor([len(t.text.split()) for t in trajectories], dtype=torch.float32))
 
 
-def adapters(trajectories: list[Trajectory]) -> dict:
-    """`adapter` and `adapter_names` of the packed batch (names in order of first appearance)."""
+def adapters(trajectories: list[Trajectory], order: list[str] | None = None) -> dict:
+    """`adapter` and `adapter_names` of the packed batch: names in `order`, or in order of first appearance."""
     if all(t.adapter is None for t in trajectories):
         return {}
     if any(t.adapter is None for t in trajectories):
         raise ValueError("a batch mixes rows that name a LoRA adapter with rows that do not")
-    names: dict[str, int] = {}
+    names: dict[str, int] = {name: i for i, name in enumerate(order or [])}
+    unknown = sorted({t.adapter for t in trajectories} - set(names)) if order else []
+    if unknown:
+        raise ValueError(f"rows name LoRA adapters {unknown} the model does not have (it has {order})")
     index = [names.setdefault(t.adapter, len(names)) for t in trajectories]
     return {"adapter": torch.tensor(index, dtype=torch.long), "adapter_names": tuple(names)}
 

@@ -32,7 +32,7 @@ from forkrl.algos.entropy_losses import hapo_entropy_stats
 from forkrl.algos.losses import AggNorm
 from forkrl.algos.schedules import cosine_ramp
 from forkrl.collect import derive_seed
-from forkrl.models.adapters import active_adapter
+from forkrl.models.adapters import active_adapter, adapter_names
 from forkrl.train.batch import (  # noqa: F401  (re-exported: the learner's nouns, by their old address)
     PackedBatch,
     first_occurrence,
@@ -364,7 +364,8 @@ class Learner:
         # one canonical order, by group (stable within it): which rank holds which group, and in which
         # order the ranks arrive, changes nothing, not even the methods' random choices
         order = sorted(range(len(trajectories)), key=lambda i: trajectories[i].group)
-        batch = pack([trajectories[i] for i in order], self.pad_id)
+        # rows' adapters numbered in the model's order (agent_by_agent reads them as the profile order)
+        batch = pack([trajectories[i] for i in order], self.pad_id, adapter_order=adapter_names(self.model) or None)
         counted = (self.forward.tokens_run, self.forward.tokens_shared)
         if owner is not None:
             batch.owner = torch.tensor([owner[i] for i in order], dtype=torch.long)
