@@ -272,6 +272,9 @@ class AlgoConfig(Section):
     kl_coef: float = Field(0.0, ge=0)   # 0: no reference model is loaded
     kl_estimator: Literal["k1", "abs", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+"] = "low_var_kl"
     entropy_coef: float = 0.0
+    # skip the policy's optimizer step of a mini-batch whose approximate KL from the old policy,
+    # mean over its trained tokens of (r - 1) - log r, exceeds this (MARFT's 1e-3, §19); None: never
+    max_approx_kl: float | None = Field(None, gt=0)
     rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)

@@ -419,7 +419,7 @@ class Learner:
             sums[name] = sums.get(name, 0.0) + float(value) * w
             weights[name] = weights.get(name, 0.0) + w
 
-        n_skipped = 0
+        n_skipped, n_kl_skipped = 0, 0
         grad_norms, critic_norms = [], []
         for _epoch in range(t.epochs):
             order = torch.randperm(B, generator=gen) if updates_per_batch > 1 else torch.arange(B)
@@ -427,6 +427,7 @@ class Learner:
                 if len(mini) == 0:
                     continue
                 finite, mini_loss = True, 0.0
+                kl_sum, kl_tokens = 0.0, 0.0  # the approximate KL of the policy from the old one, this mini-batch
                 # on-policy rows and replayed rows are two loss terms, each normalised over its own tokens
                 for is_replay in (False, True):
                     part = mini[batch.replay[mini] == is_replay]
@@ -468,6 +469,10 @@ class Learner:
                             for k, v in m.items():
                                 add(k, v, ntok)
                         generated = sub.loss_mask  # every generated token, selected for the loss or not
+                        if not is_replay and a.max_approx_kl is not None:
+                            log_ratio = (logp.detach() - mb.old).clamp(-20, 20) * mb.mask
+                            kl_sum += float(((log_ratio.exp() - 1 - log_ratio) * mb.mask).sum())
+                            kl_tokens += float(mb.mask.sum())
                         if not is_replay:
                             add("policy/entropy",
                                 float((entropy.detach() * generated).sum() / generated.sum().clamp(min=1)),
@@ -485,8 +490,14 @@ class Learner:
                 finite = bool(self.dp.sum(torch.tensor([0.0 if finite else 1.0])) == 0) and math.isfinite(gn)
                 if self.critic is not None:
                     critic_norms.append(self.critic.step())
+                too_far = False
+                if a.max_approx_kl is not None:  # every rank's tokens: all ranks skip alike
+                    kl = self.dp.sum(torch.tensor([kl_sum, kl_tokens], dtype=torch.float64))
+                    too_far = float(kl[0] / kl[1].clamp(min=1)) > a.max_approx_kl
                 if self._critic_only:
                     pass  # the critic's warm-up: the policy keeps its weights and its schedule
+                elif too_far:
+                    n_kl_skipped += 1  # MARFT's guard: a policy already this far from the old one does not step
                 elif finite:
                     grad_norms.append(gn)
                     self.optimizer.step()
@@ -531,6 +542,8 @@ class Learner:
         metrics["train/tokens"] = float(batch.train_mask.sum())
         metrics["train/selected_token_frac"] = float(batch.train_mask.sum() / batch.loss_mask.sum().clamp(min=1))
         metrics["train/nonfinite_updates"] = float(n_skipped)
+        if a.max_approx_kl is not None:
+            metrics["train/kl_skipped_updates"] = float(n_kl_skipped)
         # the forwards' work in tokens (old log-probs and every epoch's micro-batches, all ranks): tokens
         # run, and tree-branch tokens read from their parent's columns instead of run again
         work = self.dp.sum(torch.tensor([self.forward.tokens_run - counted[0], self.forward.tokens_shared - counted[1]],
