@@ -43,6 +43,10 @@ def _check(cfg, agents=(), **_) -> str | None:
                 f"{names} (got {cfg.model.adapters}) and model.lora")
     if not any(t["name"] == "team_reward" for t in cfg.task.reward_terms):
         return "MARFT gives the task's reward to the last agent: add {name: team_reward} to task.reward_terms"
+    if not cfg.algo.critic.enabled:
+        # a prompt's group holds every agent's rows: a group baseline would compare reasoners with actors
+        return ("MARFT's credit comes from its critic (algo.critic.enabled: true, algo.advantage: gae; "
+                "level: action for MARFT-A, token for MARFT-T)")
     return None
 
 
