@@ -324,11 +324,11 @@ def test_config_errors_name_the_field():
         "task.reward_terms=[]": "add {name: team_reward}",
         "rollout.engine=vllm": "needs the engine feature 'adapters'",
         "rollout.sampler_params.agents.1.name=reasoner": "names must differ",
-        "algo.critic.enabled=false,algo.advantage=grpo": "MARFT's credit comes from its critic",
+        "algo.critic.enabled=false;algo.advantage=grpo": "MARFT's credit comes from its critic",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
-            load_config("configs/marft.yaml", override.split(","))
+            load_config("configs/marft.yaml", override.split(";"))
 
 
 def test_a_policy_step_past_the_kl_bound_is_skipped(tmp_path):
