@@ -141,3 +141,20 @@ def test_router_term_sets_the_reward_and_keeps_its_buffer():
 def test_router_term_needs_the_route_tool():
     with pytest.raises(ConfigError, match="route tool"):
         load_config("configs/router_r1.yaml", ["env.enabled=false"])
+
+
+def test_held_out_evaluation_reports_what_the_calls_cost(tiny):
+    """eval/tool_cost_per_traj: the greedy held-out trajectories' summed call prices, per trajectory, so
+    runs with different cost coefficients compare on held-out spend too."""
+    from types import SimpleNamespace
+
+    from forkrl.metrics.evaluate import evaluate
+    from forkrl.tasks.task import Task
+    samples = [Sample(id=str(i), prompt=f"q{i}", answer="Ora Vin") for i in range(2)]
+    task = Task("t", samples, samples, verifier=lambda s, c: float("Ora Vin" in c))
+
+    def generate(prompts, samples, params, seed, groups=None):
+        return [[_traj(GOOD, [(2e-6, None), (1e-6, None)])], [_traj(GOOD, [(4e-6, None)])]]
+    res = evaluate(SimpleNamespace(tokenizer=tiny[1]), task, samples, generate=generate, tools=True)
+    assert res["eval/tool_cost_per_traj"] == pytest.approx(3.5e-6)
+    assert res["eval/accuracy"] == 1.0

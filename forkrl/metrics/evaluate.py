@@ -79,6 +79,8 @@ def evaluate(engine, task, samples=None, *, max_new_tokens: int = 128, stop: lis
               "eval/response_length": sum(o[0].num_generated for o in outs) / len(outs)}
     if tools:
         result["eval/tool_use_frac"] = sum(bool(o[0].tool_calls) for o in outs) / len(outs)
+        # what the held-out calls cost (priced tools: Router-R1's pool), per trajectory
+        result["eval/tool_cost_per_traj"] = sum(c.cost for o in outs for c in o[0].tool_calls) / len(outs)
     if episode_rewards:
         result["eval/reward"] = sum(o[0].reward for o in outs) / len(outs)
     if n_samples > 0:
