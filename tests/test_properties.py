@@ -151,9 +151,14 @@ def test_sample_selectors_keep_something_of_every_group(progress, seed, rows):
     values = torch.randn(rows, generator=g)
     groups = torch.randint(0, 3, (rows,), generator=g)
     from forkrl.algos import call
+    adapter = torch.arange(rows) % 2  # MARFT's two agents, one row each per episode
     for name in SELECTORS:
-        keep = call(SELECTORS[name], values, groups, available={"progress": progress}, params={})
+        keep = call(SELECTORS[name], values, groups, params={},
+                    available={"progress": progress, "adapter": adapter, "step": seed % 7 + 1})
         assert keep.shape == (rows,) and keep.dtype == torch.bool
+        if name == "agent_by_agent":  # by design it drops every other agent's rows, whatever their group
+            assert torch.equal(keep, adapter == 0)  # steps 1-7 fall in the first agent's interval (1000)
+            continue
         if name == "d3s_samples":
             for grp in torch.unique(groups):
                 assert int(keep[groups == grp].sum()) >= min(2, int((groups == grp).sum()))
