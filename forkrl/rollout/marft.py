@@ -23,17 +23,14 @@ from __future__ import annotations
 import dataclasses
 
 from forkrl.registry import register_sampler
+from forkrl.tasks.task import chat_prompt_ids
 from forkrl.types import EpisodeStep, GenerationRequest, Trajectory
 
 
 def agent_prompt(tokenizer, role: str, task: str, earlier: list[tuple[str, str]]) -> list[int]:
     """Token ids of an agent's prompt: its role, the task and the earlier agents' tagged responses."""
     shown = "".join(f"\n\n<{name}>{text.strip()}</{name}>" for name, text in earlier)
-    messages = [{"role": "system", "content": role}, {"role": "user", "content": task + shown}]
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
-    return tokenizer("\n".join(m["content"] for m in messages) + "\n", add_special_tokens=True)["input_ids"]
+    return chat_prompt_ids(tokenizer, [{"role": "system", "content": role}, {"role": "user", "content": task + shown}])
 
 
 def _check(cfg, agents=(), **_) -> str | None:

@@ -49,6 +49,15 @@ class WeightedReward:
         self.style = reward_style(self.fn, self.style)
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` ready for the assistant's reply: the chat template, or the contents one
+    per line for a tokenizer without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return tokenizer("\n".join(m["content"] for m in messages) + "\n", add_special_tokens=True)["input_ids"]
+
+
 class Task:
     """Train/held-out samples, prompt formatting and scoring.
 
@@ -96,11 +105,7 @@ class Task:
         return msgs + [{"role": "user", "content": self.prompt_template.format(prompt=sample.prompt)}]
 
     def prompt_ids(self, sample: Sample, tokenizer) -> list[int]:
-        msgs = self.messages(sample)
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-            return list(ids)
-        return tokenizer("\n".join(m["content"] for m in msgs) + "\n", add_special_tokens=True)["input_ids"]
+        return chat_prompt_ids(tokenizer, self.messages(sample))
 
     def check_prompt_lengths(self, tokenizer, max_prompt_tokens: int, why: str) -> None:
         """Raise a DataError naming the first row whose prompt is longer than `max_prompt_tokens` (the
