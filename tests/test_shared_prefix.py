@@ -4,6 +4,7 @@ loss and every gradient equal those of packing each branch in full (float32: wit
 within 1e-6 of their size)."""
 import copy
 
+import pytest
 import torch
 
 from forkrl.train.batch import pack
@@ -80,3 +81,53 @@ def test_a_branch_without_its_parent_in_the_micro_batch_is_packed_in_full(tiny):
     batch = pack(_tree(len(tok)), tok.pad_token_id)
     alone = batch.select(torch.tensor([1, 3]))      # b without a
     assert pack_rows(alone).shared == 0
+
+
+def _run_with(model, batch, adv, attention):
+    model.zero_grad()
+    logp, entropy = PolicyForward(model, attention=attention)(batch)
+    mask = batch.loss_mask.float()
+    loss = -(logp * adv * mask).sum() / mask.sum() + 0.01 * (entropy * mask).sum()
+    loss.backward()
+    return logp.detach(), entropy.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_span_attention_equals_dense_attention_over_packed_rows(tiny):
+    """Each prompt and each response attends over just the keys it sees (attention.py): the same
+    log-probs, entropies, loss and gradients as dense attention under the rows' mask, for a tree packed
+    into its parent's row, for branches packed in full, with grouped key/value heads, and with the
+    layers recomputed in backward (gradient checkpointing)."""
+    from forkrl.train.attention import SPAN_ATTENTION
+    from forkrl.train.forward import ValueForward
+    _, tok = tiny
+    model = _model(len(tok))
+    batch = pack(_tree(len(tok)), tok.pad_token_id)
+    per_leaf = copy.copy(batch)
+    per_leaf.token_origin = None
+    adv = torch.randn(batch.loss_mask.shape, generator=torch.Generator().manual_seed(1))
+    for b in (batch, per_leaf):
+        want = _run_with(model, b, adv, "dense")
+        got = _run_with(model, b, adv, "spans")
+        assert model.config._attn_implementation == SPAN_ATTENTION
+        assert (got[0] - want[0]).abs().max() < 1e-6
+        assert ((got[1] - want[1]).abs() / want[1].abs().clamp(min=1)).max() < 1e-6
+        assert abs(float(got[2] - want[2])) < 1e-6
+        for name, grad in got[3].items():
+            assert (grad - want[3][name]).abs().max() < 1e-6, name
+    # a model in span mode still answers a dense forward (generation, other callers): SDPA as before
+    assert (_run_with(model, batch, adv, "dense")[0] - want[0]).abs().max() < 1e-6
+    model.gradient_checkpointing_enable()
+    model.train()
+    got = _run_with(model, batch, adv, "spans")
+    model.gradient_checkpointing_disable()
+    want = _run_with(model, batch, adv, "dense")
+    for name, grad in got[3].items():
+        assert (grad - want[3][name]).abs().max() < 1e-6, name
+    values = [ValueForward(model, attention=a) for a in ("dense", "spans")]
+    torch.manual_seed(2)
+    values[0].head.reset_parameters()  # a trained head's scale, not the zeros it starts from
+    values[1].head.load_state_dict(values[0].head.state_dict())
+    dense, spans = values[0](batch), values[1](batch)
+    assert dense.abs().max() > 0.1 and (dense - spans).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="auto, dense or spans"):
+        PolicyForward(model, attention="flash")

@@ -28,9 +28,9 @@ from forkrl.train.parallel import grad_norm_value
 
 
 class Critic:
-    def __init__(self, model, cfg, *, autocast: bool = False):
+    def __init__(self, model, cfg, *, autocast: bool = False, attention: str = "auto"):
         self.cfg = cfg  # CriticConfig
-        self.forward = ValueForward(model, autocast=autocast)
+        self.forward = ValueForward(model, autocast=autocast, attention=attention)
         self.params = [p for p in self.forward.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
 

@@ -11,13 +11,15 @@ gather the parameters outside the decoder layers (embeddings, final norm, output
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from forkrl.models.adapters import active_adapter
+from forkrl.train.attention import Span, response_span, use_span_attention
 from forkrl.train.batch import PackedBatch
 
 
@@ -39,27 +41,37 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
     return logp, entropy
 
 
-def hidden_before_tokens(model, batch: PackedBatch, autocast: bool) -> tuple[Tensor, torch.device, PackedRows]:
+def hidden_before_tokens(model, batch: PackedBatch, autocast: bool, spans: bool = False
+                         ) -> tuple[Tensor, torch.device, PackedRows]:
     """The decoder's last hidden state at the state before each loss_mask token, [N, d] (row-major
-    over loss_mask), from one forward over `pack_rows(batch)`; the model's device; the packed rows."""
+    over loss_mask), from one forward over `pack_rows(batch)`; the model's device; the packed rows.
+    `spans`: attend span by span (`attention.span_attention`, which the model must use) instead of
+    over each row's dense mask."""
     decoder, _ = _decoder_and_head(model)
     device = next(model.parameters()).device
-    packed = pack_rows(batch)
+    packed = pack_rows(batch, flat=spans)
+    extra = {"spans": packed.spans} if spans else {}
     with _autocast(autocast, device.type):
         out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
-                      position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
+                      position_ids=packed.positions.to(device), use_cache=False, **extra).last_hidden_state
     return out.reshape(-1, out.shape[-1])[packed.before.to(device)], device, packed
 
 
 @dataclass
 class PackedRows:
-    """Responses packed into rows behind their prompt, for one forward without padding waste.
+    """Responses packed behind their prompt, for one forward that runs each prompt once.
 
-    Row layout: [prompt | response a | response b | ...], all responses of one prompt, filled up to
-    the longest (prompt + response) of the batch, so a packed row is never longer than an unpacked
-    one would be (a tree's row excepted, below). A 4D mask lets each response see the prompt and its own earlier tokens only, and
+    Dense layout (`flat=False`): rows of [prompt | response a | response b | ...], all responses of
+    one prompt, filled up to the longest (prompt + response) of the batch, so a packed row is never
+    longer than an unpacked one would be (a tree's row excepted, below) and dense attention stays
+    affordable. A 4D mask lets each response see the prompt and its own earlier tokens only, and
     positions restart after the prompt for each response, so every response computes exactly what it
     would alone; the prompt runs once per row and gets the gradient of every response in it.
+
+    Flat layout (`flat=True`, for span attention): one row of [prompt 1 | its responses | prompt 2 |
+    its responses | ...]: every prompt runs once per forward however long its responses are, and
+    there is no padding. `spans` say which keys each span of queries sees; no dense mask is built
+    (`mask` is a [1, 1, C, C] view of one element).
 
     Tree branches (`PackedBatch.token_origin`: a branch's first tokens are its parent's) are packed
     behind their parent, in its row, with only the tokens after the branch point: the mask reaches back to
@@ -75,6 +87,7 @@ class PackedRows:
     padding: float    # share of the R*C positions that are padding
     shared: int = 0   # response tokens read from another branch's columns instead of run again
     run: int = 0      # tokens the forward runs (prompts once per row, responses' own tokens)
+    spans: list[Span] = field(default_factory=list)  # each prompt and response, for span attention
 
 
 def _shared_keys(origin: Tensor | None) -> bool:
@@ -84,82 +97,109 @@ def _shared_keys(origin: Tensor | None) -> bool:
     return len(torch.unique(keys)) < len(keys)
 
 
-def pack_rows(batch: PackedBatch) -> PackedRows:
+def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
     valid = batch.loss_mask > 0
     L = valid.shape[1]
     # response tokens that matter: up to the last one the loss reads
     need = (valid * torch.arange(1, L + 1)).max(-1).values.tolist()
     plen = batch.prompt_mask.sum(-1).tolist()
     pidx = batch.prompt_index.tolist()
-    cap = max(plen[p] + n for p, n in zip(pidx, need))
+    cap = math.inf if flat else max(plen[p] + n for p, n in zip(pidx, need))
     origin = batch.token_origin.tolist() if _shared_keys(batch.token_origin) else None
-    rows: list[int] = []                     # prompt of each row
+    prompts: list[tuple[int, int, int]] = []  # each placed prompt copy: (prompt, row, column)
     used: list[int] = []                     # columns filled in each row
-    latest: dict[int, int] = {}              # prompt -> its newest row
+    latest: dict[int, int] = {}              # prompt -> its newest copy (index into `prompts`)
     placed: dict[int, tuple[int, int]] = {}  # token key -> (row, column) where it runs
-    cols: dict[int, tuple[int, list[int]]] = {}  # trajectory -> (row, column of each of its tokens)
+    cols: dict[int, tuple[int, list[int]]] = {}  # trajectory -> (prompt copy, column of each of its tokens)
     own: dict[int, tuple[int, int]] = {}     # trajectory -> (first own column, first own token)
+    copy_of_key: dict[int, int] = {}         # token key -> the prompt copy its response continues
     shared = 0
     for b, (p, n) in enumerate(zip(pidx, need)):
         if n == 0:
             continue
-        k = 0          # leading tokens already placed (a parent's prefix) in row `r`
-        r = None
+        k = 0          # leading tokens already placed (a parent's prefix) behind prompt copy `c`
+        c = None
         if origin is not None and origin[b][0] in placed:
-            r = placed[origin[b][0]][0]
+            c = copy_of_key[origin[b][0]]
+            r = prompts[c][1]
             while k < n and origin[b][k] in placed and placed[origin[b][k]][0] == r:
                 k += 1
-        if r is None:
-            r = latest.get(p, -1)
-            if r < 0 or used[r] + n > cap:
-                r = len(rows)
-                rows.append(p)
-                used.append(plen[p])
-                latest[p] = r
+        if c is None:
+            c = latest.get(p, -1)
+            if c < 0 or used[prompts[c][1]] + n > cap:
+                r = 0 if flat and used else len(used)
+                if r == len(used):
+                    used.append(0)
+                prompts.append((p, r, used[r]))
+                used[r] += plen[p]
+                c = latest[p] = len(prompts) - 1
+        r = prompts[c][1]
         start = used[r]
         where = [placed[origin[b][t]][1] for t in range(k)] + list(range(start, start + n - k))
         used[r] = start + n - k
-        cols[b], own[b] = (r, where), (start, k)
+        cols[b], own[b] = (c, where), (start, k)
         shared += k
         if origin is not None:
             for t in range(k, n):
                 placed[origin[b][t]] = (r, start + t - k)
+                copy_of_key[origin[b][t]] = c
     # a tree's row holds the whole tree (its branches always join their parent), so it may be longer
     # than the longest single sequence; other responses fill rows up to that
-    R, C = max(len(rows), 1), max(used, default=cap)
+    R, C = max(len(used), 1), max(used, default=0 if flat else cap)
     ids = torch.zeros((R, C), dtype=torch.long)  # padding ids: any token, the mask isolates them
     pos = torch.zeros((R, C), dtype=torch.long)
-    mask = torch.zeros((R, C, C), dtype=torch.bool)
     real = torch.zeros((R, C), dtype=torch.bool)
-    causal = torch.ones((C, C), dtype=torch.bool).tril()
-    for r, p in enumerate(rows):
+    mask = None if flat else torch.zeros((R, C, C), dtype=torch.bool)
+    causal = None if flat else torch.ones((C, C), dtype=torch.bool).tril()
+    spans = []
+    for p, r, at in prompts:
         n_p = plen[p]
-        ids[r, :n_p] = batch.prompt_ids[p, -n_p:]
-        pos[r, :n_p] = torch.arange(n_p)
-        mask[r, :n_p, :n_p] = causal[:n_p, :n_p]
-        real[r, :n_p] = True
-    for b, (r, where) in cols.items():
+        ids[r, at:at + n_p] = batch.prompt_ids[p, -n_p:]
+        pos[r, at:at + n_p] = torch.arange(n_p)
+        real[r, at:at + n_p] = True
+        spans.append(Span(r, at, at + n_p))
+        if not flat:
+            mask[r, at:at + n_p, at:at + n_p] = causal[:n_p, :n_p]
+    for b, (c, where) in cols.items():
+        p, r, at = prompts[c]
         start, k = own[b]
-        n = need[b]
-        n_p = plen[pidx[b]]
-        m = n - k
-        ids[r, start:start + m] = batch.resp_ids[b, k:n]
+        n_p = plen[p]
+        m = need[b] - k
+        ids[r, start:start + m] = batch.resp_ids[b, k:need[b]]
         pos[r, start:start + m] = n_p + k + torch.arange(m)
-        mask[r, start:start + m, :n_p] = True                       # the prompt
-        if k:
-            mask[r, start:start + m, where[:k]] = True             # the parent's columns of the shared prefix
-        mask[r, start:start + m, start:start + m] = causal[:m, :m]  # its own tokens, causally
         real[r, start:start + m] = True
+        spans.append(response_span(r, start, range(at, at + n_p), where[:k], m))
+        if not flat:
+            mask[r, start:start + m, at:at + n_p] = True                # the prompt
+            if k:
+                mask[r, start:start + m, where[:k]] = True             # the parent's columns of the shared prefix
+            mask[r, start:start + m, start:start + m] = causal[:m, :m]  # its own tokens, causally
     pad = ~real
-    mask[pad] = False
-    mask.diagonal(dim1=1, dim2=2)[pad] = True  # padding sees itself: no empty softmax row
+    if flat:
+        mask = torch.ones((1, 1, 1, 1), dtype=torch.bool).expand(R, 1, C, C)
+    else:
+        mask[pad] = False
+        mask.diagonal(dim1=1, dim2=2)[pad] = True  # padding sees itself: no empty softmax row
+        mask = mask.unsqueeze(1)
     before = []
     for b, t in valid.nonzero().tolist():
-        r, where = cols[b]
-        before.append(r * C + (plen[rows[r]] - 1 if t == 0 else where[t - 1]))
-    padding = float(pad.sum()) / (R * C)
-    return PackedRows(ids, pos, mask.unsqueeze(1), torch.tensor(before, dtype=torch.long), padding, shared,
-                      int(real.sum()))
+        c, where = cols[b]
+        p, r, at = prompts[c]
+        before.append(r * C + (at + plen[p] - 1 if t == 0 else where[t - 1]))
+    padding = float(pad.sum()) / max(R * C, 1)
+    return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding, shared, int(real.sum()), spans)
+
+
+def _spans_wanted(model, attention: str) -> bool:
+    """Span attention (`attention.py`) for `attention: spans`, or `auto` on the CPU, where attention
+    over packed rows costs as much as the linear layers; dense SDPA on accelerators, where one dense
+    call beats many small ones."""
+    if attention not in ("auto", "dense", "spans"):
+        raise ValueError(f"attention must be auto, dense or spans, got {attention!r}")
+    if attention == "dense" or (attention == "auto" and next(model.parameters()).device.type != "cpu"):
+        return False
+    use_span_attention(model)
+    return True
 
 
 class PolicyForward(torch.nn.Module):
@@ -168,9 +208,11 @@ class PolicyForward(torch.nn.Module):
     `full_distribution`, the whole next-token log-distribution at every trained position, [N, V]
     (for small probes only). One forward over `pack_rows(batch)`."""
 
-    def __init__(self, model, *, temperature: float = 1.0, chunk: int = 1024, autocast: bool = False):
+    def __init__(self, model, *, temperature: float = 1.0, chunk: int = 1024, autocast: bool = False,
+                 attention: str = "auto"):
         super().__init__()
         self.model = model
+        self.spans = _spans_wanted(model, attention)
         self.inv_temp = 1.0 / temperature if temperature > 0 else 1.0
         self.chunk, self.autocast = chunk, autocast
         # what the forwards ran, summed: tokens run, and branch tokens read from a parent's columns
@@ -179,7 +221,7 @@ class PolicyForward(torch.nn.Module):
     def forward(self, batch: PackedBatch, full_distribution: bool = False):
         _, head = _decoder_and_head(self.model)
         with active_adapter(self.model, batch.adapter_of()):  # the rows' LoRA adapter (model.adapters)
-            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
+            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast, self.spans)
         self.tokens_run += packed.run
         self.tokens_shared += packed.shared
         valid = batch.loss_mask > 0
@@ -211,9 +253,10 @@ class ValueForward(torch.nn.Module):
     generated token (the positions `PolicyForward` projects), [B, L] float32 and zero where loss_mask
     is 0. The same packed rows as the policy's forward."""
 
-    def __init__(self, model, *, autocast: bool = False):
+    def __init__(self, model, *, autocast: bool = False, attention: str = "auto"):
         super().__init__()
         self.model = model
+        self.spans = _spans_wanted(model, attention)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # zero-initialised: the critic starts at V = 0 and explained variance 0, not at noise
         self.head = torch.nn.Linear(base.config.hidden_size, 1)
@@ -224,7 +267,7 @@ class ValueForward(torch.nn.Module):
 
     def forward(self, batch: PackedBatch) -> Tensor:
         with active_adapter(self.model, batch.adapter_of()):
-            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast)
+            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast, self.spans)
         v = self.head(h.float()).squeeze(-1)
         values = torch.zeros(batch.resp_ids.shape, dtype=torch.float32, device=device)
         if v.numel():

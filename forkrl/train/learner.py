@@ -118,9 +118,10 @@ class Learner:
         self.autocast = resolve_autocast(cfg.train.bf16_autocast, model)
         self.dp = dp or DataParallel()
         self.forward = forward or PolicyForward(model, temperature=temperature, chunk=cfg.train.logprob_chunk,
-                                                autocast=self.autocast)
+                                                autocast=self.autocast, attention=cfg.train.attention)
         self.ref_forward = (PolicyForward(ref_model, temperature=temperature, chunk=cfg.train.logprob_chunk,
-                                          autocast=self.autocast) if ref_model is not None else None)
+                                          autocast=self.autocast, attention=cfg.train.attention)
+                            if ref_model is not None else None)
         self.sampling_model = sampling_model
         self.critic = critic  # forkrl.train.critic.Critic (algo.critic), trained beside the policy
         self._critic_only = False  # a critic warm-up step: the policy's terms are left out

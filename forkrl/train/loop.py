@@ -408,7 +408,12 @@ _BAR_KEYS = (("reward", "reward/mean"), ("acc", "accuracy"), ("entropy", "policy
 
 
 def _fmt(m: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+    return ", ".join(f"{k.removeprefix('eval/')}={_num(v)}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def _num(v: float) -> str:
+    """Three decimals, or three significant digits for small values (a spend of 6e-5 USD is not 0.000)."""
+    return f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
 
 
 def _progress(cfg, start: int):

@@ -180,13 +180,14 @@ class Trainer:
                 p.requires_grad_(False)
         temperature = cfg.rollout.temperature or 1.0
         autocast = resolve_autocast(t.bf16_autocast, model)
-        self.policy = PolicyForward(model, temperature=temperature, chunk=t.logprob_chunk, autocast=autocast)
+        self.policy = PolicyForward(model, temperature=temperature, chunk=t.logprob_chunk, autocast=autocast,
+                                    attention=t.attention)
         # FSDP2 under torchrun (nothing in one process); where the learner computes in bf16 anyway, the
         # shards are gathered in bf16 too (half the traffic) and gradients reduced in float32
         dp.shard(self.policy, model, mixed_precision=autocast)
         # PPO's value model: a copy of the policy's network as it starts, with its own optimizer
-        critic = (Critic(copy.deepcopy(model), cfg.algo.critic, autocast=autocast) if cfg.algo.critic.enabled
-                  else None)
+        critic = (Critic(copy.deepcopy(model), cfg.algo.critic, autocast=autocast, attention=t.attention)
+                  if cfg.algo.critic.enabled else None)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))

@@ -1,0 +1,96 @@
+"""Span attention: the learner's packed rows attended span by span instead of as one dense square.
+
+A packed row is [prompt | response a | response b | ... | padding] (`forward.pack_rows`). Each
+response sees its prompt, the parent columns it shares (a tree branch) and its own earlier tokens;
+nothing else. Dense attention under the row's mask still computes every (query, key) pair of the
+row, so a row of a 450-token prompt and four 200-token responses computes 1250² scores of which a
+third are used, and a tree packed into one row wastes more. Here each span of queries (the prompt;
+each response's own tokens) runs one attention over just the keys it can see, gathered in order:
+
+    prompt span:   queries a..a+P,     keys a..a+P, causal
+    response span: queries s..s+m,     keys [its prompt | shared parent columns | s..s+m], causal on the last m
+
+The result equals the dense masked attention at every real position (padding positions come back
+zero: no real token reads them). It is a transformers attention function (`AttentionInterface`),
+used when the forward passes `spans` (the learner on the CPU, where attention costs as much as the
+linear layers at these lengths); without `spans` it is the model's usual SDPA attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SPAN_ATTENTION = "forkrl_spans"
+
+
+@dataclass
+class Span:
+    """Queries `start..end` of packed row `row`. `keys`: the key columns they see, in order, with
+    `mask` [end - start, len(keys)] saying which; None for a prompt (keys start..end, causal)."""
+    row: int
+    start: int
+    end: int
+    keys: Tensor | None = None
+    mask: Tensor | None = None
+
+
+def response_span(row: int, start: int, prompt: range, shared: list[int], length: int) -> Span:
+    """A response's own tokens at columns start..start+length, after its prompt's columns and the
+    parent columns it shares."""
+    before = len(prompt) + len(shared)
+    keys = torch.cat([torch.arange(prompt.start, prompt.stop), torch.tensor(shared, dtype=torch.long),
+                      torch.arange(start, start + length)])
+    mask = torch.ones((length, before + length), dtype=torch.bool)
+    mask[:, before:] = torch.ones((length, length), dtype=torch.bool).tril()
+    return Span(row, start, start + length, keys, mask)
+
+
+def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                   dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+                   spans: list[Span] | None = None, **kwargs) -> tuple[Tensor, None]:
+    """query [R, H, C, D], key/value [R, Hkv, C, D] -> ([R, C, H, D], None), as transformers' SDPA."""
+    if spans is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    R, H, C, D = query.shape
+    groups = H // key.shape[1]
+    if groups > 1:  # one copy for all spans instead of one per span
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    p = dropout if module.training else 0.0
+    parts: list[list[Tensor]] = [[] for _ in range(R)]
+    filled = [0] * R
+    for s in sorted(spans, key=lambda s: (s.row, s.start)):
+        q = query[s.row:s.row + 1, :, s.start:s.end]
+        if s.keys is None:
+            kv = slice(s.start, s.end)
+            o = F.scaled_dot_product_attention(q, key[s.row:s.row + 1, :, kv], value[s.row:s.row + 1, :, kv],
+                                               dropout_p=p, is_causal=True, scale=scaling)
+        else:
+            cols = s.keys.to(query.device)
+            o = F.scaled_dot_product_attention(q, key[s.row:s.row + 1, :, cols], value[s.row:s.row + 1, :, cols],
+                                               attn_mask=s.mask.to(query.device), dropout_p=p, scale=scaling)
+        if s.start != filled[s.row]:
+            raise ValueError(f"spans of row {s.row} leave columns {filled[s.row]}..{s.start} uncovered")
+        parts[s.row].append(o[0].transpose(0, 1))   # [m, H, D]
+        filled[s.row] = s.end
+    rows = []
+    for r in range(R):
+        if filled[r] < C:  # padding: no real token reads it
+            parts[r].append(query.new_zeros((C - filled[r], H, D)))
+        rows.append(torch.cat(parts[r]))
+    return torch.stack(rows), None
+
+
+def use_span_attention(model) -> None:
+    """Register `span_attention` with transformers and make it the model's attention implementation
+    (it falls back to SDPA for any forward that passes no spans: generation, other callers)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(SPAN_ATTENTION, span_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SPAN_ATTENTION, sdpa_mask)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(SPAN_ATTENTION)
