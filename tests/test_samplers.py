@@ -486,3 +486,18 @@ def test_a_steps_rollout_calls_sum_into_one_budget():
     assert m["sampler/mean_batch_rows"] == 120 / 30
     assert m["sampler/arpo/branches"] == 3 and m["sampler/trajectories"] == 10
     assert "sampler/mean_batch_rows" not in RolloutBudget(trajectories=1, decoded_tokens=5).metrics()
+
+
+def test_latr_chains_run_at_most_run_ahead_past_their_tree():
+    """What a chain decodes past the step where it is pruned, or where the tree phase ends, is thrown
+    away: bounding the run-ahead decodes fewer tokens and leaves the tree as it was."""
+    f = lambda ids: 100 + (sum(ids) // 3) % 4
+    out = {}
+    for ahead in (1, 3, 64):
+        engine = StreamingSlotEngine(FunctionEngine(f), slots=2)
+        (group,), budget = _latr(f, engine=engine, filter_steps=[3, 6], tau_suffix=0.3, run_ahead=ahead)
+        out[ahead] = ([(t.parent, t.branch_at, t.tokens) for t in group], budget.extra["latr/pruned"], sum(engine.in_use))
+    assert out[1][:2] == out[3][:2] == out[64][:2] and out[1][1] > 0
+    assert out[1][2] < out[3][2] < out[64][2], {k: v[2] for k, v in out.items()}
+    with pytest.raises(ValueError, match="run_ahead"):
+        build_sampler("latr", {"run_ahead": 0})

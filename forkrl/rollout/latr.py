@@ -16,8 +16,11 @@ inside a pruning window, or at `force_return_step`; every branch then finishes w
 sampling from its tree prefix.
 
 Because tree-phase chains move greedily, a chain's continuation is fixed once it is born. Every
-chain is one greedy request that runs ahead in the engine's continuous batch (`engine.stream`), and
-a prompt's tree steps as far as all its chains have decoded (`stream.progress`). A fork is a new
+chain is a greedy request in the engine's continuous batch (`engine.stream`), and a prompt's tree
+steps as far as all its chains have decoded (`stream.progress`). A chain runs at most `run_ahead`
+tokens past its tree's step, then waits (its states stay in the prefix cache, so going on prefills
+one token): what a chain decodes beyond the step where it is pruned or where the tree phase ends is
+thrown away, and an unbounded run-ahead threw away up to the whole horizon. A fork is a new
 request from its parent's prefix (the engine copies those states from the parent's slot); a pruned
 chain is cancelled; when a prompt's tree phase ends, its chains are cancelled and its members'
 sampling starts at once, while other prompts' trees still grow. On an engine without a stream each
@@ -134,7 +137,7 @@ class LATRSampler:
                  filter_steps: tuple[int, ...] = (20, 30, 50), tau_suffix: float | None = 0.2,
                  tau_rouge: float | None = 0.5, tau_edit: float | None = None,
                  mix_ratio_schedule: dict | None = None,
-                 return_threshold_decay: float = 0.05, force_return_step: int = 1024):
+                 return_threshold_decay: float = 0.05, force_return_step: int = 1024, run_ahead: int = 8):
         self.m = max_branch_per_token
         self.tau_abs, self.tau_rel = tau_abs, tau_rel
         self.filter_steps = tuple(sorted(filter_steps))
@@ -142,6 +145,9 @@ class LATRSampler:
         self.schedule = mix_ratio_schedule or {0: 1.0, 100: 0.75, 200: 0.5, 300: 0.25}
         self.decay = return_threshold_decay
         self.force_return_step = force_return_step
+        if run_ahead < 1:
+            raise ValueError(f"latr: run_ahead must be at least 1, got {run_ahead}")
+        self.run_ahead = run_ahead
 
     def too_similar(self, a: list[int], b: list[int]) -> bool:
         return ((self.tau_suffix is not None and suffix_match(a, b) > self.tau_suffix)
@@ -191,14 +197,15 @@ class LATRSampler:
             while cut[i] is None:
                 s = step[i]
                 waiting = False
+                reach = min(s + self.run_ahead, horizon)
                 for b in trees[i]:
+                    if b.eos_at is None and b.request is None and len(b.tokens) < reach:
+                        b.base = len(b.tokens)
+                        b.request = stream.add(GenerationRequest(prompts[i] + b.tokens, dataclasses.replace(
+                            tree_params, max_tokens=reach - len(b.tokens)), keep_kv=True))
+                        chains[b.request] = (i, b)
                     if b.eos_at is None and len(b.tokens) <= s < horizon:
                         waiting = True
-                        if b.request is None:
-                            b.base = len(b.tokens)
-                            b.request = stream.add(GenerationRequest(prompts[i] + b.tokens, dataclasses.replace(
-                                tree_params, max_tokens=horizon - len(b.tokens)), keep_kv=True))
-                            chains[b.request] = (i, b)
                 if waiting:
                     return
                 before = set(map(id, trees[i]))
