@@ -22,7 +22,7 @@ METHOD_METRIC = {
     "etmr": "sampler/etmr/leaves", "aepo": "sampler/aepo/global_per_prompt",
     "agent_single_call": "sampler/episodes", "agent_two_step": "sampler/episodes", "ppo": "critic/vf_explained_var",
     "router_r1": "reward/router_cost", "mle_milestones": "reward/milestones_reached", "uis1": "uis1/matched_frac",
-    "marft": "marft/team_reward",
+    "marft": "marft/team_reward", "router_r1_cost": "reward/router_cost",
 }
 
 
