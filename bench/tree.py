@@ -11,7 +11,8 @@ once with `rollout.sampler: independent`, once with the recipe's tree sampler.
          configs/arpo_long.yaml (the same, checked with the Python tool every third step, up to 3 calls)
 Per method: trajectories, branch points, decoded / prefilled / cache-served tokens, tool-result
 tokens and calls, the learner's forward tokens and the shared-prefix tokens it did not run again,
-the mean rows per decode step, and seconds of sampling and of learning. Prints JSON with each tree
+the mean rows per decode step, LATR's discarded chain tokens (pruned chains, tokens past the end of a
+tree phase), and seconds of sampling and of learning. Prints JSON with each tree
 sampler's ratios to independent sampling: tokens per trajectory (decoded + prefilled) and seconds per
 trajectory (sampling + learning, and sampling alone).
 """
@@ -28,7 +29,8 @@ RECIPES = {"short": {"latr": "configs/latr.yaml", "arpo": "configs/arpo.yaml"},
            "long": {"latr": "configs/latr_long.yaml", "arpo": "configs/arpo_long.yaml"}}
 SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens", "sampler/prefilled_tokens",
         "sampler/cached_tokens", "sampler/env_tokens", "sampler/tool_calls", "learner/forward_tokens",
-        "learner/shared_prefix_tokens", "time/sampling_s", "time/learning_s", "time/weight_sync_s")
+        "learner/shared_prefix_tokens", "time/sampling_s", "time/learning_s", "time/weight_sync_s",
+        "sampler/latr/discarded_tokens")
 
 
 def train(config: str, sampler: str | None, args) -> dict:

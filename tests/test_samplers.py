@@ -496,8 +496,11 @@ def test_latr_chains_run_at_most_run_ahead_past_their_tree():
     for ahead in (1, 3, 64):
         engine = StreamingSlotEngine(FunctionEngine(f), slots=2)
         (group,), budget = _latr(f, engine=engine, filter_steps=[3, 6], tau_suffix=0.3, run_ahead=ahead)
-        out[ahead] = ([(t.parent, t.branch_at, t.tokens) for t in group], budget.extra["latr/pruned"], sum(engine.in_use))
+        out[ahead] = ([(t.parent, t.branch_at, t.tokens) for t in group], budget.extra["latr/pruned"],
+                      sum(engine.in_use), budget.extra["latr/discarded_tokens"])
     assert out[1][:2] == out[3][:2] == out[64][:2] and out[1][1] > 0
     assert out[1][2] < out[3][2] < out[64][2], {k: v[2] for k, v in out.items()}
+    # the same tree and the same sampling after it: every extra token decoded was discarded, and counted so
+    assert out[64][2] - out[1][2] == out[64][3] - out[1][3] and out[1][3] > 0
     with pytest.raises(ValueError, match="run_ahead"):
         build_sampler("latr", {"run_ahead": 0})

@@ -117,15 +117,21 @@ class _Branch:
     request: int | None = None       # the running greedy request that extends it
     base: int = 0                    # len(tokens) when that request was submitted
 
-    def absorb(self, ids, logprobs, entropies, top, finish: str | None) -> None:
-        """Take the tokens its request has decoded beyond what the branch holds."""
+    def absorb(self, ids, logprobs, entropies, top, finish: str | None) -> int:
+        """Take the tokens its request has decoded beyond what the branch holds; how many were new."""
         k = len(self.tokens) - self.base
+        new = max(len(ids) - k, 0)
         self.tokens += ids[k:]
         self.logprobs += logprobs[k:]
         self.entropies += entropies[k:]
         self.top += (top or [None] * len(ids))[k:len(ids)]
         if finish == "eos":
             self.eos_at = len(self.tokens)
+        return new
+
+    def own_decoded(self) -> int:
+        """Tokens its chain decoded that it holds (a branch's first token is its parent's candidate)."""
+        return len(self.tokens) - (self.born + 1 if self.parent is not None else 0)
 
     def ended_by(self, step: int) -> bool:
         return self.eos_at is not None and self.eos_at <= step + 1
@@ -164,6 +170,7 @@ class LATRSampler:
         horizon = min(self.force_return_step, params.max_tokens)
         tree_params = dataclasses.replace(params, temperature=0.0, n=1, logprobs=self.m, stop=list(params.stop))
         self.pruned = 0
+        chain_decoded = 0  # tokens every tree-phase chain decoded, kept or not
         grow = n_kt > 1
         trees = [[_Branch([], [], [], [], born=0)] if grow else [] for _ in prompts]
         stream = open_stream(engine, seed)
@@ -228,7 +235,7 @@ class LATRSampler:
                 if rid in chains:
                     i, b = chains.pop(rid)
                     c = comps[0]
-                    b.absorb(c.token_ids, c.logprobs, c.entropies, c.top_logprobs, c.finish)
+                    chain_decoded += b.absorb(c.token_ids, c.logprobs, c.entropies, c.top_logprobs, c.finish)
                     b.request = None
                 elif rid in jobs:
                     done[rid] = comps
@@ -236,7 +243,7 @@ class LATRSampler:
                 live = stream.progress(rid)
                 if live is not None:
                     q = live[0]
-                    b.absorb(q.ids, q.logprobs, q.entropies, q.top, q.finish)
+                    chain_decoded += b.absorb(q.ids, q.logprobs, q.entropies, q.top, q.finish)
             for i in range(len(prompts)):
                 if cut[i] is None:
                     advance(i)
@@ -264,7 +271,10 @@ class LATRSampler:
             members += [Trajectory.from_completion(p, c, group="", version=ctx.version) for c in iid]
             groups.append(members)
         return groups, {"latr/tree_members": float(sum(len(b) for b in trees)), "latr/eta": eta,
-                        "latr/pruned": float(self.pruned)}
+                        "latr/pruned": float(self.pruned),
+                        # what the chains decoded that no member keeps: pruned chains, and tokens past
+                        # the step where a tree phase ended (sampling takes over there)
+                        "latr/discarded_tokens": float(chain_decoded - sum(b.own_decoded() for t in trees for b in t))}
 
     def _tree_step(self, trees, i, step, capacity, horizon, window, eos_ids, cut) -> None:
         """One step of prompt i's tree: prune, maybe end the phase, then fork."""
