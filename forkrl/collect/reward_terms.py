@@ -10,6 +10,8 @@ same way.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from forkrl.algos.schedules import cosine_decay
@@ -75,11 +77,13 @@ def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size
     trajectory's routed calls cost (ToolCall.cost) over a sliding buffer of the last `buffer_size`
     trajectories; every trajectory's cost enters it, in batch order (Router-R1 leaves open which).
     Logged per trajectory: reward/router_format (0 or -1), reward/router_outcome, reward/router_cost
-    (USD) and reward/router_cost_reward."""
+    (USD) and reward/router_cost_reward; per step, `router/calls/<model>`: the share of the step's
+    routes (well-formed `name: query`) that named each model."""
     from forkrl.envs.router import (
         cost_reward,
         exact_match,
         format_problem,
+        parse_route,
         token_f1,
         total_reward,
     )
@@ -88,6 +92,7 @@ def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size
         raise ValueError(f"router_r1 metric must be 'em' or 'f1', got {metric!r}")
     score = exact_match if metric == "em" else token_f1
     buffer = ctx.state.setdefault("cost_buffer", [])
+    routes: dict[str, int] = {}
     for t in trajs:
         problem = format_problem(t.text, len(t.tool_calls))
         if problem is None and any(c.error == "unknown_model" for c in t.tool_calls):
@@ -100,7 +105,12 @@ def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size
         t.rewards.update({"router_format": 0.0 if problem is None else -1.0, "router_outcome": outcome,
                           "router_cost": cost, "router_cost_reward": r_cost})
         t.reward = total_reward(problem is None, answer is not None, outcome, r_cost, alpha)
-    return {}
+        for query in re.findall(r"<search>(.*?)</search>", t.text, re.S):
+            route = parse_route(query)
+            if route is not None:
+                routes[route[0]] = routes.get(route[0], 0) + 1
+    total = sum(routes.values())
+    return {f"router/calls/{name}": n / total for name, n in sorted(routes.items())}
 
 
 @register_reward_term("team_reward")
