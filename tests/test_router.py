@@ -129,7 +129,7 @@ def test_router_term_sets_the_reward_and_keeps_its_buffer():
     wrong = _traj(GOOD.replace("Ora Vin", "Bralport"), [(9.0, None)])
     refused = _traj(GOOD.replace("kb-lite", "gpt-9"), [(0.0, "unknown_model")])
     metrics = router_r1([cheap, dear, wrong, refused], ctx, alpha=0.5)
-    assert metrics == {"router/calls/gpt-9": 0.25, "router/calls/kb-lite": 0.75}   # the share of routes per model
+    assert metrics == {"router/calls/kb-lite": 0.75, "router/calls/unknown_model": 0.25}   # the share of calls per model
     # sqrt costs 1, 4, 3, 0 enter the buffer in order: cheap 0.5 (one value); dear: [1, 4] -> 0
     assert ctx.state["cost_buffer"] == [1.0, 4.0, 3.0, 0.0]
     assert cheap.reward == pytest.approx(0.5 * 1 + 0.5 * 0.5)

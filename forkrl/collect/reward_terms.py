@@ -78,7 +78,7 @@ def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size
     trajectories; every trajectory's cost enters it, in batch order (Router-R1 leaves open which).
     Logged per trajectory: reward/router_format (0 or -1), reward/router_outcome, reward/router_cost
     (USD) and reward/router_cost_reward; per step, `router/calls/<model>`: the share of the step's
-    routes (well-formed `name: query`) that named each model."""
+    calls each model answered (a refused call counts as `unknown_model` or `malformed_route`)."""
     from forkrl.envs.router import (
         cost_reward,
         exact_match,
@@ -105,10 +105,12 @@ def router_r1(trajs, ctx, *, alpha: float = 0.0, metric: str = "em", buffer_size
         t.rewards.update({"router_format": 0.0 if problem is None else -1.0, "router_outcome": outcome,
                           "router_cost": cost, "router_cost_reward": r_cost})
         t.reward = total_reward(problem is None, answer is not None, outcome, r_cost, alpha)
-        for query in re.findall(r"<search>(.*?)</search>", t.text, re.S):
+        # the i-th search block is the i-th call; a refused call counts under its error (unknown_model,
+        # malformed_route), so the metric names stay the pool's
+        for query, call in zip(re.findall(r"<search>(.*?)</search>", t.text, re.S), t.tool_calls):
             route = parse_route(query)
-            if route is not None:
-                routes[route[0]] = routes.get(route[0], 0) + 1
+            name = route[0] if call.error is None and route is not None else (call.error or "malformed_route")
+            routes[name] = routes.get(name, 0) + 1
     total = sum(routes.values())
     return {f"router/calls/{name}": n / total for name, n in sorted(routes.items())}
 
