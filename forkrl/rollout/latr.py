@@ -17,10 +17,12 @@ sampling from its tree prefix.
 
 Because tree-phase chains move greedily, a chain's continuation is fixed once it is born. Every
 chain is a greedy request in the engine's continuous batch (`engine.stream`), and a prompt's tree
-steps as far as all its chains have decoded (`stream.progress`). A chain runs at most `run_ahead`
-tokens past its tree's step, then waits (its states stay in the prefix cache, so going on prefills
-one token): what a chain decodes beyond the step where it is pruned or where the tree phase ends is
-thrown away, and an unbounded run-ahead threw away up to the whole horizon. A fork is a new
+steps as far as all its chains have decoded (`stream.progress`). What a chain decodes beyond the
+step where it is pruned or where the tree phase ends is thrown away (`latr/discarded_tokens`).
+`run_ahead` bounds it: a chain runs at most that many tokens past its tree's step, then waits (its
+states stay in the prefix cache, so going on prefills one token). The bound pays when the batch is
+narrower than the chains; with free slots each resumption costs a copy of the chain's states from
+the cache, so the default (null) runs to the horizon. A fork is a new
 request from its parent's prefix (the engine copies those states from the parent's slot); a pruned
 chain is cancelled; when a prompt's tree phase ends, its chains are cancelled and its members'
 sampling starts at once, while other prompts' trees still grow. On an engine without a stream each
@@ -143,7 +145,7 @@ class LATRSampler:
                  filter_steps: tuple[int, ...] = (20, 30, 50), tau_suffix: float | None = 0.2,
                  tau_rouge: float | None = 0.5, tau_edit: float | None = None,
                  mix_ratio_schedule: dict | None = None,
-                 return_threshold_decay: float = 0.05, force_return_step: int = 1024, run_ahead: int = 8):
+                 return_threshold_decay: float = 0.05, force_return_step: int = 1024, run_ahead: int | None = None):
         self.m = max_branch_per_token
         self.tau_abs, self.tau_rel = tau_abs, tau_rel
         self.filter_steps = tuple(sorted(filter_steps))
@@ -151,8 +153,8 @@ class LATRSampler:
         self.schedule = mix_ratio_schedule or {0: 1.0, 100: 0.75, 200: 0.5, 300: 0.25}
         self.decay = return_threshold_decay
         self.force_return_step = force_return_step
-        if run_ahead < 1:
-            raise ValueError(f"latr: run_ahead must be at least 1, got {run_ahead}")
+        if run_ahead is not None and run_ahead < 1:
+            raise ValueError(f"latr: run_ahead must be at least 1 (or null: to the horizon), got {run_ahead}")
         self.run_ahead = run_ahead
 
     def too_similar(self, a: list[int], b: list[int]) -> bool:
@@ -204,7 +206,7 @@ class LATRSampler:
             while cut[i] is None:
                 s = step[i]
                 waiting = False
-                reach = min(s + self.run_ahead, horizon)
+                reach = horizon if self.run_ahead is None else min(s + self.run_ahead, horizon)
                 for b in trees[i]:
                     if b.eos_at is None and b.request is None and len(b.tokens) < reach:
                         b.base = len(b.tokens)
