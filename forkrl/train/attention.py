@@ -63,7 +63,7 @@ def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
     p = dropout if module.training else 0.0
     parts: list[list[Tensor]] = [[] for _ in range(R)]
     filled = [0] * R
-    for s in sorted(spans, key=lambda s: (s.row, s.start)):
+    for s in spans:  # in row and column order (pack_rows sorts them once per forward)
         q = query[s.row:s.row + 1, :, s.start:s.end]
         if s.keys is None:
             kv = slice(s.start, s.end)

@@ -187,6 +187,7 @@ def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
         p, r, at = prompts[c]
         before.append(r * C + (at + plen[p] - 1 if t == 0 else where[t - 1]))
     padding = float(pad.sum()) / max(R * C, 1)
+    spans.sort(key=lambda s: (s.row, s.start))  # once here, not in every layer's attention
     return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding, shared, int(real.sum()), spans)
 
 
