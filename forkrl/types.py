@@ -196,3 +196,16 @@ class Engine(Protocol):
                  stop_when=None) -> list[list[Completion]]: ...
 
     def weights_updated(self) -> None: ...
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists (binary search over slice comparisons, which
+    run in C: the engine's admission and the learner's packing compare many long sequences)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

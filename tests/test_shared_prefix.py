@@ -131,3 +131,43 @@ def test_span_attention_equals_dense_attention_over_packed_rows(tiny):
     assert dense.abs().max() > 0.1 and (dense - spans).abs().max() < 1e-6
     with pytest.raises(ValueError, match="auto, dense or spans"):
         PolicyForward(model, attention="flash")
+
+
+def test_the_flat_layout_runs_every_distinct_prefix_once(tiny):
+    """Sequences that share tokens without being declared branches (a few-shot header two prompts
+    share, samples whose first tokens agree, a response repeated, one that is a prefix of another)
+    run the shared tokens once in the flat layout, and every log-prob, entropy, the loss and every
+    gradient equal those of running each sequence alone (dense rows, float32)."""
+    _, tok = tiny
+    model = _model(len(tok))
+    g = torch.Generator().manual_seed(3)
+
+    def toks(n):
+        return torch.randint(10, len(tok), (n,), generator=g).tolist()
+
+    header = toks(9)
+    p1, p2 = header + toks(3), header + toks(4)
+    r1 = toks(8)
+    r2 = r1[:3] + toks(5)       # agrees with r1 on its first 3 tokens
+    r3 = list(r1)               # r1 again
+    r4 = r1[:5]                 # a prefix of r1
+    r5 = toks(6)
+
+    def traj(p, r, group):
+        return Trajectory(prompt_ids=p, tokens=r, logprobs=[-1.0] * len(r), entropies=[1.0] * len(r),
+                          loss_mask=[1] * len(r), group=group)
+    batch = pack([traj(p1, r1, "a"), traj(p1, r2, "a"), traj(p1, r3, "a"), traj(p1, r4, "a"), traj(p2, r5, "b")],
+                 tok.pad_token_id)
+    flat = pack_rows(batch, flat=True)
+    # run: p1 and r1 (12 + 8), r2's own 5, nothing for r3 and r4, p2's own 4 and r5's 6
+    assert flat.run == 12 + 8 + 5 + 0 + 0 + 4 + 6
+    assert flat.shared == 3 + 8 + 5       # response tokens read from another sequence's columns
+    assert len(flat.spans) == 3          # p1 + r1; r2 after its 3 borrowed; p2 + r5 after the header
+    adv = torch.randn(batch.loss_mask.shape, generator=torch.Generator().manual_seed(4))
+    got, want = _run_with(model, batch, adv, "spans"), _run_with(model, batch, adv, "dense")
+    assert (got[0] - want[0]).abs().max() < 1e-6
+    assert ((got[1] - want[1]).abs() / want[1].abs().clamp(min=1)).max() < 1e-6
+    assert abs(float(got[2] - want[2])) < 1e-6
+    for name, grad in got[3].items():
+        assert (grad - want[3][name]).abs().max() < 1e-6, name
+    assert torch.equal(got[0][2], got[0][0]) and torch.equal(got[0][3, :5], got[0][0, :5])

@@ -1,14 +1,13 @@
 """Span attention: the learner's packed rows attended span by span instead of as one dense square.
 
-A packed row is [prompt | response a | response b | ... | padding] (`forward.pack_rows`). Each
-response sees its prompt, the parent columns it shares (a tree branch) and its own earlier tokens;
-nothing else. Dense attention under the row's mask still computes every (query, key) pair of the
-row, so a row of a 450-token prompt and four 200-token responses computes 1250² scores of which a
-third are used, and a tree packed into one row wastes more. Here each span of queries (the prompt;
-each response's own tokens) runs one attention over just the keys it can see, gathered in order:
+The learner's flat layout (`forward.pack_flat`) runs every distinct prefix of a batch once in one
+row: a sequence's first tokens may sit in another sequence's columns (a shared prompt or few-shot
+header, a tree branch's prefix) and only the rest are its own. Dense attention under a mask would
+compute every (query, key) pair of the row, most of them masked. Here each span of queries (a
+sequence's own tokens) runs one attention over just the keys it can see, gathered in order:
 
-    prompt span:   queries a..a+P,     keys a..a+P, causal
-    response span: queries s..s+m,     keys [its prompt | shared parent columns | s..s+m], causal on the last m
+    a sequence that borrows nothing:  queries s..s+m, keys s..s+m, causal
+    one that continues a prefix:      queries s..s+m, keys [the prefix's columns | s..s+m], causal on the last m
 
 The result equals the dense masked attention at every real position (padding positions come back
 zero: no real token reads them). It is a transformers attention function (`AttentionInterface`),
@@ -37,12 +36,11 @@ class Span:
     mask: Tensor | None = None
 
 
-def response_span(row: int, start: int, prompt: range, shared: list[int], length: int) -> Span:
-    """A response's own tokens at columns start..start+length, after its prompt's columns and the
-    parent columns it shares."""
-    before = len(prompt) + len(shared)
-    keys = torch.cat([torch.arange(prompt.start, prompt.stop), torch.tensor(shared, dtype=torch.long),
-                      torch.arange(start, start + length)])
+def branch_span(row: int, start: int, borrowed: list[int], length: int) -> Span:
+    """Queries at columns start..start+length that continue a prefix whose states sit at the
+    `borrowed` columns (in sequence order): they see all of those, then their own tokens causally."""
+    before = len(borrowed)
+    keys = torch.cat([torch.tensor(borrowed, dtype=torch.long), torch.arange(start, start + length)])
     mask = torch.ones((length, before + length), dtype=torch.bool)
     mask[:, before:] = torch.ones((length, length), dtype=torch.bool).tril()
     return Span(row, start, start + length, keys, mask)

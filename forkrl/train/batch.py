@@ -205,7 +205,8 @@ def first_occurrence(origin: Tensor) -> Tensor:
 
 def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int) -> list[Tensor]:
     """Split `rows` (in order) into micro-batches of at most `max_rows` sequences and about `max_tokens`
-    tokens: each distinct prompt once plus every response (what `pack_rows` runs; a single longer row
+    tokens: each distinct prompt once plus every response (what the dense `pack_rows` runs, and an
+    upper bound on the flat layout, which also shares headers and tree prefixes; a single longer row
     goes alone). Rows of different LoRA adapters never share a micro-batch: with adapters, `rows` are
     taken adapter by adapter (in order within each)."""
     if batch.adapter is not None:

@@ -11,7 +11,6 @@ gather the parameters outside the decoder layers (embeddings, final norm, output
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +18,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from forkrl.models.adapters import active_adapter
-from forkrl.train.attention import Span, response_span, use_span_attention
+from forkrl.train.attention import Span, branch_span, use_span_attention
 from forkrl.train.batch import PackedBatch
+from forkrl.types import shared_prefix
 
 
 def _decoder_and_head(model):
@@ -41,12 +41,12 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
     return logp, entropy
 
 
-def hidden_before_tokens(model, batch: PackedBatch, autocast: bool, spans: bool = False
-                         ) -> tuple[Tensor, torch.device, PackedRows]:
-    """The decoder's last hidden state at the state before each loss_mask token, [N, d] (row-major
-    over loss_mask), from one forward over `pack_rows(batch)`; the model's device; the packed rows.
-    `spans`: attend span by span (`attention.span_attention`, which the model must use) instead of
-    over each row's dense mask."""
+def hidden_states(model, batch: PackedBatch, autocast: bool, spans: bool = False
+                  ) -> tuple[Tensor, torch.device, PackedRows]:
+    """The decoder's last hidden state at every packed position, [R*C, d], from one forward over
+    `pack_rows(batch)` (`packed.before` indexes the state before each loss_mask token); the model's
+    device; the packed rows. `spans`: the flat layout attended span by span
+    (`attention.span_attention`, which the model must use) instead of the dense rows under their mask."""
     decoder, _ = _decoder_and_head(model)
     device = next(model.parameters()).device
     packed = pack_rows(batch, flat=spans)
@@ -54,12 +54,12 @@ def hidden_before_tokens(model, batch: PackedBatch, autocast: bool, spans: bool 
     with _autocast(autocast, device.type):
         out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
                       position_ids=packed.positions.to(device), use_cache=False, **extra).last_hidden_state
-    return out.reshape(-1, out.shape[-1])[packed.before.to(device)], device, packed
+    return out.reshape(-1, out.shape[-1]), device, packed
 
 
 @dataclass
 class PackedRows:
-    """Responses packed behind their prompt, for one forward that runs each prompt once.
+    """Sequences packed for one forward that runs shared tokens once.
 
     Dense layout (`flat=False`): rows of [prompt | response a | response b | ...], all responses of
     one prompt, filled up to the longest (prompt + response) of the batch, so a packed row is never
@@ -68,13 +68,15 @@ class PackedRows:
     positions restart after the prompt for each response, so every response computes exactly what it
     would alone; the prompt runs once per row and gets the gradient of every response in it.
 
-    Flat layout (`flat=True`, for span attention): one row of [prompt 1 | its responses | prompt 2 |
-    its responses | ...]: every prompt runs once per forward however long its responses are, and
-    there is no padding. `spans` say which keys each span of queries sees; no dense mask is built
-    (`mask` is a [1, 1, C, C] view of one element).
+    Flat layout (`flat=True`, for span attention; `pack_flat`): one row in which every distinct
+    prefix runs once. Each sequence (prompt + response) reads the longest prefix it shares with a
+    sequence placed before it from that sequence's columns and runs only the rest: a group's prompt,
+    the few-shot header several prompts share, a tree branch's prefix, the first tokens of samples
+    that happen to agree. There is no padding, `spans` say which keys each run of queries sees, and no
+    dense mask is built (`mask` is a [1, 1, C, C] view of one element).
 
-    Tree branches (`PackedBatch.token_origin`: a branch's first tokens are its parent's) are packed
-    behind their parent, in its row, with only the tokens after the branch point: the mask reaches back to
+    In the dense layout, tree branches (`PackedBatch.token_origin`: a branch's first tokens are its
+    parent's) are packed behind their parent, in its row, with only the tokens after the branch point: the mask reaches back to
     the parent's columns for the shared prefix, and the shared tokens' states are read from there.
     Each shared token is then computed once for all the branches that share it, and every branch's
     log-probs, entropies and gradients are those of computing it alone (the state is gathered once
@@ -85,9 +87,9 @@ class PackedRows:
     mask: Tensor      # [R, 1, C, C] bool: key j visible to query i
     before: Tensor    # [N] flat index into R*C of the state before each loss_mask token (row-major)
     padding: float    # share of the R*C positions that are padding
-    shared: int = 0   # response tokens read from another branch's columns instead of run again
-    run: int = 0      # tokens the forward runs (prompts once per row, responses' own tokens)
-    spans: list[Span] = field(default_factory=list)  # each prompt and response, for span attention
+    shared: int = 0   # response tokens read from another sequence's columns instead of run again
+    run: int = 0      # tokens the forward runs
+    spans: list[Span] = field(default_factory=list)  # flat layout: each sequence's own tokens and their keys
 
 
 def _shared_keys(origin: Tensor | None) -> bool:
@@ -98,13 +100,15 @@ def _shared_keys(origin: Tensor | None) -> bool:
 
 
 def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
+    if flat:
+        return pack_flat(batch)
     valid = batch.loss_mask > 0
     L = valid.shape[1]
     # response tokens that matter: up to the last one the loss reads
     need = (valid * torch.arange(1, L + 1)).max(-1).values.tolist()
     plen = batch.prompt_mask.sum(-1).tolist()
     pidx = batch.prompt_index.tolist()
-    cap = math.inf if flat else max(plen[p] + n for p, n in zip(pidx, need))
+    cap = max(plen[p] + n for p, n in zip(pidx, need))
     origin = batch.token_origin.tolist() if _shared_keys(batch.token_origin) else None
     prompts: list[tuple[int, int, int]] = []  # each placed prompt copy: (prompt, row, column)
     used: list[int] = []                     # columns filled in each row
@@ -127,9 +131,8 @@ def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
         if c is None:
             c = latest.get(p, -1)
             if c < 0 or used[prompts[c][1]] + n > cap:
-                r = 0 if flat and used else len(used)
-                if r == len(used):
-                    used.append(0)
+                r = len(used)
+                used.append(0)
                 prompts.append((p, r, used[r]))
                 used[r] += plen[p]
                 c = latest[p] = len(prompts) - 1
@@ -145,21 +148,18 @@ def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
                 copy_of_key[origin[b][t]] = c
     # a tree's row holds the whole tree (its branches always join their parent), so it may be longer
     # than the longest single sequence; other responses fill rows up to that
-    R, C = max(len(used), 1), max(used, default=0 if flat else cap)
+    R, C = max(len(used), 1), max(used, default=cap)
     ids = torch.zeros((R, C), dtype=torch.long)  # padding ids: any token, the mask isolates them
     pos = torch.zeros((R, C), dtype=torch.long)
     real = torch.zeros((R, C), dtype=torch.bool)
-    mask = None if flat else torch.zeros((R, C, C), dtype=torch.bool)
-    causal = None if flat else torch.ones((C, C), dtype=torch.bool).tril()
-    spans = []
+    mask = torch.zeros((R, C, C), dtype=torch.bool)
+    causal = torch.ones((C, C), dtype=torch.bool).tril()
     for p, r, at in prompts:
         n_p = plen[p]
         ids[r, at:at + n_p] = batch.prompt_ids[p, -n_p:]
         pos[r, at:at + n_p] = torch.arange(n_p)
         real[r, at:at + n_p] = True
-        spans.append(Span(r, at, at + n_p))
-        if not flat:
-            mask[r, at:at + n_p, at:at + n_p] = causal[:n_p, :n_p]
+        mask[r, at:at + n_p, at:at + n_p] = causal[:n_p, :n_p]
     for b, (c, where) in cols.items():
         p, r, at = prompts[c]
         start, k = own[b]
@@ -168,27 +168,71 @@ def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
         ids[r, start:start + m] = batch.resp_ids[b, k:need[b]]
         pos[r, start:start + m] = n_p + k + torch.arange(m)
         real[r, start:start + m] = True
-        spans.append(response_span(r, start, range(at, at + n_p), where[:k], m))
-        if not flat:
-            mask[r, start:start + m, at:at + n_p] = True                # the prompt
-            if k:
-                mask[r, start:start + m, where[:k]] = True             # the parent's columns of the shared prefix
-            mask[r, start:start + m, start:start + m] = causal[:m, :m]  # its own tokens, causally
+        mask[r, start:start + m, at:at + n_p] = True                # the prompt
+        if k:
+            mask[r, start:start + m, where[:k]] = True             # the parent's columns of the shared prefix
+        mask[r, start:start + m, start:start + m] = causal[:m, :m]  # its own tokens, causally
     pad = ~real
-    if flat:
-        mask = torch.ones((1, 1, 1, 1), dtype=torch.bool).expand(R, 1, C, C)
-    else:
-        mask[pad] = False
-        mask.diagonal(dim1=1, dim2=2)[pad] = True  # padding sees itself: no empty softmax row
-        mask = mask.unsqueeze(1)
+    mask[pad] = False
+    mask.diagonal(dim1=1, dim2=2)[pad] = True  # padding sees itself: no empty softmax row
+    mask = mask.unsqueeze(1)
     before = []
     for b, t in valid.nonzero().tolist():
         c, where = cols[b]
         p, r, at = prompts[c]
         before.append(r * C + (at + plen[p] - 1 if t == 0 else where[t - 1]))
     padding = float(pad.sum()) / max(R * C, 1)
-    spans.sort(key=lambda s: (s.row, s.start))  # once here, not in every layer's attention
-    return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding, shared, int(real.sum()), spans)
+    return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding, shared, int(real.sum()))
+
+
+def pack_flat(batch: PackedBatch) -> PackedRows:
+    """The flat layout (see PackedRows): each sequence runs only what no earlier sequence ran.
+
+    Sequences are placed in batch order (a group's, a tree's members are together). Sequence b is
+    prompt + response up to its last loss token; it takes the placed sequence with which it shares
+    the longest prefix (k tokens), reads those k states from that sequence's columns and runs its
+    other tokens as one span: queries at its new columns, keys the k borrowed columns then its own,
+    causal on its own. Positions are indices into the sequence, so every state is the one the
+    sequence computes alone: a state depends only on the tokens before it. A sequence that is a
+    prefix of one placed before it runs nothing."""
+    valid = batch.loss_mask > 0
+    L = valid.shape[1]
+    need = (valid * torch.arange(1, L + 1)).max(-1).values.tolist()
+    plen = batch.prompt_mask.sum(-1).tolist()
+    pidx = batch.prompt_index.tolist()
+    prompts = {p: batch.prompt_ids[p, batch.prompt_ids.shape[1] - plen[p]:].tolist() for p in set(pidx)}
+    placed: list[tuple[list[int], list[int]]] = []  # (tokens, column of each token) per sequence so far
+    paths: dict[int, list[int]] = {}
+    ids: list[int] = []
+    positions: list[int] = []
+    spans: list[Span] = []
+    shared = 0
+    for b, (p, n) in enumerate(zip(pidx, need)):
+        if n == 0:
+            continue
+        seq = prompts[p] + batch.resp_ids[b, :n].tolist()
+        k, path = 0, []
+        for other, cols in placed:
+            if other[k:k + 1] == seq[k:k + 1]:   # can beat k only if it agrees at position k
+                m = shared_prefix(other, seq)
+                if m > k:
+                    k, path = m, cols
+        start, own = len(ids), len(seq) - k
+        ids += seq[k:]
+        positions += range(k, len(seq))
+        path = path[:k] + list(range(start, start + own))
+        if own and k:
+            spans.append(branch_span(0, start, path[:k], own))
+        elif own:
+            spans.append(Span(0, start, start + own))
+        shared += max(k - plen[p], 0)
+        placed.append((seq, path))
+        paths[b] = path
+    before = [paths[b][plen[pidx[b]] + t - 1] for b, t in valid.nonzero().tolist()]
+    C = len(ids)
+    return PackedRows(torch.tensor([ids], dtype=torch.long).view(1, C), torch.tensor([positions], dtype=torch.long).view(1, C),
+                      torch.ones((1, 1, 1, 1), dtype=torch.bool).expand(1, 1, C, C), torch.tensor(before, dtype=torch.long),
+                      0.0, shared, C, spans)
 
 
 def _spans_wanted(model, attention: str) -> bool:
@@ -222,13 +266,19 @@ class PolicyForward(torch.nn.Module):
     def forward(self, batch: PackedBatch, full_distribution: bool = False):
         _, head = _decoder_and_head(self.model)
         with active_adapter(self.model, batch.adapter_of()):  # the rows' LoRA adapter (model.adapters)
-            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast, self.spans)
+            states, device, packed = hidden_states(self.model, batch, self.autocast, self.spans)
         self.tokens_run += packed.run
         self.tokens_shared += packed.shared
         valid = batch.loss_mask > 0
+        before = packed.before.to(device)
         if full_distribution:
-            return torch.log_softmax(head(h).float() * self.inv_temp, dim=-1)
+            return torch.log_softmax(head(states[before]).float() * self.inv_temp, dim=-1)
         targets = batch.resp_ids[valid].to(device)
+        # sequences that share a prefix read the same states with the same next tokens: each (state,
+        # next token) pair is projected once, and indexing sums the gradients of its readers back
+        vocab = head.weight.shape[0]
+        pairs, inverse = torch.unique(before * vocab + targets, return_inverse=True)
+        h, targets = states[pairs // vocab], pairs % vocab
         lp_parts, ent_parts = [], []
         with _autocast(self.autocast, device.type):  # the head is a fifth of the matmuls: same precision
             for s in range(0, h.shape[0], self.chunk):
@@ -244,8 +294,8 @@ class PolicyForward(torch.nn.Module):
         entropy = torch.zeros((B, L), dtype=torch.float32, device=device)
         if lp_parts:
             where = tuple(i.to(device) for i in valid.nonzero(as_tuple=True))
-            logp = logp.index_put(where, torch.cat(lp_parts))
-            entropy = entropy.index_put(where, torch.cat(ent_parts))
+            logp = logp.index_put(where, torch.cat(lp_parts)[inverse])
+            entropy = entropy.index_put(where, torch.cat(ent_parts)[inverse])
         return logp, entropy
 
 
@@ -268,8 +318,8 @@ class ValueForward(torch.nn.Module):
 
     def forward(self, batch: PackedBatch) -> Tensor:
         with active_adapter(self.model, batch.adapter_of()):
-            h, device, packed = hidden_before_tokens(self.model, batch, self.autocast, self.spans)
-        v = self.head(h.float()).squeeze(-1)
+            states, device, packed = hidden_states(self.model, batch, self.autocast, self.spans)
+        v = self.head(states[packed.before.to(device)].float()).squeeze(-1)
         values = torch.zeros(batch.resp_ids.shape, dtype=torch.float32, device=device)
         if v.numel():
             values = values.index_put(tuple(i.to(device) for i in (batch.loss_mask > 0).nonzero(as_tuple=True)), v)

@@ -48,7 +48,13 @@ from forkrl.rollout.engine.sampling import (
 )
 from forkrl.rollout.engine.scheduler import Scheduler
 from forkrl.rollout.engine.sequence import Sequence, eos_and_pad_ids, sequences_of
-from forkrl.types import ENGINE_FEATURES, Completion, EngineStats, GenerationRequest
+from forkrl.types import (
+    ENGINE_FEATURES,
+    Completion,
+    EngineStats,
+    GenerationRequest,
+    shared_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +75,6 @@ def _build_torch(rollout, model, tokenizer, seed: int = 0):
     return build_local_engine(model, tokenizer, max_batch_size=rollout.max_batch_size,
                               prefix_cache_mb=rollout.prefix_cache_mb, dtype=rollout.engine_dtype,
                               cuda_graphs=rollout.cuda_graphs)
-
-
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists (binary search over slice comparisons, which
-    run in C: this is on the admission path, against every running sequence)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @register_engine("torch", build=_build_torch)
