@@ -171,3 +171,25 @@ def test_the_flat_layout_runs_every_distinct_prefix_once(tiny):
     for name, grad in got[3].items():
         assert (grad - want[3][name]).abs().max() < 1e-6, name
     assert torch.equal(got[0][2], got[0][0]) and torch.equal(got[0][3, :5], got[0][0, :5])
+
+
+def test_micro_batches_count_what_the_flat_layout_runs(tiny):
+    """With shared prefixes, a row costs what it adds to the micro-batch's flat row: its prompt +
+    response less the longest prefix it shares with a row already there."""
+    from forkrl.train.batch import micro_batches
+    _, tok = tiny
+    header = list(range(10, 30))                        # 20 tokens two prompts share
+
+    def traj(p, r, group):
+        return Trajectory(prompt_ids=p, tokens=r, logprobs=[-1.0] * len(r), entropies=[1.0] * len(r),
+                          loss_mask=[1] * len(r), group=group)
+    rows = [traj(header + [40, 41], [50, 51, 52, 53], "a"),      # 22 + 4 = 26 new tokens
+            traj(header + [40, 41], [50, 51, 60, 61], "a"),      # shares 24: 2 new
+            traj(header + [42, 43, 44], [70, 71, 72], "b")]      # shares the 20-token header: 6 new
+    batch = pack(rows, tok.pad_token_id)
+    every = torch.arange(3)
+    assert [m.tolist() for m in micro_batches(batch, every, 16, 34, shared_prefixes=True)] == [[0, 1, 2]]  # 26+2+6
+    assert [m.tolist() for m in micro_batches(batch, every, 16, 33, shared_prefixes=True)] == [[0, 1], [2]]
+    # the dense layout's count: a prompt once per micro-batch, every response in full
+    assert [m.tolist() for m in micro_batches(batch, every, 16, 34)] == [[0, 1], [2]]   # 22+4+4, then 23+3
+    assert pack_rows(batch, flat=True).run == 34

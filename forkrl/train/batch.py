@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from forkrl.types import Trajectory
+from forkrl.types import Trajectory, shared_prefix
 
 
 @dataclass
@@ -203,29 +203,46 @@ def first_occurrence(origin: Tensor) -> Tensor:
     return out.view_as(origin)
 
 
-def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int) -> list[Tensor]:
+def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int,
+                  shared_prefixes: bool = False) -> list[Tensor]:
     """Split `rows` (in order) into micro-batches of at most `max_rows` sequences and about `max_tokens`
-    tokens: each distinct prompt once plus every response (what the dense `pack_rows` runs, and an
-    upper bound on the flat layout, which also shares headers and tree prefixes; a single longer row
-    goes alone). Rows of different LoRA adapters never share a micro-batch: with adapters, `rows` are
+    tokens run (a single longer row goes alone). What a row costs is what the forward will run for it:
+    its response plus its prompt unless the micro-batch already holds that prompt (the dense
+    `pack_rows`), or, with `shared_prefixes` (the flat layout, `pack_flat`), its prompt + response
+    less the longest prefix it shares with a row already in the micro-batch (a few-shot header, a
+    tree prefix). Rows of different LoRA adapters never share a micro-batch: with adapters, `rows` are
     taken adapter by adapter (in order within each)."""
     if batch.adapter is not None:
         return [m for a in torch.unique(batch.adapter[rows]).tolist()
                 for m in micro_batches(dataclasses.replace(batch, adapter=None), rows[batch.adapter[rows] == a],
-                                       max_rows, max_tokens)]
+                                       max_rows, max_tokens, shared_prefixes)]
     prompt_len = batch.prompt_mask.sum(-1).tolist()
     pos = torch.arange(1, batch.loss_mask.shape[1] + 1)
     resp_len = ((batch.loss_mask > 0) * pos).max(-1).values.tolist()
     prompt_of = batch.prompt_index.tolist()
-    out, current, tokens, prompts = [], [], 0, set()
+    width = batch.prompt_ids.shape[1]
+
+    def sequence(r: int) -> list[int]:
+        p = prompt_of[r]
+        return batch.prompt_ids[p, width - prompt_len[p]:].tolist() + batch.resp_ids[r, :resp_len[r]].tolist()
+
+    def cost(r: int, prompts: set[int], seqs: list[list[int]]) -> int:
+        if not shared_prefixes:
+            return resp_len[r] + (0 if prompt_of[r] in prompts else prompt_len[prompt_of[r]])
+        seq = seqs[-1]
+        return len(seq) - max((shared_prefix(seq, other) for other in seqs[:-1]), default=0)
+
+    out, current, tokens, prompts, seqs = [], [], 0, set(), []
     for r in rows.tolist():
-        cost = resp_len[r] + (0 if prompt_of[r] in prompts else prompt_len[prompt_of[r]])
-        if current and (len(current) >= max_rows or tokens + cost > max_tokens):
+        if shared_prefixes:
+            seqs.append(sequence(r))
+        c = cost(r, prompts, seqs)
+        if current and (len(current) >= max_rows or tokens + c > max_tokens):
             out.append(torch.tensor(current))
-            current, tokens, prompts = [], 0, set()
-            cost = resp_len[r] + prompt_len[prompt_of[r]]
+            current, tokens, prompts, seqs = [], 0, set(), seqs[-1:]
+            c = cost(r, prompts, seqs)
         current.append(r)
-        tokens += cost
+        tokens += c
         prompts.add(prompt_of[r])
     if current:
         out.append(torch.tensor(current))

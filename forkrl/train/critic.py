@@ -42,7 +42,7 @@ class Critic:
     def values(self, batch: PackedBatch, max_rows: int = 16, max_tokens: int = 4096) -> Tensor:
         """[B, L] values of every row before the update, in micro-batches of the learner's size."""
         out = torch.zeros(batch.resp_ids.shape, dtype=torch.float32)
-        for idx in micro_batches(batch, torch.arange(len(batch)), max_rows, max_tokens):
+        for idx in micro_batches(batch, torch.arange(len(batch)), max_rows, max_tokens, self.forward.spans):
             v = self.forward(batch.select(idx)).float().cpu()
             out[idx, :v.shape[1]] = v
         return out

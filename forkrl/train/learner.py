@@ -270,7 +270,8 @@ class Learner:
         forwards as the busiest)."""
         t = self.cfg.train
         full = torch.zeros_like(batch.sampling_logp)
-        micros = micro_batches(batch, batch.rows_of(self.dp.rank), t.micro_batch_size, self.micro_tokens)
+        micros = micro_batches(batch, batch.rows_of(self.dp.rank), t.micro_batch_size, self.micro_tokens,
+                               getattr(forward, "spans", False))
         for idx in self.dp.pad_count(micros) if collective else micros:
             if idx is None:
                 forward(self._idle_batch)
@@ -441,7 +442,8 @@ class Learner:
                     read = batch.value_mask if batch.value_mask is not None else batch.loss_mask
                     value_norm = dataclasses.replace(norm, tokens=float(read[part].sum().clamp(min=1)))
                     mine = part if batch.owner is None else part[batch.owner[part] == rank]
-                    micros = micro_batches(batch, mine, t.micro_batch_size, self.micro_tokens)
+                    micros = micro_batches(batch, mine, t.micro_batch_size, self.micro_tokens,
+                                           getattr(self.forward, "spans", False))
                     for micro in self.dp.pad_count(micros):
                         if micro is None:
                             self._idle(backward=True)
