@@ -1,5 +1,5 @@
-"""The learner's attention over packed rows: dense (one masked SDPA per row) against spans (each
-prompt once, each response over just the keys it sees; forkrl/train/attention.py).
+"""The learner's attention over packed rows: dense (one masked SDPA per row) against spans (every
+shared prefix once, each sequence over just the keys it sees; forkrl/train/attention.py).
 
     python bench/learner_attention.py [--threads 1] [--repeats 2] [--shapes short long tree]
 

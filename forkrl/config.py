@@ -362,9 +362,9 @@ class TrainConfig(Section):
     micro_batch_tokens: PositiveInt | Literal["auto"] = "auto"
     activation_memory_gb: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False         # recompute each decoder layer in backward: ~1/10 the activations, ~1.3x the compute
-    # the learner's attention over packed rows: spans (each prompt once, each response over just the keys
-    # it sees: forkrl/train/attention.py) | dense (one masked SDPA per row); auto: spans on the CPU,
-    # dense on accelerators
+    # the learner's attention over packed rows: spans (every prefix a micro-batch's sequences share runs
+    # once, each sequence over just the keys it sees: forkrl/train/attention.py) | dense (one masked
+    # SDPA per row); auto: spans on the CPU, dense on accelerators
     attention: Literal["auto", "dense", "spans"] = "auto"
     old_logprobs: Literal["sampling", "recompute"] = "recompute"
     logprob_chunk: int = Field(256, gt=0)        # tokens per chunk of the vocabulary projection
