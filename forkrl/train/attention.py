@@ -9,8 +9,7 @@ sequence's own tokens) runs one attention over just the keys it can see, gathere
     a sequence that borrows nothing:  queries s..s+m, keys s..s+m, causal
     one that continues a prefix:      queries s..s+m, keys [the prefix's columns | s..s+m], causal on the last m
 
-The result equals the dense masked attention at every real position (padding positions come back
-zero: no real token reads them). It is a transformers attention function (`AttentionInterface`),
+The result equals the dense masked attention at every position (the flat row has no padding). It is a transformers attention function (`AttentionInterface`),
 used when the forward passes `spans` (the learner on the CPU, where attention costs as much as the
 linear layers at these lengths); without `spans` it is the model's usual SDPA attention.
 """
@@ -27,60 +26,58 @@ SPAN_ATTENTION = "forkrl_spans"
 
 @dataclass
 class Span:
-    """Queries `start..end` of packed row `row`. `keys`: the key columns they see, in order, with
-    `mask` [end - start, len(keys)] saying which; None for a prompt (keys start..end, causal)."""
-    row: int
+    """Queries `start..end` of the flat row. `keys`: the key columns they see, in order, with `mask`
+    [end - start, len(keys)] saying which; None for a sequence that borrows nothing (keys
+    start..end, causal)."""
     start: int
     end: int
     keys: Tensor | None = None
     mask: Tensor | None = None
 
 
-def branch_span(row: int, start: int, borrowed: list[int], length: int) -> Span:
+def branch_span(start: int, borrowed: list[int], length: int) -> Span:
     """Queries at columns start..start+length that continue a prefix whose states sit at the
     `borrowed` columns (in sequence order): they see all of those, then their own tokens causally."""
     before = len(borrowed)
     keys = torch.cat([torch.tensor(borrowed, dtype=torch.long), torch.arange(start, start + length)])
     mask = torch.ones((length, before + length), dtype=torch.bool)
     mask[:, before:] = torch.ones((length, length), dtype=torch.bool).tril()
-    return Span(row, start, start + length, keys, mask)
+    return Span(start, start + length, keys, mask)
 
 
 def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                    dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
                    spans: list[Span] | None = None, **kwargs) -> tuple[Tensor, None]:
-    """query [R, H, C, D], key/value [R, Hkv, C, D] -> ([R, C, H, D], None), as transformers' SDPA."""
+    """query [1, H, C, D], key/value [1, Hkv, C, D] -> ([1, C, H, D], None), as transformers' SDPA.
+    `spans` cover the row's columns in order."""
     if spans is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    R, H, C, D = query.shape
+    _, H, C, D = query.shape
     groups = H // key.shape[1]
     if groups > 1:  # one copy for all spans instead of one per span
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     p = dropout if module.training else 0.0
-    parts: list[list[Tensor]] = [[] for _ in range(R)]
-    filled = [0] * R
-    for s in spans:  # in row and column order (pack_rows sorts them once per forward)
-        q = query[s.row:s.row + 1, :, s.start:s.end]
+    parts: list[Tensor] = []
+    filled = 0
+    for s in spans:
+        if s.start != filled:
+            raise ValueError(f"spans leave columns {filled}..{s.start} uncovered")
+        q = query[:, :, s.start:s.end]
         if s.keys is None:
-            kv = slice(s.start, s.end)
-            o = F.scaled_dot_product_attention(q, key[s.row:s.row + 1, :, kv], value[s.row:s.row + 1, :, kv],
+            o = F.scaled_dot_product_attention(q, key[:, :, s.start:s.end], value[:, :, s.start:s.end],
                                                dropout_p=p, is_causal=True, scale=scaling)
         else:
             cols = s.keys.to(query.device)
-            o = F.scaled_dot_product_attention(q, key[s.row:s.row + 1, :, cols], value[s.row:s.row + 1, :, cols],
+            o = F.scaled_dot_product_attention(q, key[:, :, cols], value[:, :, cols],
                                                attn_mask=s.mask.to(query.device), dropout_p=p, scale=scaling)
-        if s.start != filled[s.row]:
-            raise ValueError(f"spans of row {s.row} leave columns {filled[s.row]}..{s.start} uncovered")
-        parts[s.row].append(o[0].transpose(0, 1))   # [m, H, D]
-        filled[s.row] = s.end
-    rows = []
-    for r in range(R):
-        if filled[r] < C:  # padding: no real token reads it
-            parts[r].append(query.new_zeros((C - filled[r], H, D)))
-        rows.append(torch.cat(parts[r]))
-    return torch.stack(rows), None
+        parts.append(o[0].transpose(0, 1))   # [m, H, D]
+        filled = s.end
+    if filled != C:
+        raise ValueError(f"spans leave columns {filled}..{C} uncovered")
+    out = torch.cat(parts) if parts else query.new_zeros((0, H, D))
+    return out.unsqueeze(0), None
 
 
 def use_span_attention(model) -> None:

@@ -226,24 +226,23 @@ def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: i
         p = prompt_of[r]
         return batch.prompt_ids[p, width - prompt_len[p]:].tolist() + batch.resp_ids[r, :resp_len[r]].tolist()
 
-    def cost(r: int, prompts: set[int], seqs: list[list[int]]) -> int:
-        if not shared_prefixes:
-            return resp_len[r] + (0 if prompt_of[r] in prompts else prompt_len[prompt_of[r]])
-        seq = seqs[-1]
-        return len(seq) - max((shared_prefix(seq, other) for other in seqs[:-1]), default=0)
-
-    out, current, tokens, prompts, seqs = [], [], 0, set(), []
-    for r in rows.tolist():
+    def cost(r: int, item, held: list) -> int:
+        """Tokens row r adds to a micro-batch holding `held`: prompts (dense) or sequences (flat)."""
         if shared_prefixes:
-            seqs.append(sequence(r))
-        c = cost(r, prompts, seqs)
+            return len(item) - max((shared_prefix(item, other) for other in held), default=0)
+        return resp_len[r] + (0 if item in held else prompt_len[item])
+
+    out, current, tokens, held = [], [], 0, []
+    for r in rows.tolist():
+        item = sequence(r) if shared_prefixes else prompt_of[r]
+        c = cost(r, item, held)
         if current and (len(current) >= max_rows or tokens + c > max_tokens):
             out.append(torch.tensor(current))
-            current, tokens, prompts, seqs = [], 0, set(), seqs[-1:]
-            c = cost(r, prompts, seqs)
+            current, tokens, held = [], 0, []
+            c = cost(r, item, held)
         current.append(r)
         tokens += c
-        prompts.add(prompt_of[r])
+        held.append(item)
     if current:
         out.append(torch.tensor(current))
     return out

@@ -110,79 +110,73 @@ def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
     pidx = batch.prompt_index.tolist()
     cap = max(plen[p] + n for p, n in zip(pidx, need))
     origin = batch.token_origin.tolist() if _shared_keys(batch.token_origin) else None
-    prompts: list[tuple[int, int, int]] = []  # each placed prompt copy: (prompt, row, column)
+    rows: list[int] = []                     # prompt of each row
     used: list[int] = []                     # columns filled in each row
-    latest: dict[int, int] = {}              # prompt -> its newest copy (index into `prompts`)
+    latest: dict[int, int] = {}              # prompt -> its newest row
     placed: dict[int, tuple[int, int]] = {}  # token key -> (row, column) where it runs
-    cols: dict[int, tuple[int, list[int]]] = {}  # trajectory -> (prompt copy, column of each of its tokens)
+    cols: dict[int, tuple[int, list[int]]] = {}  # trajectory -> (row, column of each of its tokens)
     own: dict[int, tuple[int, int]] = {}     # trajectory -> (first own column, first own token)
-    copy_of_key: dict[int, int] = {}         # token key -> the prompt copy its response continues
     shared = 0
     for b, (p, n) in enumerate(zip(pidx, need)):
         if n == 0:
             continue
-        k = 0          # leading tokens already placed (a parent's prefix) behind prompt copy `c`
-        c = None
+        k = 0          # leading tokens already placed (a parent's prefix) in row `r`
+        r = None
         if origin is not None and origin[b][0] in placed:
-            c = copy_of_key[origin[b][0]]
-            r = prompts[c][1]
+            r = placed[origin[b][0]][0]
             while k < n and origin[b][k] in placed and placed[origin[b][k]][0] == r:
                 k += 1
-        if c is None:
-            c = latest.get(p, -1)
-            if c < 0 or used[prompts[c][1]] + n > cap:
-                r = len(used)
-                used.append(0)
-                prompts.append((p, r, used[r]))
-                used[r] += plen[p]
-                c = latest[p] = len(prompts) - 1
-        r = prompts[c][1]
+        if r is None:
+            r = latest.get(p, -1)
+            if r < 0 or used[r] + n > cap:
+                r = len(rows)
+                rows.append(p)
+                used.append(plen[p])
+                latest[p] = r
         start = used[r]
         where = [placed[origin[b][t]][1] for t in range(k)] + list(range(start, start + n - k))
         used[r] = start + n - k
-        cols[b], own[b] = (c, where), (start, k)
+        cols[b], own[b] = (r, where), (start, k)
         shared += k
         if origin is not None:
             for t in range(k, n):
                 placed[origin[b][t]] = (r, start + t - k)
-                copy_of_key[origin[b][t]] = c
     # a tree's row holds the whole tree (its branches always join their parent), so it may be longer
     # than the longest single sequence; other responses fill rows up to that
-    R, C = max(len(used), 1), max(used, default=cap)
+    R, C = max(len(rows), 1), max(used, default=cap)
     ids = torch.zeros((R, C), dtype=torch.long)  # padding ids: any token, the mask isolates them
     pos = torch.zeros((R, C), dtype=torch.long)
-    real = torch.zeros((R, C), dtype=torch.bool)
     mask = torch.zeros((R, C, C), dtype=torch.bool)
+    real = torch.zeros((R, C), dtype=torch.bool)
     causal = torch.ones((C, C), dtype=torch.bool).tril()
-    for p, r, at in prompts:
+    for r, p in enumerate(rows):
         n_p = plen[p]
-        ids[r, at:at + n_p] = batch.prompt_ids[p, -n_p:]
-        pos[r, at:at + n_p] = torch.arange(n_p)
-        real[r, at:at + n_p] = True
-        mask[r, at:at + n_p, at:at + n_p] = causal[:n_p, :n_p]
-    for b, (c, where) in cols.items():
-        p, r, at = prompts[c]
+        ids[r, :n_p] = batch.prompt_ids[p, -n_p:]
+        pos[r, :n_p] = torch.arange(n_p)
+        mask[r, :n_p, :n_p] = causal[:n_p, :n_p]
+        real[r, :n_p] = True
+    for b, (r, where) in cols.items():
         start, k = own[b]
-        n_p = plen[p]
-        m = need[b] - k
-        ids[r, start:start + m] = batch.resp_ids[b, k:need[b]]
+        n = need[b]
+        n_p = plen[pidx[b]]
+        m = n - k
+        ids[r, start:start + m] = batch.resp_ids[b, k:n]
         pos[r, start:start + m] = n_p + k + torch.arange(m)
-        real[r, start:start + m] = True
-        mask[r, start:start + m, at:at + n_p] = True                # the prompt
+        mask[r, start:start + m, :n_p] = True                       # the prompt
         if k:
             mask[r, start:start + m, where[:k]] = True             # the parent's columns of the shared prefix
         mask[r, start:start + m, start:start + m] = causal[:m, :m]  # its own tokens, causally
+        real[r, start:start + m] = True
     pad = ~real
     mask[pad] = False
     mask.diagonal(dim1=1, dim2=2)[pad] = True  # padding sees itself: no empty softmax row
-    mask = mask.unsqueeze(1)
     before = []
     for b, t in valid.nonzero().tolist():
-        c, where = cols[b]
-        p, r, at = prompts[c]
-        before.append(r * C + (at + plen[p] - 1 if t == 0 else where[t - 1]))
-    padding = float(pad.sum()) / max(R * C, 1)
-    return PackedRows(ids, pos, mask, torch.tensor(before, dtype=torch.long), padding, shared, int(real.sum()))
+        r, where = cols[b]
+        before.append(r * C + (plen[rows[r]] - 1 if t == 0 else where[t - 1]))
+    padding = float(pad.sum()) / (R * C)
+    return PackedRows(ids, pos, mask.unsqueeze(1), torch.tensor(before, dtype=torch.long), padding, shared,
+                      int(real.sum()))
 
 
 def pack_flat(batch: PackedBatch) -> PackedRows:
@@ -222,9 +216,9 @@ def pack_flat(batch: PackedBatch) -> PackedRows:
         positions += range(k, len(seq))
         path = path[:k] + list(range(start, start + own))
         if own and k:
-            spans.append(branch_span(0, start, path[:k], own))
+            spans.append(branch_span(start, path[:k], own))
         elif own:
-            spans.append(Span(0, start, start + own))
+            spans.append(Span(start, start + own))
         shared += max(k - plen[p], 0)
         placed.append((seq, path))
         paths[b] = path
