@@ -170,6 +170,8 @@ class EngineStats:
     prefill_tokens: int = 0   # prompt tokens run through the model
     cached_tokens: int = 0    # prompt tokens whose states were reused (prefix cache, or a prompt admitted with it)
     decode_tokens: int = 0    # tokens sampled
+    attended_keys: int = 0    # keys decode steps attended to, summed over rows
+    shared_keys: int = 0      # of those, keys read from a slot another row shares (streamed once per step)
     steps: int = 0            # sampling steps of the continuous batch (decode_tokens / steps: its mean size)
     seconds: float = 0.0
     sync_seconds: float = 0.0  # copying the learner's weights into the sampling weights

@@ -221,3 +221,34 @@ def test_the_build_cache_is_keyed_by_the_whole_compile_command(monkeypatch, tmp_
     monkeypatch.setenv("FORKRL_CACHE", str(tmp_path))
     monkeypatch.setattr(kernels, "_CFLAGS", kernels._CFLAGS + ["-g"])
     assert kernels._build_dir() != here
+
+
+def test_a_row_reads_its_shared_prefix_from_the_slot_named(tiny, kernel):
+    """SharedKeys: row 1 reads its first keys from slot 0, which holds the same prompt's states, and
+    gets the logits it gets from its own slot; spoil slot 0's copy and row 1's logits follow it (the
+    keys really come from there), while row 0 (reading its own slot) and an unshared step do not."""
+    from forkrl.rollout.engine.runner import SharedKeys
+    model, tok = tiny
+    prompt = tok("A prompt that two rows share, then each goes on alone.")["input_ids"]
+    runner = DecoderRunner(model, torch.float32)
+    P = len(prompt)
+    runner.reserve(3, P + 4)
+    ids = torch.tensor([prompt, prompt])
+    runner.forward(torch.arange(2), ids, torch.zeros(2, dtype=torch.long), torch.tensor([P, P]))
+    saved = runner.k.clone(), runner.v.clone()
+    feed, starts = torch.tensor([5, 9]), torch.tensor([P, P])
+    shared = SharedKeys(torch.tensor([[-1], [0]]), torch.tensor([[0], [P]]), torch.tensor([1, 0]))
+
+    def step(keys):
+        runner.k.copy_(saved[0])
+        runner.v.copy_(saved[1])
+        return runner.decode(feed, starts, keys)
+    alone, together = step(None), step(shared)
+    assert torch.equal(alone, together)
+    saved[0][:, 0, :, :P] *= 0.5   # slot 0's prompt states, not slot 1's
+    spoiled_alone, spoiled_shared = step(None), step(shared)
+    assert not torch.allclose(spoiled_shared[1], alone[1], atol=1e-3)
+    assert torch.equal(spoiled_alone[1], alone[1])
+    assert torch.equal(spoiled_shared[0], spoiled_alone[0])
+    with pytest.raises(RuntimeError, match="shared segments"):
+        step(SharedKeys(torch.tensor([[-1], [0]]), torch.tensor([[0], [P + 1]]), torch.tensor([0, 1])))

@@ -246,3 +246,26 @@ def test_a_fork_of_a_running_sequence_copies_its_states(tiny):
         got.update(stream.step())
     assert engine.stats.prefill_tokens - before == 1
     _close(got[rid][0], engine.generate([fork])[0][0])
+
+
+def test_rows_sharing_a_prefix_read_it_once_and_sample_the_same(tiny):
+    """Samples of prompts with a long common header: decode steps read the header (and each prompt)
+    from one slot for all the rows that share it (`stats.shared_keys`), and sample exactly what each
+    row samples reading its own slot (same seed: same tokens, same log-probs)."""
+    model, tok = tiny
+    header = tok(" ".join(["You are a careful assistant who answers arithmetic with one number."] * 6))["input_ids"]
+    assert len(header) >= TorchEngine.SHARE_AT_LEAST
+    reqs = [GenerationRequest(header + tok(f" What is {q} plus {q}?")["input_ids"],
+                              SamplingParams(temperature=1.0, max_tokens=12, n=3)) for q in (3, 4, 5)]
+    shared = TorchEngine(model, tok, prefix_cache_mb=0)
+    if not shared.runner.reads_shared_keys:
+        pytest.skip("the compiled decode kernel is unavailable here")
+    own = TorchEngine(model, tok, prefix_cache_mb=0)
+    own.SHARE_AT_LEAST = 10**9
+    for a, b in zip(shared.generate(reqs, seed=0), own.generate(reqs, seed=0)):
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids and x.logprobs == y.logprobs
+    assert own.stats.shared_keys == 0
+    assert shared.stats.attended_keys == own.stats.attended_keys
+    # 8 of the 9 rows read the header (72 of their ~85 keys) or more from another slot at every step
+    assert shared.stats.shared_keys / shared.stats.attended_keys > 8 / 9 * 0.8

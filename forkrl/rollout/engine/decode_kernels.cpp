@@ -100,28 +100,34 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// out[g] = softmax(q[g] . K[0..n)) V[0..n), for one row and kv head. Each query vector sweeps the
-// rows in turn (the first sweep streams them from memory with prefetching, later ones hit the
-// cache); a row's dot product is D/16 fused multiply-adds and one horizontal sum.
+// out[g] = softmax(q[g] . K[0..n)) V[0..n), for one row and kv head, keys [ends[s-1], ends[s]) read
+// from segment s's cache (Ks[s], Vs[s]; n = ends[segs - 1]). Each query vector sweeps the keys in
+// turn (the first sweep streams them from memory with prefetching, later ones hit the cache); a
+// key's dot product is D/16 fused multiply-adds and one horizontal sum.
 template <typename C, int D>
-inline void attend(const float (*q)[D], int64_t group, const C* K, const C* V, int64_t n, int64_t s_pos,
-                   float* scores, float (*out)[D]) {
+inline void attend(const float (*q)[D], int64_t group, const C* const* Ks, const C* const* Vs, const int64_t* ends,
+                   int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
   constexpr int W = D / 16;
   constexpr int line = 64 / sizeof(C);
+  const int64_t n = ends[segs - 1];
   for (int64_t g = 0; g < group; ++g) {
     __m512 qv[W];
     for (int w = 0; w < W; ++w) qv[w] = _mm512_loadu_ps(q[g] + 16 * w);
-    for (int64_t t = 0; t < n; ++t) {
-      const C* k = K + t * s_pos;
-      if (g == 0) {
-        for (int c = 0; c < D; c += line) {
-          __builtin_prefetch(k + kAhead * s_pos + c);
-          __builtin_prefetch(V + t * s_pos + c);
+    for (int64_t s = 0, t = 0; s < segs; ++s) {
+      const C* K = Ks[s];
+      const C* V = Vs[s];
+      for (; t < ends[s]; ++t) {
+        const C* k = K + t * s_pos;
+        if (g == 0) {
+          for (int c = 0; c < D; c += line) {
+            __builtin_prefetch(k + kAhead * s_pos + c);
+            __builtin_prefetch(V + t * s_pos + c);
+          }
         }
+        __m512 dot = _mm512_mul_ps(qv[0], load16(k));
+        for (int w = 1; w < W; ++w) dot = _mm512_fmadd_ps(qv[w], load16(k + 16 * w), dot);
+        scores[g * n + t] = _mm512_reduce_add_ps(dot);
       }
-      __m512 dot = _mm512_mul_ps(qv[0], load16(k));
-      for (int w = 1; w < W; ++w) dot = _mm512_fmadd_ps(qv[w], load16(k + 16 * w), dot);
-      scores[g * n + t] = _mm512_reduce_add_ps(dot);
     }
   }
   float inv[kMaxGroup];
@@ -130,10 +136,13 @@ inline void attend(const float (*q)[D], int64_t group, const C* K, const C* V, i
     __m512 acc[W];
     for (int w = 0; w < W; ++w) acc[w] = _mm512_setzero_ps();
     const float* p = scores + g * n;
-    for (int64_t t = 0; t < n; ++t) {
-      const C* v = V + t * s_pos;
-      const __m512 pt = _mm512_set1_ps(p[t]);
-      for (int w = 0; w < W; ++w) acc[w] = _mm512_fmadd_ps(pt, load16(v + 16 * w), acc[w]);
+    for (int64_t s = 0, t = 0; s < segs; ++s) {
+      const C* V = Vs[s];
+      for (; t < ends[s]; ++t) {
+        const C* v = V + t * s_pos;
+        const __m512 pt = _mm512_set1_ps(p[t]);
+        for (int w = 0; w < W; ++w) acc[w] = _mm512_fmadd_ps(pt, load16(v + 16 * w), acc[w]);
+      }
     }
     const __m512 scale = _mm512_set1_ps(inv[g]);
     for (int w = 0; w < W; ++w) _mm512_storeu_ps(out[g] + 16 * w, _mm512_mul_ps(acc[w], scale));
@@ -141,43 +150,54 @@ inline void attend(const float (*q)[D], int64_t group, const C* K, const C* V, i
 }
 #else
 template <typename C, int D>
-inline void attend(const float (*q)[D], int64_t group, const C* K, const C* V, int64_t n, int64_t s_pos,
-                   float* scores, float (*out)[D]) {
-  for (int64_t t = 0; t < n; ++t) {
-    const C* k = K + t * s_pos;
-    for (int64_t g = 0; g < group; ++g) {
-      float dot = 0.f;
+inline void attend(const float (*q)[D], int64_t group, const C* const* Ks, const C* const* Vs, const int64_t* ends,
+                   int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
+  const int64_t n = ends[segs - 1];
+  for (int64_t s = 0, t = 0; s < segs; ++s) {
+    for (; t < ends[s]; ++t) {
+      const C* k = Ks[s] + t * s_pos;
+      for (int64_t g = 0; g < group; ++g) {
+        float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int i = 0; i < D; ++i) dot += q[g][i] * to_float(k[i]);
-      scores[g * n + t] = dot;
+        for (int i = 0; i < D; ++i) dot += q[g][i] * to_float(k[i]);
+        scores[g * n + t] = dot;
+      }
     }
   }
   float inv[kMaxGroup];
   softmax_rows(scores, group, n, inv);
   for (int64_t g = 0; g < group; ++g) {
     float acc[D] = {};
-    for (int64_t t = 0; t < n; ++t) {
-      const C* v = V + t * s_pos;
-      const float p = scores[g * n + t];
+    for (int64_t s = 0, t = 0; s < segs; ++s) {
+      for (; t < ends[s]; ++t) {
+        const C* v = Vs[s] + t * s_pos;
+        const float p = scores[g * n + t];
 #pragma omp simd
-      for (int i = 0; i < D; ++i) acc[i] += p * to_float(v[i]);
+        for (int i = 0; i < D; ++i) acc[i] += p * to_float(v[i]);
+      }
     }
     for (int i = 0; i < D; ++i) out[g][i] = acc[i] * inv[g];
   }
 }
 #endif
 
-// T: the projections' dtype (and the output's), C: the cache's
+// T: the projections' dtype (and the output's), C: the cache's. Rows are taken in `order` (all of
+// a row's kv heads in turn), so rows that read one shared prefix run back to back and find it in
+// the cache. Row b's keys [seg_end[b][s-1], seg_end[b][s]) come from slot seg_slot[b][s]: leading
+// segments are other slots holding the same prefix, the last is b's own slot up to pos[b].
 template <typename T, typename C, int D>
 void decode(const T* qkv, const float* bias, const float* cos, const float* sin, const int64_t* pos,
+            const int64_t* order, const int64_t* seg_slot, const int64_t* seg_end, int64_t max_segs,
             C* K, C* V, T* out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t s_slot,
             int64_t s_head, int64_t s_pos) {
   const int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads);
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
+    std::vector<const C*> Ks(max_segs + 1), Vs(max_segs + 1);
+    std::vector<int64_t> ends(max_segs + 1);
     float q[kMaxGroup][D], att[kMaxGroup][D], kv[D];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads;
+      const int64_t b = order ? order[item / kv_heads] : item / kv_heads, h = item % kv_heads;
       const T* row = qkv + b * width * D;
       const float *c = cos + b * D, *s = sin + b * D;
       C* Kh = K + b * s_slot + h * s_head;
@@ -187,8 +207,18 @@ void decode(const T* qkv, const float* bias, const float* cos, const float* sin,
       load_head<T, D>(row, bias, c, s, heads + kv_heads + h, false, kv);
       for (int i = 0; i < D; ++i) store(Vh + pos[b] * s_pos + i, kv[i]);
       for (int64_t g = 0; g < group; ++g) load_head<T, D>(row, bias, c, s, h * group + g, true, q[g]);
+      int64_t segs = 0;
+      for (int64_t k = 0; seg_slot && k < max_segs && seg_slot[b * max_segs + k] >= 0; ++k, ++segs) {
+        const int64_t other = seg_slot[b * max_segs + k];
+        Ks[segs] = K + other * s_slot + h * s_head;
+        Vs[segs] = V + other * s_slot + h * s_head;
+        ends[segs] = seg_end[b * max_segs + k];
+      }
+      Ks[segs] = Kh;
+      Vs[segs] = Vh;
+      ends[segs++] = pos[b] + 1;
       scores.resize(group * (pos[b] + 1));
-      attend<C, D>(q, group, Kh, Vh, pos[b] + 1, s_pos, scores.data(), att);
+      attend<C, D>(q, group, Ks.data(), Vs.data(), ends.data(), segs, s_pos, scores.data(), att);
       for (int64_t g = 0; g < group; ++g) {
         T* o = out + b * heads * D + (h * group + g) * D;
         for (int i = 0; i < D; ++i) store(o + i, att[g][i]);
@@ -199,11 +229,13 @@ void decode(const T* qkv, const float* bias, const float* cos, const float* sin,
 
 template <typename T, typename C>
 void dispatch_dim(int64_t d, const T* qkv, const float* bias, const float* cos, const float* sin,
-                  const int64_t* pos, C* K, C* V, T* out, int64_t rows, int64_t heads,
+                  const int64_t* pos, const int64_t* order, const int64_t* seg_slot, const int64_t* seg_end,
+                  int64_t max_segs, C* K, C* V, T* out, int64_t rows, int64_t heads,
                   int64_t kv_heads, int64_t s_slot, int64_t s_head, int64_t s_pos) {
   switch (d) {
 #define FORKRL_DIM(DIM) \
-  case DIM: return decode<T, C, DIM>(qkv, bias, cos, sin, pos, K, V, out, rows, heads, kv_heads, s_slot, s_head, s_pos);
+  case DIM: return decode<T, C, DIM>(qkv, bias, cos, sin, pos, order, seg_slot, seg_end, max_segs, K, V, out, rows, \
+                                     heads, kv_heads, s_slot, s_head, s_pos);
     FORKRL_DIM(16) FORKRL_DIM(32) FORKRL_DIM(64) FORKRL_DIM(128)
 #undef FORKRL_DIM
     default: TORCH_CHECK(false, "decode_attention: head_dim ", d, " is not one of 16, 32, 64, 128");
@@ -315,9 +347,16 @@ void with_float_type(at::ScalarType type, const char* what, F&& f) {
 // pos [rows] int64: the new token's position (row b is cache slot b). K/V: one layer's cache
 // [slots, kv_heads, capacity, d], float32 or bfloat16. Writes the new keys and values at pos,
 // returns the attention output [rows, heads * d] in qkv's dtype.
+// Shared prefixes (optional): seg_slot/seg_end [rows, S] int64 name, per row, the slots its leading
+// keys are read from, each up to seg_end (increasing, below pos), then -1 padding; the row's own slot
+// serves the rest. A slot named there must hold the same tokens' states at those positions. `order`
+// [rows]: the order rows are attended in.
 torch::Tensor decode_attention(const torch::Tensor& qkv, const c10::optional<torch::Tensor>& bias,
                                const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& pos,
-                               torch::Tensor& K, torch::Tensor& V, int64_t heads) {
+                               torch::Tensor& K, torch::Tensor& V, int64_t heads,
+                               const c10::optional<torch::Tensor>& seg_slot,
+                               const c10::optional<torch::Tensor>& seg_end,
+                               const c10::optional<torch::Tensor>& order) {
   const int64_t rows = qkv.size(0), kv_heads = K.size(1), d = K.size(3);
   TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == (heads + 2 * kv_heads) * d, "decode_attention: qkv shape");
   TORCH_CHECK(V.scalar_type() == K.scalar_type() && V.strides() == K.strides() && K.stride(3) == 1 &&
@@ -330,6 +369,36 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const c10::optional<tor
   const int64_t* p = pos.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(p[r] >= 0 && p[r] < K.size(2), "decode_attention: position ", p[r], " outside the cache");
+  const int64_t *ss = nullptr, *se = nullptr, *ord = nullptr;
+  int64_t max_segs = 0;
+  if (seg_slot.has_value() && seg_slot->defined()) {
+    TORCH_CHECK(seg_end.has_value() && seg_end->defined() && seg_slot->is_contiguous() && seg_end->is_contiguous() &&
+                seg_slot->scalar_type() == at::kLong && seg_end->scalar_type() == at::kLong &&
+                seg_slot->dim() == 2 && seg_slot->size(0) == rows && seg_end->sizes() == seg_slot->sizes(),
+                "decode_attention: seg_slot and seg_end must be contiguous int64 [rows, S]");
+    ss = seg_slot->data_ptr<int64_t>();
+    se = seg_end->data_ptr<int64_t>();
+    max_segs = seg_slot->size(1);
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t last = 0;
+      for (int64_t k = 0; k < max_segs && ss[r * max_segs + k] >= 0; ++k) {
+        const int64_t e = se[r * max_segs + k];
+        TORCH_CHECK(ss[r * max_segs + k] < K.size(0) && e > last && e <= p[r],
+                    "decode_attention: row ", r, "'s shared segments must name cache slots and end in order before its position");
+        last = e;
+      }
+    }
+  }
+  if (order.has_value() && order->defined()) {
+    TORCH_CHECK(order->is_contiguous() && order->scalar_type() == at::kLong && order->numel() == rows,
+                "decode_attention: order must be contiguous int64 [rows]");
+    ord = order->data_ptr<int64_t>();
+    std::vector<bool> seen(rows, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(ord[r] >= 0 && ord[r] < rows && !seen[ord[r]], "decode_attention: order must permute the rows");
+      seen[ord[r]] = true;
+    }
+  }
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat, "decode_attention: bias");
@@ -340,9 +409,9 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const c10::optional<tor
     with_float_type(K.scalar_type(), "decode_attention: cache", [&](auto cache_type) {
       using T = decltype(qkv_type);
       using C = decltype(cache_type);
-      dispatch_dim<T, C>(d, qkv.data_ptr<T>(), b, cos.data_ptr<float>(), sin.data_ptr<float>(), p, K.data_ptr<C>(),
-                         V.data_ptr<C>(), out.data_ptr<T>(), rows, heads, kv_heads, K.stride(0), K.stride(1),
-                         K.stride(2));
+      dispatch_dim<T, C>(d, qkv.data_ptr<T>(), b, cos.data_ptr<float>(), sin.data_ptr<float>(), p, ord, ss, se,
+                         max_segs, K.data_ptr<C>(), V.data_ptr<C>(), out.data_ptr<T>(), rows, heads, kv_heads,
+                         K.stride(0), K.stride(1), K.stride(2));
     });
   });
   return out;
@@ -400,7 +469,10 @@ std::vector<torch::Tensor> sample(const torch::Tensor& logits, const torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "rotary + cache write + attention for one decode token per row");
+  m.def("decode_attention", &decode_attention, "rotary + cache write + attention for one decode token per row",
+        py::arg("qkv"), py::arg("bias"), py::arg("cos"), py::arg("sin"), py::arg("pos"), py::arg("K"), py::arg("V"),
+        py::arg("heads"), py::arg("seg_slot") = py::none(), py::arg("seg_end") = py::none(),
+        py::arg("order") = py::none());
   m.def("add_rms_norm", &add_rms_norm, "x += delta; RMSNorm(x) * weight in dtype");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("sample", &sample, "softmax, entropy, log-prob and inverse-CDF draw per row");

@@ -135,6 +135,16 @@ GRAPH_KEY_BLOCK = 256   # decode graphs attend to keys in multiples of this many
 
 
 @dataclass
+class SharedKeys:
+    """Where a decode step's rows read their leading keys (`DecoderRunner.decode`): row u reads keys
+    [end[u, s-1], end[u, s]) from slot slot[u, s] (-1: no more segments), the rest from its own slot;
+    rows are attended in `order`. int64 tensors, [U, S], [U, S] and [U]."""
+    slot: torch.Tensor
+    end: torch.Tensor
+    order: torch.Tensor
+
+
+@dataclass
 class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     ids: torch.Tensor      # [b] static inputs, written before each replay
@@ -211,6 +221,12 @@ class DecoderRunner:
         self.layers, self.final_norm, self.embed, self.head, self.head_bias = state
         return time.perf_counter() - start
 
+    @property
+    def reads_shared_keys(self) -> bool:
+        """Whether `decode` uses `shared` (the compiled CPU attention; CUDA graphs and the PyTorch
+        path read each row's own slot)."""
+        return self.kernel is not None and not self.use_graphs
+
     def _pack(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(w, 64) if self.prepacked else w
 
@@ -271,15 +287,16 @@ class DecoderRunner:
         contiguous = bool((slots == torch.arange(U, device=ids.device)).all())
         return self._forward(slots, ids, starts, lengths, contiguous, int((starts + lengths).max()))
 
-    def _forward(self, slots, ids, starts, lengths, contiguous: bool, T: int) -> torch.Tensor:
+    def _forward(self, slots, ids, starts, lengths, contiguous: bool, T: int, shared: SharedKeys | None = None
+                 ) -> torch.Tensor:
         """`forward` with the layout known: keys 0..T-1 are attended. With one token per row on CUDA
-        it makes no host synchronisation, so a CUDA graph can capture it."""
+        it makes no host synchronisation, so a CUDA graph can capture it. `shared`: see `decode`."""
         U, S = ids.shape
         pos = starts.unsqueeze(1) + torch.arange(S, device=ids.device)               # [U, S]
         x = self.embed[ids].float()                                                 # [U, S, D]
         cos, sin = self.rotary(x, pos)                                              # [U, S, d]
         if self.kernel is not None and S == 1 and contiguous:
-            attend = self._compiled_attention(pos, cos, sin)
+            attend = self._compiled_attention(pos, cos, sin, shared)
         else:
             attend = self._torch_attention(slots, lengths, pos, cos, sin, contiguous, T)
         h = self._add_norm(x, None, self.layers[0][0])
@@ -301,8 +318,13 @@ class DecoderRunner:
 
     # -- decode: one token per row in slots 0..U-1; on CUDA, replayed CUDA graphs --------------------
     @torch.inference_mode()
-    def decode(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    def decode(self, ids: torch.Tensor, starts: torch.Tensor, shared: SharedKeys | None = None) -> torch.Tensor:
         """Logits after feeding ids[u] at position starts[u] of slot u, for u < U: [U, V] float32.
+
+        `shared`: rows whose leading keys other slots hold too (the same prompt, a tree's common
+        prefix) read them there, so the compiled attention streams a shared prefix from memory once
+        for all its rows instead of once per row; other paths read every row's own slot (the same
+        values: a slot's prefix is a copy of the states it shares).
 
         On CUDA with `cuda_graphs`, a decode step is hundreds of small kernels whose launches cost more
         than their arithmetic at these batch sizes, so each (batch bucket, key-length bucket) is
@@ -311,7 +333,8 @@ class DecoderRunner:
         up to the next multiple of `GRAPH_KEY_BLOCK`, masked past each row's position."""
         U = ids.shape[0]
         if not self.use_graphs:
-            return self.forward(torch.arange(U, device=ids.device), ids.view(U, 1), starts, torch.ones_like(starts))
+            return self._forward(torch.arange(U, device=ids.device), ids.view(U, 1), starts, torch.ones_like(starts),
+                                 True, int(starts.max()) + 1, shared)
         slots, capacity = self.k.shape[1], self.k.shape[3]
         b = next(n for n in self._buckets(slots) if n >= U)
         T = min(capacity, -(-(int(starts.max()) + 1) // GRAPH_KEY_BLOCK) * GRAPH_KEY_BLOCK)
@@ -374,15 +397,16 @@ class DecoderRunner:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def _compiled_attention(self, pos, cos, sin):
+    def _compiled_attention(self, pos, cos, sin, shared: SharedKeys | None = None):
         """One new token per row in slots 0..U-1: `decode_kernels.cpp` applies the rotary embedding,
         writes the keys and values and attends, in one pass over the cache."""
         U, d, H = pos.shape[0], self.head_dim, self.n_heads
         cos, sin, pos = cos.reshape(U, d).contiguous(), sin.reshape(U, d).contiguous(), pos.reshape(U).contiguous()
+        seg = (shared.slot, shared.end, shared.order) if shared is not None else (None, None, None)
 
         def attend(li, qkv, qkv_b):
             return self.kernel.decode_attention(qkv.view(U, -1), qkv_b, cos, sin, pos, self.k[li], self.v[li],
-                                                H).view(U, 1, H * d)
+                                                H, *seg).view(U, 1, H * d)
         return attend
 
     def _torch_attention(self, slots, lengths, pos, cos, sin, contiguous, T):

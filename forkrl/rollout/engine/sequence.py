@@ -19,6 +19,10 @@ class Sequence:
     top: list = field(default_factory=list)
     finish: str | None = None
     length: int = 0              # tokens whose states are in its cache slot (prompt + every token fed back)
+    # another sequence whose first `shares_len` tokens are this one's too: decode reads those keys
+    # from its slot (one stream of a shared prefix for all its rows; TorchEngine._shared_keys)
+    shares: Sequence | None = None
+    shares_len: int = 0
 
     def append(self, token: int, logprob: float, entropy: float, is_eos: bool, tokenizer) -> bool:
         """Record a sampled token; True when it ended the sequence (sets `finish`)."""

@@ -37,6 +37,7 @@ from forkrl.registry import register_engine
 from forkrl.rollout.engine.prefix_cache import PrefixCache
 from forkrl.rollout.engine.runner import (
     DecoderRunner,
+    SharedKeys,
     resolve_dtype,
     unsupported_reason,
 )
@@ -213,7 +214,7 @@ class TorchEngine:
         feed = torch.where(torch.tensor([q is not None for q in slots], device=device), tokens[:len(slots)],
                            torch.full_like(tokens[:len(slots)], self.pad_id))
         starts = torch.tensor([q.length if q is not None else 0 for q in slots], device=device)
-        logits = self.runner.decode(feed, starts)
+        logits = self.runner.decode(feed, starts, self._shared_keys(slots) if self.runner.reads_shared_keys else None)
         for q in slots:
             if q is not None:
                 q.length += 1
@@ -281,7 +282,83 @@ class TorchEngine:
             if src != k:
                 runner.copy(slots[src], slots[k], len(q.prompt))
             q.length = len(q.prompt)
+        self._link_shared(seqs, [q for _, q in running])
         return torch.stack([logits[leader[tuple(q.prompt)]] for q in seqs])
+
+    # -- shared prefixes read once per decode step -------------------------------------------------------
+    SHARE_AT_LEAST = 64   # shorter common prefixes are not worth a segment of their own
+    MAX_SEGMENTS = 4      # links followed per row; past them the row's own slot serves (it holds the same states)
+
+    def _link_shared(self, seqs: list[Sequence], running: list[Sequence]) -> None:
+        """Point each new sequence at the live one (running, or admitted before it now) with which its
+        prompt shares the longest prefix, when that is at least SHARE_AT_LEAST tokens: the samples of
+        one prompt, prompts with a common header, a branch and its parent."""
+        seen = list(running)
+        for q in seqs:
+            best, best_n = None, self.SHARE_AT_LEAST - 1
+            for c in seen:
+                if c.length <= best_n or c.prompt[0] != q.prompt[0]:
+                    continue
+                n = min(shared_prefix(c.prompt + c.ids[:c.length - len(c.prompt)], q.prompt), c.length, q.length)
+                if n > best_n:
+                    best, best_n = c, n
+            q.shares, q.shares_len = best, (best_n if best is not None else 0)
+            seen.append(q)
+
+    def _shared_keys(self, slots: list[Sequence | None]) -> SharedKeys | None:
+        """Per row, the slots its leading keys are read from, following `Sequence.shares` links, and an
+        order that attends rows of one shared prefix back to back.
+
+        Links never name a freed slot: a row whose link finished takes over the finished one's role
+        for the other rows linked to it (they share the smaller of the two prefixes with it), or, if
+        it is the first to find it finished, follows the finished one's own link."""
+        where = {id(q): j for j, q in enumerate(slots) if q is not None}
+        heir: dict[int, tuple[Sequence, int]] = {}   # finished sequence -> (the row taking its place, shared)
+        rows: list[list[tuple[int, int]]] = []
+        shared = 0
+        for q in slots:
+            if q is not None:   # re-link past finished links, once; later steps find the live ones directly
+                nxt, n = q.shares, q.shares_len
+                for _ in range(len(slots)):   # bounded: any path of links is valid, a loop is not useful
+                    if nxt is None or id(nxt) in where:
+                        break
+                    if id(nxt) in heir:
+                        other, m = heir[id(nxt)]
+                        nxt, n = other, min(n, m)
+                        break
+                    heir[id(nxt)] = (q, n)
+                    nxt, n = nxt.shares, min(n, nxt.shares_len)
+                if nxt is not None and id(nxt) not in where:
+                    nxt, n = None, 0
+                q.shares, q.shares_len = nxt, n
+            chain: list[tuple[int, int]] = []   # (slot, keys read from it), outward from q
+            cur, limit = q, None
+            while cur is not None and len(chain) < self.MAX_SEGMENTS:
+                nxt, n = cur.shares, cur.shares_len
+                if nxt is not None and id(nxt) not in where:   # a link further out, re-linked when its row comes
+                    break
+                if nxt is None or n <= 0:
+                    break
+                limit = n if limit is None else min(limit, n)
+                chain.append((where[id(nxt)], limit))
+                cur = nxt
+            segments = [(j, e) for j, e in reversed(chain)]
+            segments = [s for i, s in enumerate(segments) if i == 0 or s[1] > segments[i - 1][1]]
+            rows.append(segments)
+            shared += segments[-1][1] if segments else 0
+        self.stats.attended_keys += sum(q.length + 1 for q in slots if q is not None)
+        self.stats.shared_keys += shared
+        if not shared:
+            return None
+        width = max(len(r) for r in rows)
+        slot = torch.full((len(rows), width), -1, dtype=torch.long)
+        end = torch.zeros((len(rows), width), dtype=torch.long)
+        for u, segs in enumerate(rows):
+            for i, (j, e) in enumerate(segs):
+                slot[u, i], end[u, i] = j, e
+        # rows reading one prefix run back to back (the kernel splits the rows in contiguous runs per thread)
+        order = sorted(range(len(rows)), key=lambda u: (rows[u][0][0] if rows[u] else u, u))
+        return SharedKeys(slot, end, torch.tensor(order, dtype=torch.long))
 
     @staticmethod
     def _running_prefix(prompt: list[int], running: list[tuple[int, Sequence]], least: int) -> tuple[int, int]:
