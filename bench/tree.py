@@ -28,7 +28,8 @@ import torch
 RECIPES = {"short": {"latr": "configs/latr.yaml", "arpo": "configs/arpo.yaml"},
            "long": {"latr": "configs/latr_long.yaml", "arpo": "configs/arpo_long.yaml"}}
 SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens", "sampler/prefilled_tokens",
-        "sampler/cached_tokens", "sampler/env_tokens", "sampler/tool_calls", "learner/forward_tokens",
+        "sampler/cached_tokens", "sampler/env_tokens", "sampler/tool_calls", "sampler/attended_keys",
+        "sampler/shared_keys", "learner/forward_tokens",
         "learner/shared_prefix_tokens", "time/sampling_s", "time/learning_s", "time/weight_sync_s",
         "sampler/latr/discarded_tokens")
 

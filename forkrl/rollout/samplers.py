@@ -51,13 +51,15 @@ class RolloutBudget:
     env_tokens: int = 0          # tool results inserted into the trajectories (each counted where it was inserted)
     tool_calls: int = 0
     steps: int = 0               # decode steps of the engine's continuous batch (0: an engine that does not count them)
+    attended_keys: int = 0       # keys the decode steps attended to, and those read from a slot rows share
+    shared_keys: int = 0
     seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: RolloutBudget) -> None:
         """Sum another call's spending into this one (a step's refill rounds)."""
         for f in ("trajectories", "branch_points", "decoded_tokens", "prefilled_tokens", "cached_tokens",
-                  "env_tokens", "tool_calls", "steps", "seconds"):
+                  "env_tokens", "tool_calls", "steps", "attended_keys", "shared_keys", "seconds"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         for k, v in other.extra.items():
             self.extra[k] = self.extra.get(k, 0.0) + v
@@ -74,6 +76,9 @@ class RolloutBudget:
                f"{prefix}tokens_per_trajectory": (self.decoded_tokens + self.prefilled_tokens) / n}
         if self.steps:
             out[f"{prefix}mean_batch_rows"] = self.decoded_tokens / self.steps
+        if self.attended_keys:
+            out[f"{prefix}attended_keys"] = float(self.attended_keys)
+            out[f"{prefix}shared_keys"] = float(self.shared_keys)
         out.update({f"{prefix}{k}": v for k, v in self.extra.items()})
         return out
 
@@ -88,7 +93,9 @@ def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParam
                 ctx: SamplerContext | None = None) -> tuple[list[list[Trajectory]], RolloutBudget]:
     """Calls `sampler.sample` and measures what it spent through the engine's counters."""
     ctx = ctx or SamplerContext()
-    s0 = (engine.stats.decode_tokens, engine.stats.prefill_tokens, engine.stats.cached_tokens, engine.stats.steps)
+    stats = engine.stats
+    s0 = (stats.decode_tokens, stats.prefill_tokens, stats.cached_tokens, stats.steps, stats.attended_keys,
+          stats.shared_keys)
     start = time.perf_counter()
     groups, extra = sampler.sample(engine, prompts, params, seed, ctx)
     trajs = [t for g in groups for t in g]
@@ -98,6 +105,7 @@ def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParam
                            cached_tokens=engine.stats.cached_tokens - s0[2],
                            env_tokens=sum(env_tokens(t) for t in trajs),
                            tool_calls=sum(len(t.tool_calls) for t in trajs), steps=engine.stats.steps - s0[3],
+                           attended_keys=stats.attended_keys - s0[4], shared_keys=stats.shared_keys - s0[5],
                            seconds=time.perf_counter() - start, extra=extra)
     return groups, budget
 
