@@ -46,7 +46,7 @@ def main() -> None:
                 for p in prompts]
 
     def run(share: bool) -> tuple[float, list, float, int]:
-        engine.SHARE_AT_LEAST = type(engine).SHARE_AT_LEAST if share else 10**9
+        engine.SHARE_AT_LEAST = getattr(type(engine), "SHARE_AT_LEAST", 0) if share else 10**9
         engine.weights_updated()   # nothing from the other side's prefix cache
         keys = lambda: (getattr(engine.stats, "attended_keys", 0), getattr(engine.stats, "shared_keys", 0))  # noqa: E731  (older revisions, under bench/ab.py, count neither)
         (k0, s0) = keys()
