@@ -8,7 +8,9 @@
 // With these kernels the rest takes ~5 ms (runner.py's docstring has the measurements).
 //
 //   decode_attention  rotary embedding, key/value cache write and grouped-query attention of one
-//                     new token per row, reading every cached row once (prefetched ahead)
+//                     new token per row, reading every cached key and value once for all the
+//                     query heads that share it (prefetched ahead); keys several rows share (a
+//                     prompt, a header, a tree prefix) come from one slot, its rows back to back
 //   add_rms_norm      residual add and RMSNorm, cast to the matmul dtype
 //   silu_mul          SwiGLU's silu(gate) * up
 //   sample_rows       softmax, entropy, log-prob and an inverse-CDF draw, two passes over the logits
