@@ -269,3 +269,25 @@ def test_rows_sharing_a_prefix_read_it_once_and_sample_the_same(tiny):
     assert shared.stats.attended_keys == own.stats.attended_keys
     # 8 of the 9 rows read the header (72 of their ~85 keys) or more from another slot at every step
     assert shared.stats.shared_keys / shared.stats.attended_keys > 8 / 9 * 0.8
+
+
+def test_rows_keep_sharing_after_the_row_they_read_from_finishes(tiny):
+    """The first sample of a prompt finishes after 2 tokens while 3 others of the same prompt run on:
+    one of them takes its place, so the other two still read the prompt from one slot (and nothing
+    reads the finished row's slot, which the samples being unchanged shows)."""
+    model, tok = tiny
+    prompt = tok(" ".join(["Count the apples in the basket and answer with a number."] * 7))["input_ids"]
+    assert len(prompt) >= TorchEngine.SHARE_AT_LEAST
+    reqs = [GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=2)),
+            GenerationRequest(prompt, SamplingParams(temperature=0.0, max_tokens=10, n=3))]
+    shared = TorchEngine(model, tok, prefix_cache_mb=0)
+    if not shared.runner.reads_shared_keys:
+        pytest.skip("the compiled decode kernel is unavailable here")
+    own = TorchEngine(model, tok, prefix_cache_mb=0)
+    own.SHARE_AT_LEAST = 10**9
+    got, want = shared.generate(reqs), own.generate(reqs)
+    assert [c.token_ids for g in got for c in g] == [c.token_ids for g in want for c in g]
+    assert [len(c.token_ids) for g in got for c in g] == [2, 10, 10, 10]
+    # decode steps feed tokens 1..9 of the long rows: while the short row runs (step 1) its 3
+    # followers read the prompt from it; after it finished (steps 2-9) 2 of them read it from the heir
+    assert shared.stats.shared_keys == len(prompt) * (3 * 1 + 2 * 8)
