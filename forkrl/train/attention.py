@@ -70,7 +70,9 @@ def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
                                                dropout_p=p, is_causal=True, scale=scaling)
         else:
             cols = s.keys.to(query.device)
-            o = F.scaled_dot_product_attention(q, key[:, :, cols], value[:, :, cols],
+            # index_select, not key[:, :, cols]: its backward is an index_add, 2.7x faster on the CPU
+            # than advanced indexing's accumulating index_put (measured fwd + bwd, 900 of 3,500 keys)
+            o = F.scaled_dot_product_attention(q, key.index_select(2, cols), value.index_select(2, cols),
                                                attn_mask=s.mask.to(query.device), dropout_p=p, scale=scaling)
         parts.append(o[0].transpose(0, 1))   # [m, H, D]
         filled = s.end
