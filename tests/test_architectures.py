@@ -19,8 +19,8 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
 
-def tiny_model(arch: str):
-    model = random_model(arch, **COMMON, **({"head_dim": 32} if arch == "qwen3" else {}))
+def tiny_model(arch: str, **shape):
+    model = random_model(arch, **{**COMMON, **shape}, **({"head_dim": 32} if arch == "qwen3" else {}))
     g = torch.Generator().manual_seed(0)
     if arch == "qwen3":
         with torch.no_grad():  # random norm weights, so a mistake in them cannot hide behind ones
@@ -53,7 +53,23 @@ def test_runner_matches_the_hugging_face_forward(arch, compiled):
         assert model.model.layers[0].self_attn.q_proj.bias is not None
     if arch == "qwen3":
         assert model.model.layers[0].self_attn.q_norm is not None and model.config.head_dim == 32
+    _runner_follows_the_forward(model, compiled)
+
+
+@pytest.mark.parametrize("kv_heads", [7, 1])
+def test_compiled_decode_takes_any_number_of_query_heads_per_kv_head(kv_heads):
+    """7 query heads over 7 kv heads (one each) or over 1 (the kernel takes them in chunks of 4
+    and 3), head_dim 16."""
+    model = tiny_model("llama", hidden_size=112, num_attention_heads=7, num_key_value_heads=kv_heads)
+    _runner_follows_the_forward(model, compiled=True)
+
+
+def _runner_follows_the_forward(model, compiled: bool):
+    """Prefill of ragged prompts, then 4 greedy decode steps: the runner's logits are the Hugging Face
+    forward's of the same tokens."""
     runner = DecoderRunner(model, torch.float32, compiled=compiled)
+    if compiled and runner.kernel is None:
+        pytest.skip("compiled kernels unavailable here")
     prompts = [[5, 9, 17, 3, 22, 8, 1], [40, 2, 7], [11, 12, 13, 14, 15]]
     runner.reserve(len(prompts), 32)
     U, S = len(prompts), max(map(len, prompts))
@@ -66,7 +82,7 @@ def test_runner_matches_the_hugging_face_forward(arch, compiled):
     for step in range(4):
         with torch.no_grad():
             want = torch.stack([model(torch.tensor([s])).logits[0, -1] for s in seqs])
-        assert (logits - want).abs().max() < 1e-4, (arch, step)
+        assert (logits - want).abs().max() < 1e-4, step
         nxt = logits.argmax(-1)
         starts = torch.tensor([len(s) for s in seqs])
         for s, t in zip(seqs, nxt.tolist()):

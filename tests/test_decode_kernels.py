@@ -59,7 +59,9 @@ def test_compiled_decode_step_matches_the_pytorch_ops_in_float32(tiny, kernel):
     assert compiled.kernel is not None and compiled.cache_dtype == torch.float32
     reference = DecoderRunner(model, torch.float32, compiled=False)
     got, want = _prefill_then_decode(compiled, prompts), _prefill_then_decode(reference, prompts)
-    assert (got - want).abs().max() < 1e-4
+    # float32 rounding relative to the logits' scale (up to 39 here): summation orders differ, and
+    # with them the compiler's vectorisation (measured: 8.9e-5 and 1.2e-4 in two builds)
+    assert (got - want).abs().max() < 5e-6 * want.abs().max()
     # and against the Hugging Face forward of the same tokens: the first decode step fed the argmax
     # of the prompt's next-token logits
     with torch.no_grad():

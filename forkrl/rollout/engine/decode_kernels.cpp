@@ -102,57 +102,11 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// out[g] = softmax(q[g] . K[0..n)) V[0..n), for one row and kv head, keys [ends[s-1], ends[s]) read
-// from segment s's cache (Ks[s], Vs[s]; n = ends[segs - 1]). Each query vector sweeps the keys in
-// turn (the first sweep streams them from memory with prefetching, later ones hit the cache); a
-// key's dot product is D/16 fused multiply-adds and one horizontal sum.
-template <typename C, int D>
-inline void attend(const float (*q)[D], int64_t group, const C* const* Ks, const C* const* Vs, const int64_t* ends,
-                   int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
-  constexpr int W = D / 16;
-  constexpr int line = 64 / sizeof(C);
-  const int64_t n = ends[segs - 1];
-  for (int64_t g = 0; g < group; ++g) {
-    __m512 qv[W];
-    for (int w = 0; w < W; ++w) qv[w] = _mm512_loadu_ps(q[g] + 16 * w);
-    for (int64_t s = 0, t = 0; s < segs; ++s) {
-      const C* K = Ks[s];
-      const C* V = Vs[s];
-      for (; t < ends[s]; ++t) {
-        const C* k = K + t * s_pos;
-        if (g == 0) {
-          for (int c = 0; c < D; c += line) {
-            __builtin_prefetch(k + kAhead * s_pos + c);
-            __builtin_prefetch(V + t * s_pos + c);
-          }
-        }
-        __m512 dot = _mm512_mul_ps(qv[0], load16(k));
-        for (int w = 1; w < W; ++w) dot = _mm512_fmadd_ps(qv[w], load16(k + 16 * w), dot);
-        scores[g * n + t] = _mm512_reduce_add_ps(dot);
-      }
-    }
-  }
-  float inv[kMaxGroup];
-  softmax_rows(scores, group, n, inv);
-  for (int64_t g = 0; g < group; ++g) {
-    __m512 acc[W];
-    for (int w = 0; w < W; ++w) acc[w] = _mm512_setzero_ps();
-    const float* p = scores + g * n;
-    for (int64_t s = 0, t = 0; s < segs; ++s) {
-      const C* V = Vs[s];
-      for (; t < ends[s]; ++t) {
-        const C* v = V + t * s_pos;
-        const __m512 pt = _mm512_set1_ps(p[t]);
-        for (int w = 0; w < W; ++w) acc[w] = _mm512_fmadd_ps(pt, load16(v + 16 * w), acc[w]);
-      }
-    }
-    const __m512 scale = _mm512_set1_ps(inv[g]);
-    for (int w = 0; w < W; ++w) _mm512_storeu_ps(out[g] + 16 * w, _mm512_mul_ps(acc[w], scale));
-  }
-}
-// attend for a fixed number G of query heads per kv head: each key and value vector is loaded (and
-// converted from bf16) once for all G queries instead of once per query, with the G queries held in
-// registers. Same arithmetic per (query, key) as `attend`, so the same bits.
+// out[g] = softmax(q[g] . K[0..n)) V[0..n) for G query heads of one row and kv head, keys
+// [ends[s-1], ends[s]) read from segment s's cache (Ks[s], Vs[s]; n = ends[segs - 1]). Each key and
+// value vector is loaded (and converted from bf16) once for the G queries, which stay in registers;
+// the first pass streams the keys from memory with prefetching. A key's dot product is D/16 fused
+// multiply-adds and one horizontal sum.
 template <typename C, int D, int G>
 inline void attend_group(const float (*q)[D], const C* const* Ks, const C* const* Vs, const int64_t* ends,
                          int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
@@ -202,20 +156,27 @@ inline void attend_group(const float (*q)[D], const C* const* Ks, const C* const
   }
 }
 
-// the grouped kernel for up to 4 query heads per kv head (registers hold them; SmolLM2, Llama 3,
-// Qwen3's small models), the general one otherwise
+// the query heads of one kv head in chunks of up to 4 (what registers hold: all of them for
+// SmolLM2, Llama 3 and Qwen3's small models), each chunk an independent attention
 template <typename C, int D>
-inline void attend_any(const float (*q)[D], int64_t group, const C* const* Ks, const C* const* Vs,
-                       const int64_t* ends, int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
-  switch (group) {
-    case 1: return attend_group<C, D, 1>(q, Ks, Vs, ends, segs, s_pos, scores, out);
-    case 2: return attend_group<C, D, 2>(q, Ks, Vs, ends, segs, s_pos, scores, out);
-    case 3: return attend_group<C, D, 3>(q, Ks, Vs, ends, segs, s_pos, scores, out);
-    case 4: return attend_group<C, D, 4>(q, Ks, Vs, ends, segs, s_pos, scores, out);
-    default: return attend<C, D>(q, group, Ks, Vs, ends, segs, s_pos, scores, out);
+inline void attend(const float (*q)[D], int64_t group, const C* const* Ks, const C* const* Vs,
+                   const int64_t* ends, int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
+  const int64_t n = ends[segs - 1];
+  for (int64_t g = 0; g < group; g += 4) {
+    const float(*qg)[D] = q + g;
+    float* sg = scores + g * n;
+    float(*og)[D] = out + g;
+    switch (std::min<int64_t>(group - g, 4)) {
+      case 1: attend_group<C, D, 1>(qg, Ks, Vs, ends, segs, s_pos, sg, og); break;
+      case 2: attend_group<C, D, 2>(qg, Ks, Vs, ends, segs, s_pos, sg, og); break;
+      case 3: attend_group<C, D, 3>(qg, Ks, Vs, ends, segs, s_pos, sg, og); break;
+      default: attend_group<C, D, 4>(qg, Ks, Vs, ends, segs, s_pos, sg, og); break;
+    }
   }
 }
 #else
+// out[g] = softmax(q[g] . K[0..n)) V[0..n), for one row and kv head, keys [ends[s-1], ends[s]) read
+// from segment s's cache; loops the compiler vectorizes
 template <typename C, int D>
 inline void attend(const float (*q)[D], int64_t group, const C* const* Ks, const C* const* Vs, const int64_t* ends,
                    int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
@@ -245,12 +206,6 @@ inline void attend(const float (*q)[D], int64_t group, const C* const* Ks, const
     }
     for (int i = 0; i < D; ++i) out[g][i] = acc[i] * inv[g];
   }
-}
-
-template <typename C, int D>
-inline void attend_any(const float (*q)[D], int64_t group, const C* const* Ks, const C* const* Vs,
-                       const int64_t* ends, int64_t segs, int64_t s_pos, float* scores, float (*out)[D]) {
-  attend<C, D>(q, group, Ks, Vs, ends, segs, s_pos, scores, out);
 }
 #endif
 
@@ -291,7 +246,7 @@ void decode(const T* qkv, const float* bias, const float* cos, const float* sin,
       Vs[segs] = Vh;
       ends[segs++] = pos[b] + 1;
       scores.resize(group * (pos[b] + 1));
-      attend_any<C, D>(q, group, Ks.data(), Vs.data(), ends.data(), segs, s_pos, scores.data(), att);
+      attend<C, D>(q, group, Ks.data(), Vs.data(), ends.data(), segs, s_pos, scores.data(), att);
       for (int64_t g = 0; g < group; ++g) {
         T* o = out + b * heads * D + (h * group + g) * D;
         for (int i = 0; i < D; ++i) store(o + i, att[g][i]);
