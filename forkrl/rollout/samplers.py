@@ -100,11 +100,11 @@ def run_sampler(sampler, engine, prompts: list[list[int]], params: SamplingParam
     groups, extra = sampler.sample(engine, prompts, params, seed, ctx)
     trajs = [t for g in groups for t in g]
     budget = RolloutBudget(trajectories=len(trajs), branch_points=sum(t.parent is not None for t in trajs),
-                           decoded_tokens=engine.stats.decode_tokens - s0[0],
-                           prefilled_tokens=engine.stats.prefill_tokens - s0[1],
-                           cached_tokens=engine.stats.cached_tokens - s0[2],
+                           decoded_tokens=stats.decode_tokens - s0[0],
+                           prefilled_tokens=stats.prefill_tokens - s0[1],
+                           cached_tokens=stats.cached_tokens - s0[2],
                            env_tokens=sum(env_tokens(t) for t in trajs),
-                           tool_calls=sum(len(t.tool_calls) for t in trajs), steps=engine.stats.steps - s0[3],
+                           tool_calls=sum(len(t.tool_calls) for t in trajs), steps=stats.steps - s0[3],
                            attended_keys=stats.attended_keys - s0[4], shared_keys=stats.shared_keys - s0[5],
                            seconds=time.perf_counter() - start, extra=extra)
     return groups, budget

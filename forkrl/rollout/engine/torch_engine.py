@@ -295,57 +295,26 @@ class TorchEngine:
         one prompt, prompts with a common header, a branch and its parent."""
         seen = list(running)
         for q in seqs:
-            best, best_n = None, self.SHARE_AT_LEAST - 1
-            for c in seen:
-                if c.length <= best_n or c.prompt[0] != q.prompt[0]:
-                    continue
-                n = min(shared_prefix(c.prompt + c.ids[:c.length - len(c.prompt)], q.prompt), c.length, q.length)
-                if n > best_n:
-                    best, best_n = c, n
-            q.shares, q.shares_len = best, (best_n if best is not None else 0)
+            i, n = self._longest_prefix(q.prompt, seen, self.SHARE_AT_LEAST)
+            q.shares, q.shares_len = (seen[i], n) if i >= 0 else (None, 0)
             seen.append(q)
 
     def _shared_keys(self, slots: list[Sequence | None]) -> SharedKeys | None:
         """Per row, the slots its leading keys are read from, following `Sequence.shares` links, and an
-        order that attends rows of one shared prefix back to back.
-
-        Links never name a freed slot: a row whose link finished takes over the finished one's role
-        for the other rows linked to it (they share the smaller of the two prefixes with it), or, if
-        it is the first to find it finished, follows the finished one's own link."""
+        order that attends rows of one shared prefix back to back."""
         where = {id(q): j for j, q in enumerate(slots) if q is not None}
-        heir: dict[int, tuple[Sequence, int]] = {}   # finished sequence -> (the row taking its place, shared)
-        rows: list[list[tuple[int, int]]] = []
-        shared = 0
+        self._relink(slots, where)
+        rows: list[list[tuple[int, int]]] = []   # per row, (slot, keys up to) outermost first
         for q in slots:
-            if q is not None:   # re-link past finished links, once; later steps find the live ones directly
-                nxt, n = q.shares, q.shares_len
-                for _ in range(len(slots)):   # bounded: any path of links is valid, a loop is not useful
-                    if nxt is None or id(nxt) in where:
-                        break
-                    if id(nxt) in heir:
-                        other, m = heir[id(nxt)]
-                        nxt, n = other, min(n, m)
-                        break
-                    heir[id(nxt)] = (q, n)
-                    nxt, n = nxt.shares, min(n, nxt.shares_len)
-                if nxt is not None and id(nxt) not in where:
-                    nxt, n = None, 0
-                q.shares, q.shares_len = nxt, n
-            chain: list[tuple[int, int]] = []   # (slot, keys read from it), outward from q
+            chain: list[tuple[int, int]] = []
             cur, limit = q, None
-            while cur is not None and len(chain) < self.MAX_SEGMENTS:
-                nxt, n = cur.shares, cur.shares_len
-                if nxt is not None and id(nxt) not in where:   # a link further out, re-linked when its row comes
-                    break
-                if nxt is None or n <= 0:
-                    break
-                limit = n if limit is None else min(limit, n)
-                chain.append((where[id(nxt)], limit))
-                cur = nxt
-            segments = [(j, e) for j, e in reversed(chain)]
-            segments = [s for i, s in enumerate(segments) if i == 0 or s[1] > segments[i - 1][1]]
-            rows.append(segments)
-            shared += segments[-1][1] if segments else 0
+            while cur is not None and cur.shares is not None and len(chain) < self.MAX_SEGMENTS:
+                limit = cur.shares_len if limit is None else min(limit, cur.shares_len)
+                chain.append((where[id(cur.shares)], limit))
+                cur = cur.shares
+            chain.reverse()
+            rows.append([seg for i, seg in enumerate(chain) if i == 0 or seg[1] > chain[i - 1][1]])
+        shared = sum(r[-1][1] for r in rows if r)
         self.stats.attended_keys += sum(q.length + 1 for q in slots if q is not None)
         self.stats.shared_keys += shared
         if not shared:
@@ -361,16 +330,46 @@ class TorchEngine:
         return SharedKeys(slot, end, torch.tensor(order, dtype=torch.long))
 
     @staticmethod
+    def _relink(slots: list[Sequence | None], where: dict[int, int]) -> None:
+        """Point every running row's link at a running row (or at none), so no link names a freed
+        slot: the first row to find its link finished follows the finished one's own link and takes
+        its place for the other rows linked to it, which share the smaller of the two prefixes with it."""
+        heir: dict[int, tuple[Sequence, int]] = {}   # finished sequence -> (the row taking its place, shared)
+        for q in slots:
+            if q is None:
+                continue
+            nxt, n = q.shares, q.shares_len
+            for _ in range(len(slots)):   # bounded: any path of links is valid, a loop is not useful
+                if nxt is None or id(nxt) in where:
+                    break
+                if id(nxt) in heir:
+                    other, m = heir[id(nxt)]
+                    nxt, n = other, min(n, m)
+                    break
+                heir[id(nxt)] = (q, n)
+                nxt, n = nxt.shares, min(n, nxt.shares_len)
+            if nxt is not None and id(nxt) not in where:
+                nxt, n = None, 0
+            q.shares, q.shares_len = nxt, n
+
+    @staticmethod
     def _running_prefix(prompt: list[int], running: list[tuple[int, Sequence]], least: int) -> tuple[int, int]:
         """(slot, length) of the running sequence whose fed tokens share the longest prefix with
         `prompt` (at most len(prompt) - 1, at least `least` tokens); (-1, 0) when none does."""
+        i, n = TorchEngine._longest_prefix(prompt[:-1], [q for _, q in running], least)
+        return (running[i][0], n) if i >= 0 else (-1, 0)
+
+    @staticmethod
+    def _longest_prefix(tokens: list[int], seqs: list[Sequence], least: int) -> tuple[int, int]:
+        """(index, length) of the sequence among `seqs` whose fed tokens (the states in its slot) share
+        the longest prefix with `tokens`, at least `least` long; (-1, 0) when none does."""
         best, best_n = -1, least - 1
-        for j, q in running:
+        for i, q in enumerate(seqs):
             if q.length <= best_n:
                 continue
-            n = shared_prefix((q.prompt + q.ids)[:q.length], prompt[:-1])
+            n = shared_prefix((q.prompt + q.ids)[:q.length], tokens)
             if n > best_n:
-                best, best_n = j, n
+                best, best_n = i, n
         return (best, best_n) if best >= 0 else (-1, 0)
 
     def _prefill_slots(self, start: dict[int, int], seqs: list[Sequence], slots: list[int]) -> dict[int, torch.Tensor]:
