@@ -12,6 +12,11 @@ sequence's own tokens) runs one attention over just the keys it can see, gathere
 The result equals the dense masked attention at every position (the flat row has no padding). It is a transformers attention function (`AttentionInterface`),
 used when the forward passes `spans` (the learner on the CPU, where attention costs as much as the
 linear layers at these lengths); without `spans` it is the model's usual SDPA attention.
+
+Two more keyword arguments carry a mini-batch's header (`forward.Header`: a prefix every sequence
+starts with, run once for all micro-batches): `record`, a dict the header's own forward fills with
+each layer's keys and values, and `header`, whose keys and values a micro-batch's forward puts
+before its own, so key column j < len(header) is header token j and the row's columns follow.
 """
 from __future__ import annotations
 
@@ -35,11 +40,13 @@ class Span:
     mask: Tensor | None = None
 
 
-def branch_span(start: int, borrowed: list[int], length: int) -> Span:
+def branch_span(start: int, borrowed: list[int], length: int, header: int = 0) -> Span:
     """Queries at columns start..start+length that continue a prefix whose states sit at the
-    `borrowed` columns (in sequence order): they see all of those, then their own tokens causally."""
+    `borrowed` key columns (in sequence order): they see all of those, then their own tokens
+    causally. With a header of that many tokens before the row, the row's own key columns are
+    shifted by it (`borrowed` are key columns already)."""
     before = len(borrowed)
-    keys = torch.cat([torch.tensor(borrowed, dtype=torch.long), torch.arange(start, start + length)])
+    keys = torch.cat([torch.tensor(borrowed, dtype=torch.long), torch.arange(start, start + length) + header])
     mask = torch.ones((length, before + length), dtype=torch.bool)
     mask[:, before:] = torch.ones((length, length), dtype=torch.bool).tril()
     return Span(start, start + length, keys, mask)
@@ -47,14 +54,25 @@ def branch_span(start: int, borrowed: list[int], length: int) -> Span:
 
 def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                    dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
-                   spans: list[Span] | None = None, **kwargs) -> tuple[Tensor, None]:
+                   spans: list[Span] | None = None, header=None, record: dict | None = None,
+                   **kwargs) -> tuple[Tensor, None]:
     """query [1, H, C, D], key/value [1, Hkv, C, D] -> ([1, C, H, D], None), as transformers' SDPA.
-    `spans` cover the row's columns in order."""
+    `spans` cover the row's columns in order. `record`: keep this layer's keys and values there
+    (the first time: gradient checkpointing runs the layer again in backward). `header`: its keys
+    and values come first."""
+    if record is not None:
+        record.setdefault(module.layer_idx, (key, value))
+    if header is not None:
+        if spans is None:
+            raise ValueError("a header's keys are read by span attention only: pass spans with it")
+        key = torch.cat([header.keys[module.layer_idx], key], dim=2)
+        value = torch.cat([header.values[module.layer_idx], value], dim=2)
     if spans is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     _, H, C, D = query.shape
+    offset = key.shape[2] - C   # header columns before the row's own
     groups = H // key.shape[1]
     if groups > 1:  # one copy for all spans instead of one per span
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -66,7 +84,8 @@ def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
             raise ValueError(f"spans leave columns {filled}..{s.start} uncovered")
         q = query[:, :, s.start:s.end]
         if s.keys is None:
-            o = F.scaled_dot_product_attention(q, key[:, :, s.start:s.end], value[:, :, s.start:s.end],
+            own = slice(offset + s.start, offset + s.end)
+            o = F.scaled_dot_product_attention(q, key[:, :, own], value[:, :, own],
                                                dropout_p=p, is_causal=True, scale=scaling)
         else:
             cols = s.keys.to(query.device)

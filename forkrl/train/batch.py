@@ -1,5 +1,6 @@
 """The learner's batch: trajectories as tensors (`pack`), the rows a micro-batch takes (`micro_batches`),
-and which tokens several tree branches share (`token_origin`, `first_occurrence`)."""
+the header its rows all start with (`common_header`), and which tokens several tree branches share
+(`token_origin`, `first_occurrence`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -203,19 +204,34 @@ def first_occurrence(origin: Tensor) -> Tensor:
     return out.view_as(origin)
 
 
+def common_header(batch: PackedBatch, rows: Tensor) -> list[int]:
+    """The tokens every prompt of `rows` starts with (a system prompt, few-shot examples), ending
+    before the last token of the shortest: the state before a response's first token is the
+    prompt's last, which the loss reads, so it must be run with the rows."""
+    used = torch.unique(batch.prompt_index[rows]).tolist()
+    if not used:
+        return []
+    lengths = batch.prompt_mask[used].sum(-1).tolist()
+    width = batch.prompt_ids.shape[1]
+    prompts = [batch.prompt_ids[p, width - n:].tolist() for p, n in zip(used, lengths)]
+    first = prompts[0][:min(lengths) - 1]
+    return first[:min(shared_prefix(first, other) for other in prompts)]
+
+
 def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: int,
-                  shared_prefixes: bool = False) -> list[Tensor]:
+                  shared_prefixes: bool = False, header: int = 0) -> list[Tensor]:
     """Split `rows` (in order) into micro-batches of at most `max_rows` sequences and about `max_tokens`
     tokens run (a single longer row goes alone). What a row costs is what the forward will run for it:
     its response plus its prompt unless the micro-batch already holds that prompt (the dense
     `pack_rows`), or, with `shared_prefixes` (the flat layout, `pack_flat`), its prompt + response
     less the longest prefix it shares with a row already in the micro-batch (a few-shot header, a
     tree prefix). Rows of different LoRA adapters never share a micro-batch: with adapters, `rows` are
-    taken adapter by adapter (in order within each)."""
+    taken adapter by adapter (in order within each). `header` (flat only): the first tokens of every
+    row run once outside the micro-batches (`forward.Header`) and cost nothing here."""
     if batch.adapter is not None:
         return [m for a in torch.unique(batch.adapter[rows]).tolist()
                 for m in micro_batches(dataclasses.replace(batch, adapter=None), rows[batch.adapter[rows] == a],
-                                       max_rows, max_tokens, shared_prefixes)]
+                                       max_rows, max_tokens, shared_prefixes, header)]
     prompt_len = batch.prompt_mask.sum(-1).tolist()
     pos = torch.arange(1, batch.loss_mask.shape[1] + 1)
     resp_len = ((batch.loss_mask > 0) * pos).max(-1).values.tolist()
@@ -229,7 +245,7 @@ def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: i
     def cost(r: int, item, held: list) -> int:
         """Tokens row r adds to a micro-batch holding `held`: prompts (dense) or sequences (flat)."""
         if shared_prefixes:
-            return len(item) - max((shared_prefix(item, other) for other in held), default=0)
+            return len(item) - max(header, max((shared_prefix(item, other) for other in held), default=0))
         return resp_len[r] + (0 if item in held else prompt_len[item])
 
     out, current, tokens, held = [], [], 0, []

@@ -5,6 +5,11 @@ Memory: the projection runs on chunks of `chunk` response tokens under activatio
 neither the forward nor the backward ever holds a [batch, time, vocab] tensor; only response tokens
 the policy generated are projected (prompt and observation tokens are not).
 
+A mini-batch's header (`Header`: the tokens every one of its sequences starts with, a system prompt
+and few-shot examples) runs once for all its micro-batches: its keys and values are computed once,
+every micro-batch's span attention reads them before its own, and the micro-batches' gradients
+for them are summed and sent back through the header's forward once (`Header.backward`).
+
 `PolicyForward` is a module so that FSDP2 can shard it: its forward is the root forward, whose hooks
 gather the parameters outside the decoder layers (embeddings, final norm, output head, tied or not).
 """
@@ -41,16 +46,44 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
     return logp, entropy
 
 
-def hidden_states(model, batch: PackedBatch, autocast: bool, spans: bool = False
+@dataclass
+class Header:
+    """Tokens every sequence of a mini-batch starts with, run once for all its micro-batches.
+
+    `keys` / `values`: each layer's, [1, Hkv, len, D], as leaves the micro-batches read (their
+    backwards sum the gradients into them); `outputs`: the same tensors with the header forward's
+    graph. `backward()` sends the summed gradients through that graph once, so the parameters get
+    exactly the gradient of running the header inside every micro-batch."""
+    ids: list[int]
+    keys: list[Tensor]
+    values: list[Tensor]
+    outputs: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def backward(self) -> None:
+        leaves = self.keys + self.values
+        pairs = [(o, leaf.grad) for o, leaf in zip(self.outputs, leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        for leaf in leaves:
+            leaf.grad = None
+
+
+def hidden_states(model, batch: PackedBatch, autocast: bool, spans: bool = False, header: Header | None = None
                   ) -> tuple[Tensor, torch.device, PackedRows]:
     """The decoder's last hidden state at every packed position, [R*C, d], from one forward over
     `pack_rows(batch)` (`packed.before` indexes the state before each loss_mask token); the model's
     device; the packed rows. `spans`: the flat layout attended span by span
-    (`attention.span_attention`, which the model must use) instead of the dense rows under their mask."""
+    (`attention.span_attention`, which the model must use) instead of the dense rows under their mask.
+    `header` (spans only): every sequence starts with its tokens, whose keys are read, not run."""
     decoder, _ = _decoder_and_head(model)
     device = next(model.parameters()).device
-    packed = pack_rows(batch, flat=spans)
-    extra = {"spans": packed.spans} if spans else {}
+    if header is not None and not spans:
+        raise ValueError("a header is read by span attention only (train.attention: spans)")
+    packed = pack_flat(batch, header.ids if header is not None else None) if spans else pack_rows(batch)
+    extra = {"spans": packed.spans, "header": header} if spans else {}
     with _autocast(autocast, device.type):
         out = decoder(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device),
                       position_ids=packed.positions.to(device), use_cache=False, **extra).last_hidden_state
@@ -179,7 +212,7 @@ def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
                       int(real.sum()))
 
 
-def pack_flat(batch: PackedBatch) -> PackedRows:
+def pack_flat(batch: PackedBatch, header: list[int] | None = None) -> PackedRows:
     """The flat layout (see PackedRows): each sequence runs only what no earlier sequence ran.
 
     Sequences are placed in batch order (a group's, a tree's members are together). Sequence b is
@@ -188,14 +221,20 @@ def pack_flat(batch: PackedBatch) -> PackedRows:
     other tokens as one span: queries at its new columns, keys the k borrowed columns then its own,
     causal on its own. Positions are indices into the sequence, so every state is the one the
     sequence computes alone: a state depends only on the tokens before it. A sequence that is a
-    prefix of one placed before it runs nothing."""
+    prefix of one placed before it runs nothing.
+
+    `header`: tokens every sequence starts with whose keys sit before the row (`Header`): they count
+    as placed at key columns 0..len-1 and the row's own columns follow them in key space; spans'
+    queries and `before` stay in row columns."""
     valid = batch.loss_mask > 0
     L = valid.shape[1]
     need = (valid * torch.arange(1, L + 1)).max(-1).values.tolist()
     plen = batch.prompt_mask.sum(-1).tolist()
     pidx = batch.prompt_index.tolist()
     prompts = {p: batch.prompt_ids[p, batch.prompt_ids.shape[1] - plen[p]:].tolist() for p in set(pidx)}
-    placed: list[tuple[list[int], list[int]]] = []  # (tokens, column of each token) per sequence so far
+    H = len(header) if header else 0
+    # (tokens, key column of each token) per sequence so far
+    placed: list[tuple[list[int], list[int]]] = [(list(header), list(range(H)))] if H else []
     paths: dict[int, list[int]] = {}
     ids: list[int] = []
     positions: list[int] = []
@@ -205,6 +244,8 @@ def pack_flat(batch: PackedBatch) -> PackedRows:
         if n == 0:
             continue
         seq = prompts[p] + batch.resp_ids[b, :n].tolist()
+        if H and (len(seq) <= H or seq[:H] != header):
+            raise ValueError(f"sequence {b} does not continue the header it is packed with")
         k, path = 0, []
         for other, cols in placed:
             if other[k:k + 1] == seq[k:k + 1]:   # can beat k only if it agrees at position k
@@ -214,15 +255,17 @@ def pack_flat(batch: PackedBatch) -> PackedRows:
         start, own = len(ids), len(seq) - k
         ids += seq[k:]
         positions += range(k, len(seq))
-        path = path[:k] + list(range(start, start + own))
+        path = path[:k] + list(range(H + start, H + start + own))
         if own and k:
-            spans.append(branch_span(start, path[:k], own))
+            spans.append(branch_span(start, path[:k], own, H))
         elif own:
             spans.append(Span(start, start + own))
         shared += max(k - plen[p], 0)
         placed.append((seq, path))
         paths[b] = path
-    before = [paths[b][plen[pidx[b]] + t - 1] for b, t in valid.nonzero().tolist()]
+    before = [paths[b][plen[pidx[b]] + t - 1] - H for b, t in valid.nonzero().tolist()]
+    if H and min(before, default=0) < 0:
+        raise ValueError("the header reaches a state the loss reads: it must end before every prompt does")
     C = len(ids)
     return PackedRows(torch.tensor([ids], dtype=torch.long).view(1, C), torch.tensor([positions], dtype=torch.long).view(1, C),
                       torch.ones((1, 1, 1, 1), dtype=torch.bool).expand(1, 1, C, C), torch.tensor(before, dtype=torch.long),
@@ -257,10 +300,30 @@ class PolicyForward(torch.nn.Module):
         # what the forwards ran, summed: tokens run, and branch tokens read from a parent's columns
         self.tokens_run = self.tokens_shared = 0
 
-    def forward(self, batch: PackedBatch, full_distribution: bool = False):
+    def run_header(self, ids: list[int]) -> Header:
+        """Run `ids` (a prefix every sequence of the coming micro-batches starts with) once and keep
+        each layer's keys and values: with the header's graph when grad is enabled."""
+        if not self.spans:
+            raise ValueError("a header is read by span attention only (train.attention: spans)")
+        decoder, _ = _decoder_and_head(self.model)
+        device = next(self.model.parameters()).device
+        n = len(ids)
+        record: dict[int, tuple[Tensor, Tensor]] = {}
+        with _autocast(self.autocast, device.type):
+            decoder(input_ids=torch.tensor([ids], device=device), position_ids=torch.arange(n, device=device)[None],
+                    attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device).expand(1, 1, n, n),
+                    use_cache=False, spans=[Span(0, n)], record=record)
+        self.tokens_run += n
+        layers = sorted(record)
+        outputs = [record[i][0] for i in layers] + [record[i][1] for i in layers]
+        leaves = [o.detach().requires_grad_(o.requires_grad) for o in outputs]
+        return Header(list(ids), leaves[:len(layers)], leaves[len(layers):], outputs)
+
+    def forward(self, batch: PackedBatch, full_distribution: bool = False, header: Header | None = None):
+        """`header`: a `run_header` result every row of `batch` starts with (span attention)."""
         _, head = _decoder_and_head(self.model)
         with active_adapter(self.model, batch.adapter_of()):  # the rows' LoRA adapter (model.adapters)
-            states, device, packed = hidden_states(self.model, batch, self.autocast, self.spans)
+            states, device, packed = hidden_states(self.model, batch, self.autocast, self.spans, header)
         self.tokens_run += packed.run
         self.tokens_shared += packed.shared
         valid = batch.loss_mask > 0

@@ -35,6 +35,7 @@ from forkrl.collect import derive_seed
 from forkrl.models.adapters import active_adapter, adapter_names
 from forkrl.train.batch import (  # noqa: F401  (re-exported: the learner's nouns, by their old address)
     PackedBatch,
+    common_header,
     first_occurrence,
     micro_batches,
     pack,
@@ -54,6 +55,9 @@ from forkrl.train.forward import (  # noqa: F401
 from forkrl.train.parallel import DataParallel, grad_norm_value
 from forkrl.train.replay import ReplayBuffer
 from forkrl.types import PolicyFeedback, RolloutBatch, Trajectory
+
+# a shorter header is run with each micro-batch: a separate forward and backward would cost more than it saves
+HEADER_MIN_TOKENS = 32
 
 
 class NonFiniteLoss(RuntimeError):
@@ -268,17 +272,34 @@ class Learner:
         """Log-probs of every row of `batch` under `forward` without grad: this rank computes its own
         rows, the ranks sum their parts. `collective`: `forward` is sharded (every rank runs as many
         forwards as the busiest)."""
-        t = self.cfg.train
         full = torch.zeros_like(batch.sampling_logp)
-        micros = micro_batches(batch, batch.rows_of(self.dp.rank), t.micro_batch_size, self.micro_tokens,
-                               getattr(forward, "spans", False))
+        header_ids, micros = self._micro_plan(forward, batch, batch.rows_of(self.dp.rank), with_grad=False)
+        header = forward.run_header(header_ids) if header_ids else None
         for idx in self.dp.pad_count(micros) if collective else micros:
             if idx is None:
                 forward(self._idle_batch)
                 continue
-            lp, _ = forward(batch.select(idx))
+            lp, _ = forward(batch.select(idx), header=header)
             full[idx, :lp.shape[1]] = lp.float().cpu()
         return self.dp.sum(full)
+
+    def _micro_plan(self, forward: PolicyForward, batch: PackedBatch, rows: Tensor, with_grad: bool
+                    ) -> tuple[list[int], list[Tensor]]:
+        """The micro-batches of `rows`, and the header they all start with when running it once for
+        all of them pays (`forward.Header`; else []): span attention, one process (a sharded
+        forward's collectives expect the same forwards on every rank), no LoRA adapters, at least
+        `HEADER_MIN_TOKENS` tokens, more than one micro-batch. With grad, the header's activations
+        live through every micro-batch, so they come out of each one's token budget."""
+        t = self.cfg.train
+        spans = getattr(forward, "spans", False)
+        if spans and hasattr(forward, "run_header") and not self.dp.distributed and batch.adapter is None:
+            ids = common_header(batch, rows)
+            if len(ids) >= HEADER_MIN_TOKENS:
+                budget = max(64, self.micro_tokens - len(ids)) if with_grad else self.micro_tokens
+                micros = micro_batches(batch, rows, t.micro_batch_size, budget, True, len(ids))
+                if len(micros) > 1:
+                    return ids, micros
+        return [], micro_batches(batch, rows, t.micro_batch_size, self.micro_tokens, spans)
 
     def _idle(self, backward: bool = False) -> None:
         """A forward (and backward) of one token with zero loss: FSDP's collectives need every rank."""
@@ -442,15 +463,16 @@ class Learner:
                     read = batch.value_mask if batch.value_mask is not None else batch.loss_mask
                     value_norm = dataclasses.replace(norm, tokens=float(read[part].sum().clamp(min=1)))
                     mine = part if batch.owner is None else part[batch.owner[part] == rank]
-                    micros = micro_batches(batch, mine, t.micro_batch_size, self.micro_tokens,
-                                           getattr(self.forward, "spans", False))
+                    header_ids, micros = self._micro_plan(self.forward, batch, mine, with_grad=True)
+                    # the header's keys and values once; each micro-batch's backward sums their gradients
+                    header = self.forward.run_header(header_ids) if header_ids else None
                     for micro in self.dp.pad_count(micros):
                         if micro is None:
                             self._idle(backward=True)
                             continue
                         sub = batch.select(micro)
                         L = sub.resp_ids.shape[1]
-                        logp, entropy = self.forward(sub)
+                        logp, entropy = self.forward(sub, header=header)
                         logp, entropy = logp.cpu(), entropy.cpu()
                         mb = MicroBatch(sub=sub, logp=logp, entropy=entropy,
                                         old=logp.detach() if old_logp is None else old_logp[micro, :L],
@@ -487,6 +509,8 @@ class Learner:
                         # adapter: gradient checkpointing runs their layers again
                         with self._adapter_of(sub):
                             loss.backward()
+                    if header is not None:
+                        header.backward()
                 loss_total, n_minis = loss_total + mini_loss, n_minis + 1
                 params = [p for p in self.model.parameters() if p.requires_grad]
                 gn = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf")))
