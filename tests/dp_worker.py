@@ -24,15 +24,22 @@ METHODS = {  # recipe sections under test; every one float32, several micro-batc
     # two updates per batch: a global shuffle into mini-batches, old log-probs recomputed (collective)
     "two_mini_batches": {"train": {"mini_batches": 2}},
     "grpo_kl": {"algo": {"kl_coef": 0.05}},
+    # every prompt starts with one 40-token header: one process runs it once per mini-batch
+    # (forward.Header; with two mini-batches, in the old log-probs' pass too), the ranks in every micro-batch
+    "shared_header": {},
+    "shared_header_two_mini_batches": {"train": {"mini_batches": 2}},
 }
+HEADER_TOKENS = 40
 
 
-def trajectories() -> list[Trajectory]:
-    """5 groups x 4 samples with uneven prompt and response lengths, random tokens and rewards."""
+def trajectories(header: int = 0) -> list[Trajectory]:
+    """5 groups x 4 samples with uneven prompt and response lengths, random tokens and rewards; with
+    `header`, every prompt starts with the same that many tokens."""
     g = torch.Generator().manual_seed(7)
+    shared = torch.randint(5, 900, (header,), generator=torch.Generator().manual_seed(8)).tolist()
     out = []
     for grp in range(5):
-        prompt = torch.randint(5, 900, (3 + 2 * grp,), generator=g).tolist()
+        prompt = shared + torch.randint(5, 900, (3 + 2 * grp,), generator=g).tolist()
         for k in range(4):
             n = 2 + (grp * 5 + k * 3) % 11
             out.append(Trajectory(prompt_ids=prompt, tokens=torch.randint(5, 900, (n,), generator=g).tolist(),
@@ -78,7 +85,6 @@ def numbers(metrics: dict) -> dict:
 
 def main(out_path: str) -> None:
     dp = DataParallel.from_env("cpu")
-    trajs = trajectories()
     placements = {"groups 0 | 1-4": [[0], [1, 2, 3, 4]], "groups 1-4 | 0": [[1, 2, 3, 4], [0]],
                   "groups 0,2 | 1,3,4": [[0, 2], [1, 3, 4]]}
     results = {}
@@ -87,6 +93,7 @@ def main(out_path: str) -> None:
         if name not in only:
             continue
         cfg = config(sections)
+        trajs = trajectories(HEADER_TOKENS if name.startswith("shared_header") else 0)
         single, _ = learner(cfg)  # one process: no collectives
         ref_metrics, _ = single.learn(RolloutBatch(trajs, trajs, {}, 0), 1)
         ref_params = {k: v.detach().clone() for k, v in single.model.state_dict().items()}

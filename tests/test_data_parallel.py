@@ -25,7 +25,8 @@ def equivalence(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-METHODS = ["grpo_ppo_clip", "gspo", "clip_cov", "kl_cov", "forking_tokens", "dapo", "grpo_kl", "two_mini_batches"]
+METHODS = ["grpo_ppo_clip", "gspo", "clip_cov", "kl_cov", "forking_tokens", "dapo", "grpo_kl", "two_mini_batches",
+           "shared_header", "shared_header_two_mini_batches"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -36,7 +37,7 @@ def test_two_ranks_update_as_one_process(equivalence, method):
     another micro-batch split also changes by ~2e-6 on this model: the bound there is 1e-5."""
     runs = {k: v for k, v in equivalence.items() if k.startswith(method + " / ")}
     assert len(runs) == 3
-    bound = 1e-5 if method == "two_mini_batches" else 1e-6
+    bound = 1e-5 if method.endswith("two_mini_batches") else 1e-6
     for where, r in runs.items():
         assert r["update_size"] > 1e-2, where
         assert r["max_param_diff"] < bound, (where, r["max_param_diff"])
@@ -55,7 +56,12 @@ def test_placement_changes_no_statistic(equivalence, method):
         for k, v in reference.items():
             if k.startswith("learner/"):
                 continue  # work done, not a statistic: a prompt runs once per packed row, and rows depend on placement
-            if k.startswith("entropy/delta") or method == "two_mini_batches":
+            if method == "shared_header_two_mini_batches" and k == "grad_norm":
+                # the second mini-batch's gradient (norm ~187 on this wide-initialised model) is taken
+                # where the first step's rounding left the weights; one process with the header once
+                # and with it in every micro-batch already differ by 5e-5 (weights 7e-7 apart)
+                assert m[k] == pytest.approx(v, rel=3e-4), k
+            elif k.startswith("entropy/delta") or method.endswith("two_mini_batches"):
                 # measured after the update: the weights' last-bit differences show at 1e-5
                 assert m[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
             else:
