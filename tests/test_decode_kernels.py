@@ -147,6 +147,27 @@ def test_compiled_sampler_draws_what_the_pytorch_sampler_draws(kernel, monkeypat
     assert (want[2] - got[2]).abs().max() < 5e-4
 
 
+def test_compiled_sampler_takes_greedy_rows_beside_sampled_ones(kernel, monkeypatch):
+    """Rows at temperature 0 (a tree's greedy chains) in the same batch as sampled rows: the argmax,
+    with its log-prob and the entropy at T = 1 (within 1e-5 of float64), and the sampled rows draw
+    what the PyTorch sampler draws from the same generator."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(120, 49_153, generator=g) * 3
+    logits[:, :7] = 15.0 + torch.randn(120, 7, generator=g)
+    temperature = torch.tensor([0.0, 0.7, 1.0, 0.0, 1.3, 0.0]).repeat(20)
+    top_p = torch.ones(120)
+    got = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(engine_mod, "decode_kernel", lambda: None)
+    want = sample_next(logits, temperature, top_p, torch.Generator().manual_seed(3))
+    greedy = temperature == 0
+    assert torch.equal(got[0][greedy], logits[greedy].argmax(-1))
+    assert torch.equal(got[0], want[0])
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).double()
+    exact = torch.log_softmax(logits.double() / t[:, None], -1)
+    assert (got[1] - exact.gather(-1, got[0][:, None]).squeeze(-1)).abs().max() < 1e-5
+    assert (got[2] - (-(exact.exp() * exact).sum(-1))).abs().max() < 1e-5
+
+
 def test_compiled_sampler_never_draws_a_masked_token(kernel):
     logits = torch.randn(64, 1000)
     logits[:, 300:] = float("-inf")

@@ -35,11 +35,21 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     T'; the entropy stays the one at T.
     """
     kernel = decode_kernel() if logits.device.type == "cpu" else None
-    if kernel is not None and hapo is None and bool((temperature > 0).all()) and bool((top_p >= 1).all()):
-        # the common case in one compiled pass: same formulas, same uniform draw from `generator`
-        u = 1.0 - torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
-        return tuple(kernel.sample(logits.float().contiguous(), temperature.float().contiguous(), u))
     greedy = temperature <= 0
+    if kernel is not None and hapo is None and bool((top_p >= 1).all()):
+        # the common case in one compiled pass: same formulas, same uniform draw from `generator`.
+        # Greedy rows (a tree's chains beside sampled rows) are drawn at T = 1, which gives their
+        # entropy, then take the argmax and its log-prob at T = 1
+        u = 1.0 - torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
+        t = torch.where(greedy, torch.ones_like(temperature), temperature)
+        tokens, logp, entropy = kernel.sample(logits.float().contiguous(), t.float().contiguous(), u)
+        if bool(greedy.any()):
+            rows = greedy.nonzero().squeeze(-1)
+            z = logits[rows].float()
+            best = z.argmax(-1)
+            tokens[rows] = best
+            logp[rows] = z.gather(-1, best.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
+        return tokens, logp, entropy
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
     shifted, log_total, probs, entropy = _softmax_parts(logits, t)
     if hapo is not None:
