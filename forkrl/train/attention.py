@@ -65,8 +65,8 @@ def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
     if header is not None:
         if spans is None:
             raise ValueError("a header's keys are read by span attention only: pass spans with it")
-        key = torch.cat([header.keys[module.layer_idx], key], dim=2)
-        value = torch.cat([header.values[module.layer_idx], value], dim=2)
+        key = torch.cat([header.keys[module.layer_idx].to(key.dtype), key], dim=2)
+        value = torch.cat([header.values[module.layer_idx].to(value.dtype), value], dim=2)
     if spans is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

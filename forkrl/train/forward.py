@@ -50,8 +50,8 @@ def _project(head, h: Tensor, targets: Tensor, inv_temp: float) -> tuple[Tensor,
 class Header:
     """Tokens every sequence of a mini-batch starts with, run once for all its micro-batches.
 
-    `keys` / `values`: each layer's, [1, Hkv, len, D], as leaves the micro-batches read (their
-    backwards sum the gradients into them); `outputs`: the same tensors with the header forward's
+    `keys` / `values`: each layer's, [1, Hkv, len, D], as float32 leaves the micro-batches read
+    (their backwards sum the gradients into them); `outputs`: the same tensors with the header forward's
     graph. `backward()` sends the summed gradients through that graph once, so the parameters get
     exactly the gradient of running the header inside every micro-batch."""
     ids: list[int]
@@ -66,7 +66,7 @@ class Header:
         leaves = self.keys + self.values
         pairs = [(o, leaf.grad) for o, leaf in zip(self.outputs, leaves) if leaf.grad is not None]
         if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
         for leaf in leaves:
             leaf.grad = None
 
@@ -316,7 +316,8 @@ class PolicyForward(torch.nn.Module):
         self.tokens_run += n
         layers = sorted(record)
         outputs = [record[i][0] for i in layers] + [record[i][1] for i in layers]
-        leaves = [o.detach().requires_grad_(o.requires_grad) for o in outputs]
+        # float32 leaves: the micro-batches' gradients (bf16 under autocast) add up at full precision
+        leaves = [o.detach().float().requires_grad_(o.requires_grad) for o in outputs]
         return Header(list(ids), leaves[:len(layers)], leaves[len(layers):], outputs)
 
     def forward(self, batch: PackedBatch, full_distribution: bool = False, header: Header | None = None):
