@@ -62,9 +62,7 @@ def span_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
     and values come first."""
     if record is not None:
         record.setdefault(module.layer_idx, (key, value))
-    if header is not None:
-        if spans is None:
-            raise ValueError("a header's keys are read by span attention only: pass spans with it")
+    if header is not None:   # (hidden_states passes one only with spans)
         key = torch.cat([header.keys[module.layer_idx].to(key.dtype), key], dim=2)
         value = torch.cat([header.values[module.layer_idx].to(value.dtype), value], dim=2)
     if spans is None:

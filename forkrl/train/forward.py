@@ -59,9 +59,6 @@ class Header:
     values: list[Tensor]
     outputs: list[Tensor]
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def backward(self) -> None:
         leaves = self.keys + self.values
         pairs = [(o, leaf.grad) for o, leaf in zip(self.outputs, leaves) if leaf.grad is not None]

@@ -42,6 +42,7 @@ from forkrl.train.batch import (  # noqa: F401  (re-exported: the learner's noun
     token_origin,
 )
 from forkrl.train.forward import (  # noqa: F401
+    Header,
     PolicyForward,
     activation_bytes_per_token,
     entropy_change,
@@ -273,8 +274,7 @@ class Learner:
         rows, the ranks sum their parts. `collective`: `forward` is sharded (every rank runs as many
         forwards as the busiest)."""
         full = torch.zeros_like(batch.sampling_logp)
-        header_ids, micros = self._micro_plan(forward, batch, batch.rows_of(self.dp.rank), with_grad=False)
-        header = forward.run_header(header_ids) if header_ids else None
+        header, micros = self._micro_plan(forward, batch, batch.rows_of(self.dp.rank), with_grad=False)
         for idx in self.dp.pad_count(micros) if collective else micros:
             if idx is None:
                 forward(self._idle_batch)
@@ -284,22 +284,21 @@ class Learner:
         return self.dp.sum(full)
 
     def _micro_plan(self, forward: PolicyForward, batch: PackedBatch, rows: Tensor, with_grad: bool
-                    ) -> tuple[list[int], list[Tensor]]:
-        """The micro-batches of `rows`, and the header they all start with when running it once for
-        all of them pays (`forward.Header`; else []): span attention, one process (a sharded
-        forward's collectives expect the same forwards on every rank), no LoRA adapters, at least
-        `HEADER_MIN_TOKENS` tokens, more than one micro-batch. With grad, the header's activations
-        live through every micro-batch, so they come out of each one's token budget."""
+                    ) -> tuple[Header | None, list[Tensor]]:
+        """The micro-batches of `rows`, and the header they all start with, already run, when running
+        it once for all of them pays (`forward.Header`; else None): span attention, one process (a
+        sharded forward's collectives expect the same forwards on every rank), no LoRA adapters, at
+        least `HEADER_MIN_TOKENS` tokens, more than one micro-batch. With grad, the header's
+        activations live through every micro-batch, so they come out of each one's token budget."""
         t = self.cfg.train
-        spans = getattr(forward, "spans", False)
-        if spans and hasattr(forward, "run_header") and not self.dp.distributed and batch.adapter is None:
+        if forward.spans and not self.dp.distributed and batch.adapter is None:
             ids = common_header(batch, rows)
             if len(ids) >= HEADER_MIN_TOKENS:
                 budget = max(64, self.micro_tokens - len(ids)) if with_grad else self.micro_tokens
                 micros = micro_batches(batch, rows, t.micro_batch_size, budget, True, len(ids))
                 if len(micros) > 1:
-                    return ids, micros
-        return [], micro_batches(batch, rows, t.micro_batch_size, self.micro_tokens, spans)
+                    return forward.run_header(ids), micros
+        return None, micro_batches(batch, rows, t.micro_batch_size, self.micro_tokens, forward.spans)
 
     def _idle(self, backward: bool = False) -> None:
         """A forward (and backward) of one token with zero loss: FSDP's collectives need every rank."""
@@ -463,9 +462,8 @@ class Learner:
                     read = batch.value_mask if batch.value_mask is not None else batch.loss_mask
                     value_norm = dataclasses.replace(norm, tokens=float(read[part].sum().clamp(min=1)))
                     mine = part if batch.owner is None else part[batch.owner[part] == rank]
-                    header_ids, micros = self._micro_plan(self.forward, batch, mine, with_grad=True)
                     # the header's keys and values once; each micro-batch's backward sums their gradients
-                    header = self.forward.run_header(header_ids) if header_ids else None
+                    header, micros = self._micro_plan(self.forward, batch, mine, with_grad=True)
                     for micro in self.dp.pad_count(micros):
                         if micro is None:
                             self._idle(backward=True)
