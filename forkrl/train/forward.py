@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from forkrl.models.adapters import active_adapter
-from forkrl.train.attention import Span, branch_span, use_span_attention
+from forkrl.train.attention import Span, use_span_attention
 from forkrl.train.batch import PackedBatch
 from forkrl.types import shared_prefix
 
@@ -253,10 +253,8 @@ def pack_flat(batch: PackedBatch, header: list[int] | None = None) -> PackedRows
         ids += seq[k:]
         positions += range(k, len(seq))
         path = path[:k] + list(range(H + start, H + start + own))
-        if own and k:
-            spans.append(branch_span(start, path[:k], own, H))
-        elif own:
-            spans.append(Span(start, start + own))
+        if own:   # the header's columns are seen by every span: what it borrows besides them
+            spans.append(Span(start, start + own, torch.tensor(path[H:k], dtype=torch.long) if k > H else None))
         shared += max(k - plen[p], 0)
         placed.append((seq, path))
         paths[b] = path
