@@ -60,9 +60,9 @@ def test_placement_changes_no_statistic(equivalence, method):
                 continue  # work done, not a statistic: a prompt runs once per packed row, and rows depend on placement
             if method == "shared_header_two_mini_batches" and k == "grad_norm":
                 # the second mini-batch's gradient (norm ~187 on this wide-initialised model) is taken
-                # where the first step's rounding left the weights; one process with the header once
-                # and with it in every micro-batch already differ by 5e-5 (weights 7e-7 apart)
-                assert m[k] == pytest.approx(v, rel=3e-4), k
+                # where the first step's rounding left the weights; in one process, the header once
+                # or in every micro-batch and 2-4 rows per micro-batch span 186.92-187.00 (4.5e-4)
+                assert m[k] == pytest.approx(v, rel=1e-3), k
             elif k.startswith("entropy/delta") or method.endswith("two_mini_batches"):
                 # measured after the update: the weights' last-bit differences show at 1e-5 (2e-4 for
                 # the second mini-batch's ratios of ~800 on this model)

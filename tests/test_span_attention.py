@@ -1,12 +1,12 @@
-"""Span attention's key blocks (forkrl/train/attention.py): the header, a borrowed prefix and a span's
-own tokens, each attended by one fused kernel call and merged by log-sum-exp, give the softmax over
-their union: outputs and gradients equal an explicit masked softmax."""
+"""Span attention (forkrl/train/attention.py): the header attended by every query in one fused kernel
+call, each span over its borrowed prefix and own tokens in another, merged by log-sum-exp, give the
+softmax over the union: outputs and gradients equal an explicit masked softmax."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from forkrl.train.attention import Span, _masked_spans, blocks_of, span_attention
+from forkrl.train.attention import Span, _masked_spans, span_attention
 
 
 class _Layer:
@@ -56,29 +56,31 @@ def _grads(fn, q, k, v, weight):
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_key_blocks_merged_by_logsumexp_equal_one_softmax_over_their_union(dtype, tolerance):
+def test_header_and_spans_merged_by_logsumexp_equal_one_softmax_over_their_union(dtype, tolerance):
     q, k, v = _inputs(dtype)
     weight = torch.randn(1, C, H, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = _grads(_reference, q, k, v, weight)
     got = _grads(lambda q, k, v: span_attention(_Layer, q, k, v, None, spans=SPANS)[0], q, k, v, weight)
     masked = _grads(lambda q, k, v: _masked_spans(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                  blocks_of(SPANS, HEADER, C), 0.0, None).transpose(1, 2),
+                                                  SPANS, HEADER, 0.0, None).transpose(1, 2),
                     q, k, v, weight)
     for name, a, b, c in zip(("output", "query grad", "key grad", "value grad"), got, masked, want):
         scale = c.abs().max()
         assert scale > 0.1, name
-        assert (a - c).abs().max() <= tolerance * scale, name   # the merged kernel calls
+        assert (a - c).abs().max() <= tolerance * scale, name   # the merged kernel calls (CPU)
         assert (b - c).abs().max() <= tolerance * scale, name   # the masked fallback (other devices)
 
 
 def test_spans_must_cover_the_row_in_order():
+    q, k, v = _inputs(torch.float32)
     with pytest.raises(ValueError, match="columns 9..10 uncovered"):
-        blocks_of([Span(0, 9), Span(10, 20)], HEADER, C)
+        span_attention(_Layer, q, k, v, None, spans=[Span(0, 9), Span(10, 20)])
     with pytest.raises(ValueError, match="columns 15..20 uncovered"):
-        blocks_of(SPANS[:2], HEADER, C)
-    blocks = blocks_of(SPANS, HEADER, C)
-    assert blocks[0] == (0, C, slice(0, HEADER), False)   # one header block for every query of the row
-    assert [b[3] for b in blocks[1:]] == [True, False, True, False, True]
+        span_attention(_Layer, q, k, v, None, spans=SPANS[:2])
+    cols, seen = SPANS[1].keys(HEADER)   # borrowed columns, then its own past the header
+    assert cols.tolist() == [7, 8, 9, 10, 11] + list(range(HEADER + 9, HEADER + 15))
+    assert seen[:, :5].all() and torch.equal(seen[:, 5:], torch.ones(6, 6, dtype=torch.bool).tril())
+    assert SPANS[0].keys(HEADER) == (slice(HEADER, HEADER + 9), None)   # its own, causally
 
 
 def test_under_autocast_the_blocks_run_in_its_dtype():
