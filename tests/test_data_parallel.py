@@ -33,13 +33,11 @@ METHODS = ["grpo_ppo_clip", "gspo", "clip_cov", "kl_cov", "forking_tokens", "dap
 def test_two_ranks_update_as_one_process(equivalence, method):
     """Parameters within 1e-6 (float32) of the single-process update, with uneven tokens per rank and
     every placement of the groups; the update itself is far larger than that. Two mini-batches: the
-    second gradient is taken where the first step's rounding left the weights, and this wide model
-    turns that into ~1e-5: one process with another micro-batch split (3 -> 4 rows, which regroups
-    span attention's key blocks, so the float sums) moves the same update by 7e-6. The bound there
-    is 2e-5."""
+    second gradient is taken where the first step's rounding left the weights, which one process with
+    another micro-batch split also changes by ~2e-6 on this model: the bound there is 1e-5."""
     runs = {k: v for k, v in equivalence.items() if k.startswith(method + " / ")}
     assert len(runs) == 3
-    bound = 2e-5 if method.endswith("two_mini_batches") else 1e-6
+    bound = 1e-5 if method.endswith("two_mini_batches") else 1e-6
     for where, r in runs.items():
         assert r["update_size"] > 1e-2, where
         assert r["max_param_diff"] < bound, (where, r["max_param_diff"])
@@ -63,10 +61,12 @@ def test_placement_changes_no_statistic(equivalence, method):
                 # where the first step's rounding left the weights; in one process, the header once
                 # or in every micro-batch and 2-4 rows per micro-batch span 186.92-187.00 (4.5e-4)
                 assert m[k] == pytest.approx(v, rel=1e-3), k
+            elif method == "shared_header_two_mini_batches":
+                # the same second gradient's moves (weights ~2e-6 apart after it): 1.5e-4 observed
+                assert m[k] == pytest.approx(v, rel=3e-4, abs=2e-5), k
             elif k.startswith("entropy/delta") or method.endswith("two_mini_batches"):
-                # measured after the update: the weights' last-bit differences show at 1e-5 (2e-4 for
-                # the second mini-batch's ratios of ~800 on this model)
-                assert m[k] == pytest.approx(v, rel=5e-4, abs=5e-5), k
+                # measured after the update: the weights' last-bit differences show at 1e-5
+                assert m[k] == pytest.approx(v, rel=1e-4, abs=2e-5), k
             else:
                 assert m[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
 

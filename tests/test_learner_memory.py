@@ -126,19 +126,15 @@ def _padded_reference(model, batch):
 
 def test_packed_rows_compute_what_a_padded_batch_computes(tiny):
     """Responses packed behind their prompt, several to a row, with per-sequence positions: log-probs
-    and entropies those of a padded batch run in float64, with prompts and responses of uneven
-    length, as closely as float32 allows on this model (its large random logits leave the padded
-    float32 forward itself 1.2e-4 from float64; a token seeing another sequence moves it by ~0.1)."""
+    and entropies within 1e-5 (float32) of a padded batch, with prompts and responses of uneven length."""
     model, tok = tiny
     batch = _batch(model, tok, lengths=(3, 7, 25), n=3)
     packed = pack_rows(batch)
     assert packed.ids.shape[0] < len(batch)  # sequences really share rows
     with torch.no_grad():
         logp, ent = response_logprobs(model, batch)
-    exact_logp, exact_ent = _padded_reference(copy.deepcopy(model).double(), batch)
     ref_logp, ref_ent = _padded_reference(model, batch)
-    for got in ((logp, ent), (ref_logp, ref_ent)):
-        assert torch.allclose(got[0], exact_logp, atol=2e-4) and torch.allclose(got[1], exact_ent, atol=2e-4)
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
 
 
 def test_a_packed_token_cannot_see_another_sequence(tiny):

@@ -141,9 +141,7 @@ def test_lora_trains_only_adapters(tmp_path):
 
 
 def test_micro_batch_split_does_not_change_the_update(tmp_path):
-    """Gradient accumulation with mini-batch-wide normalisers: any micro-batch split gives the same step
-    (up to float32 sums in another order: span attention's key blocks follow the split, 2e-5 apart
-    here, against 1e-3 between the two aggregation modes)."""
+    """Gradient accumulation with mini-batch-wide normalisers: any micro-batch split gives the same step."""
     grads = []
     for i, micro in enumerate(({"micro_batch_size": 32, "micro_batch_tokens": 100_000},
                                {"micro_batch_size": 3, "micro_batch_tokens": 100_000},
@@ -159,9 +157,9 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path):
             trainer.step()
     rel = lambda a, b: float((a - b).norm() / b.norm())
     for g in grads[2::2]:
-        assert rel(g, grads[0]) < 1e-4
+        assert rel(g, grads[0]) < 1e-5
     for g in grads[3::2]:
-        assert rel(g, grads[1]) < 1e-4
+        assert rel(g, grads[1]) < 1e-5
     assert rel(grads[0], grads[1]) > 1e-3  # the aggregation mode matters
 
 
