@@ -78,8 +78,15 @@ def _take(x: Tensor, cols) -> Tensor:
     return x[:, :, cols] if isinstance(cols, slice) else x.index_select(2, cols)
 
 
-def _additive(seen: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if seen is None else torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, float("-inf"))
+def _additive(span: Span, header: int, dtype: torch.dtype) -> Tensor | None:
+    """The span's mask as the kernel takes it (0 / -inf), built once per forward like its keys."""
+    _, seen = span.keys(header)
+    if seen is None:
+        return None
+    built = span.__dict__.setdefault("_additive", {})
+    if (header, dtype) not in built:
+        built[(header, dtype)] = torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, float("-inf"))
+    return built[(header, dtype)]
 
 
 _KERNEL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -96,8 +103,8 @@ class _HeaderAndSpans(torch.autograd.Function):
                 scale: float | None):
         calls, outs, lses = [], [], []
         for s in spans:
-            cols, seen = s.keys(header)
-            mask = _additive(seen, query.dtype)
+            cols, _ = s.keys(header)
+            mask = _additive(s, header, query.dtype)
             o, lse = _KERNEL(query[:, :, s.start:s.end], _take(key, cols), _take(value, cols), 0.0, mask is None,
                              attn_mask=mask, scale=scale)[:2]
             calls.append((s.start, s.end, cols, mask))
