@@ -203,6 +203,7 @@ def test_a_stale_parent_index_does_not_merge_different_tokens():
     ("independent", {}),
     ("april", {"over_sampling": 1.5}),
     ("etmr", {"chains": 2, "forks": 3}),
+    ("branchgrpo", {"splits": [2, 4, 6]}),
 ])
 def test_samplers_train_through_the_trainer(tmp_path, sampler, params):
     from forkrl.train import Trainer
@@ -214,7 +215,7 @@ def test_samplers_train_through_the_trainer(tmp_path, sampler, params):
     assert all(r["sampler/trajectories"] == 32 for r in rows)
     if sampler == "etmr":  # forks share their chain's prefix, which is trained once
         assert all(r["tree/deduplicated_tokens"] > 0 and r["tree/shared_token_frac"] > 0 for r in rows)
-    if sampler == "latr":
+    if sampler in ("latr", "branchgrpo"):
         assert all(r["sampler/branch_points"] > 0 for r in rows)
 
 
@@ -363,6 +364,108 @@ def test_etmr_forks_at_the_highest_entropy_positions_and_fills_the_group():
     assert [t.branch_at for t in group[2:]] == [6, 7, 6, 7]     # the two highest-entropy positions of each chain
     for t in group[2:]:
         assert t.tokens[:t.branch_at] == group[t.parent].tokens[:t.branch_at] and len(t.tokens) == 8
+
+
+class SaltedEngine(FunctionEngine):
+    """Like FunctionEngine, but each request draws from its own stream (a salt per call of the
+    script), so paths forked from one prefix go different ways; EOS (0) after `eos_after` tokens of a
+    sequence's whole response (prompt tokens past the first two count as response)."""
+    def __init__(self, eos_after: int | None = None):
+        super().__init__(lambda ids: 0)
+        self.calls, self.eos_after = 0, eos_after
+
+    def generate(self, requests, seed=None):
+        out = []
+        for r in requests:
+            self.calls += 1
+            comps = []
+            for j in range(r.params.n):
+                ids, new, finish = list(r.prompt_ids), [], "length"
+                for _ in range(r.params.max_tokens):
+                    ended = self.eos_after is not None and len(ids) - 2 >= self.eos_after
+                    v = 0 if ended else 100 + (7 * self.calls + 3 * j + len(ids)) % 50
+                    ids.append(v)
+                    new.append(v)
+                    if ended:
+                        finish = "eos"
+                        break
+                comps.append(Completion(new, [math.log(0.5)] * len(new), [float(len(ids))] * len(new), finish, ""))
+            self.stats.decode_tokens += sum(len(c.token_ids) for c in comps)
+            out.append(comps)
+        return out
+
+
+def _branchgrpo(engine, params, prompts=([65, 66],), n=8, max_tokens=10):
+    return run_sampler(build_sampler("branchgrpo", params), engine, [list(p) for p in prompts],
+                       SamplingParams(max_tokens=max_tokens, n=n), 0, SamplerContext())
+
+
+def test_branchgrpo_every_path_splits_at_every_depth():
+    """k = 2, splits at response tokens 2, 4, 6: the root forks at 2, 4 and 6, the path born at 2
+    forks at 4 and 6, those born at 4 fork at 6: 8 leaves, each sharing its parent's first
+    `branch_at` tokens. The same tree, whether forks enter a running batch or follow whole paths."""
+    from forkrl.rollout.branchgrpo import default_splits
+    # BranchGRPO's own schedule at 20 steps and 16 leaves, and scaled to 400 tokens for 8
+    assert default_splits(16, 2, 20) == [0, 3, 6, 9]
+    assert default_splits(8, 2, 400) == [0, 60, 120] and default_splits(9, 3, 100) == [0, 15]
+    shapes = []
+    for engine in (SaltedEngine(), SlotEngine(SaltedEngine(), slots=3), StreamingSlotEngine(SaltedEngine(), slots=3),
+                   StreamingSlotEngine(SaltedEngine(), slots=16)):
+        (group,), budget = _branchgrpo(engine, {"splits": [2, 4, 6]})
+        assert len(group) == 8 and budget.branch_points == 7 and budget.extra["branchgrpo/filled"] == 0
+        children = {i: sorted(t.branch_at for t in group if t.parent == i) for i in range(8)}
+        born = [t.branch_at or 0 for t in group]
+        # a member forks at every split depth past the one it was born at
+        assert all(children[i] == [s for s in (2, 4, 6) if s > born[i]] for i in range(8))
+        for t in group[1:]:
+            parent = group[t.parent]
+            assert t.tokens[:t.branch_at] == parent.tokens[:t.branch_at]
+            assert t.tokens[t.branch_at:] != parent.tokens[t.branch_at:] and len(t.tokens) == 10
+            assert t.logprobs[:t.branch_at] == parent.logprobs[:t.branch_at]
+        # tokens sampled: the root's 10, then 8 + 6 + 6 + 4 + 4 + 4 + 4 for the forks
+        assert engine.stats.decode_tokens == 10 + 8 + 6 * 2 + 4 * 4
+        shapes.append(sorted((born[i], tuple(children[i])) for i in range(8)))
+    assert all(s == shapes[0] for s in shapes)
+
+
+def test_branchgrpo_fills_the_group_when_paths_end_before_a_split():
+    # every path ends (EOS) after 3 response tokens: the root forks at 2 only, the fork ends too;
+    # the other 6 members are fresh samples from the prompt
+    for engine in (SaltedEngine(eos_after=3), StreamingSlotEngine(SaltedEngine(eos_after=3), slots=4)):
+        (group,), budget = _branchgrpo(engine, {"splits": [2, 4, 6]})
+        assert [t.parent for t in group] == [None, 0] + [None] * 6 and group[1].branch_at == 2
+        assert budget.extra["branchgrpo/filled"] == 6 and all(t.finish == "eos" for t in group)
+    # more leaves than the group holds: the tree is cut in level order, whatever order the work ran in
+    for engine in (SaltedEngine(), StreamingSlotEngine(SaltedEngine(), slots=2)):
+        (group,), _ = _branchgrpo(engine, {"splits": [2, 4, 6]}, n=5)
+        edges = sorted((t.branch_at, group[t.parent].branch_at or 0) for t in group[1:])
+        assert len(group) == 5 and edges == [(2, 0), (4, 0), (4, 2), (6, 0)]
+    with pytest.raises(ValueError, match="increasing"):
+        build_sampler("branchgrpo", {"splits": [4, 2]})
+    with pytest.raises(ValueError, match="at least 2"):
+        build_sampler("branchgrpo", {"branches": 1})
+
+
+def test_branchgrpo_keeps_the_continuous_batch_full_and_forks_share_the_cache(tiny):
+    """Four prompts' trees through a 4-slot scripted batch: full until the work runs out. On the
+    real engine a fork of a running path copies its states: only the prompts are prefilled, plus at
+    most one token per fork."""
+    engine = StreamingSlotEngine(SaltedEngine(), slots=4)
+    groups, _ = _branchgrpo(engine, {"splits": [2, 5]}, prompts=[[65, 66], [67, 68], [69, 70], [71, 72]], n=4)
+    assert all(len(g) == 4 for g in groups) and _full_until_drained(engine.in_use, 4)
+    from forkrl.rollout import TorchEngine
+    model, tok = tiny
+    engine = TorchEngine(model, tok, max_batch_size=16, prefix_cache_mb=0)
+    prompts = [tok.encode("Work it out step by step. What is 2 + 3?"), tok.encode("Name a colour, then a fruit.")]
+    sampler = build_sampler("branchgrpo", {"splits": [10, 16]})   # a copy needs 16 shared tokens
+    groups, budget = run_sampler(sampler, engine, prompts, SamplingParams(max_tokens=24, n=4), 0,
+                                 SamplerContext(tokenizer=tok))
+    forks = sum(t.parent is not None for g in groups for t in g)
+    assert forks == 6 and budget.extra["branchgrpo/filled"] == 0
+    assert sum(map(len, prompts)) <= budget.prefilled_tokens <= sum(map(len, prompts)) + forks
+    for g in groups:
+        for t in g[1:]:
+            assert t.tokens[:t.branch_at] == g[t.parent].tokens[:t.branch_at]
 
 
 def test_majority_vote_reward_needs_no_labels():

@@ -1,7 +1,16 @@
 """Generation: engines that sample tokens with log-probs and entropies, the samplers that decide where
 the sampling budget goes, and the data objects they fill."""
 from forkrl.registry import ENGINES, SAMPLERS
-from forkrl.rollout import april, arpo, etmr, latr, marft, semi_online, vllm_engine  # noqa: F401  (registers samplers and engines)
+from forkrl.rollout import (  # noqa: F401  (registers samplers and engines)
+    april,
+    arpo,
+    branchgrpo,
+    etmr,
+    latr,
+    marft,
+    semi_online,
+    vllm_engine,
+)
 from forkrl.rollout.engine import HFEngine, TorchEngine, build_local_engine, sample_next
 from forkrl.rollout.samplers import (
     RolloutBudget,

@@ -5,6 +5,7 @@ combines with any loss.
 - `independent`: n i.i.d. samples per prompt (multi-turn with tools when an env is given).
 - `arpo`: entropy-adaptive branching after tool results (ARPO, algorithms.md §2), in `arpo.py`.
 - `latr`: branching at uncertain tokens with lookahead pruning (LATR, §10), in `latr.py`.
+- `branchgrpo`: every path splits at fixed response depths (BranchGRPO, §23), in `branchgrpo.py`.
 - `semi_online`: UI-S1's replay of expert trajectories with the policy's own history and patches
   (§18), one sample per step, in `semi_online.py`.
 - `april`: over-provisioned requests, stop when enough groups finished, unfinished ones resume
