@@ -191,6 +191,42 @@ def test_hard_and_depthwise_tree_advantages_by_hand():
     assert adv[3, :4].tolist() == pytest.approx([-z] * 4, abs=1e-4) and m["tree/max_depth"] == 2
 
 
+def test_branch_depth_probability_weighted_fusion_by_hand():
+    """BranchGRPO's probability-weighted fusion: an inner node's value is the softmax over its
+    children of (alpha times) their segment log-probs, times their values. a: root; b and d branch
+    from a after 1 token; c branches from b after 2."""
+    def traj(tokens, logps, parent=None, at=None, reward=0.0):
+        return Trajectory([9, 9], tokens, [math.log(p) for p in logps], [0.0] * len(tokens), [1] * len(tokens), "g",
+                          parent=parent, branch_at=at, reward=reward)
+    group = [traj([1, 2, 3, 4], [0.5, 0.9, 0.9, 0.9], reward=1.0), traj([1, 5, 6], [0.5, 0.4, 0.2], 0, 1),
+             traj([1, 5, 7], [0.5, 0.4, 0.6], 1, 2, reward=1.0), traj([1, 8, 9], [0.5, 0.3, 0.3], 0, 1)]
+    b = pack(group, 0)
+    args = (b.rewards, b.group_ids, b.loss_mask)
+    z = 1 / math.sqrt(2)
+    # mean fusion: depth 1 holds a's rest (1), b-c's shared [5] (0.5), d's rest (0): z = 1, 0, -1
+    adv, _ = ADVANTAGES["branch_depth"](*args, origin=b.token_origin)
+    assert adv[1, :3].tolist() == pytest.approx([0.0, 0.0, -z], abs=1e-6)
+    assert adv[0, 1:4].tolist() == pytest.approx([1.0] * 3, abs=1e-6) and adv[3, 1:3].tolist() == pytest.approx([-1.0] * 2)
+    # probability fusion, alpha 1: R([5]) = (0.2 * 0 + 0.6 * 1) / (0.2 + 0.6) = 0.75; depth 1 values
+    # (1, 0.75, 0): mean 0.58333, unbiased std 0.52042
+    adv, _ = ADVANTAGES["branch_depth"](*args, origin=b.token_origin, fusion="probability",
+                                         sampling_logp=b.sampling_logp)
+    mean, std = 1.75 / 3, math.sqrt(((1 - 1.75 / 3) ** 2 + (0.75 - 1.75 / 3) ** 2 + (1.75 / 3) ** 2) / 2)
+    assert adv[0, 0].item() == 0.0   # one node at depth 0
+    assert adv[0, 1:4].tolist() == pytest.approx([(1 - mean) / std] * 3, abs=1e-6)
+    assert adv[1, :3].tolist() == pytest.approx([0.0, (0.75 - mean) / std, -z], abs=1e-6)
+    assert adv[2, :3].tolist() == pytest.approx([0.0, (0.75 - mean) / std, z], abs=1e-6)
+    assert adv[3, 1:3].tolist() == pytest.approx([-mean / std] * 2, abs=1e-6)
+    # alpha scales the log-probs: alpha 0 weighs children equally, the mean of b's and c's rewards
+    adv0, _ = ADVANTAGES["branch_depth"](*args, origin=b.token_origin, fusion="probability", alpha=0.0,
+                                          sampling_logp=b.sampling_logp)
+    assert adv0[1, :3].tolist() == pytest.approx([0.0, 0.0, -z], abs=1e-6)
+    with pytest.raises(ValueError, match="fusion"):
+        ADVANTAGES["branch_depth"](*args, origin=b.token_origin, fusion="max")
+    with pytest.raises(ValueError, match="sampling_logp"):
+        ADVANTAGES["branch_depth"](*args, origin=b.token_origin, fusion="probability")
+
+
 def test_a_stale_parent_index_does_not_merge_different_tokens():
     a = Trajectory([9], [1, 2, 3], [0.0] * 3, [0.0] * 3, [1] * 3, "g")
     b = Trajectory([9], [1, 5, 3], [0.0] * 3, [0.0] * 3, [1] * 3, "g", parent=0, branch_at=2)  # prefix differs

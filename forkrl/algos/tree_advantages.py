@@ -12,7 +12,11 @@ attribution (algorithms.md §2 b): a shared token sits in d rows and collects th
   the mean reward of the leaves below it; its depth is the number of branch points above it; within
   a prompt's tree, nodes are z-scored against the other nodes at their depth,
   A(n) = (R(n) - μ_d) / (σ_d + eps) with the unbiased σ, and 0 where a depth has one node or σ < 1e-6.
-  Every token gets its node's advantage.
+  Every token gets its node's advantage. `fusion: probability` is BranchGRPO's probability-weighted
+  reward fusion (`--tree_prob_weighted`, §23 b step 2): an inner node's value is
+  R(n) = Σ_c softmax_c(α·log p(c|n))·R(c) over its children c, applied from the leaves up, where
+  log p(c|n) is the sum of the sampled log-probs of c's tokens (the segment's probability given its
+  parent, §23 f); a leaf node's value is the mean reward of its rows.
 """
 from __future__ import annotations
 
@@ -49,9 +53,51 @@ def tree_hard(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Tenso
     return adv, metrics
 
 
+def _fused_values(node: Tensor, first: Tensor, valid: Tensor, mask: Tensor, rewards: Tensor, logp: Tensor,
+                  alpha: float) -> Tensor:
+    """Per position, the probability-weighted value of its node (BranchGRPO §23 b step 2). A row's
+    nodes are the runs between its `first` positions; a node's children are the nodes that follow it
+    in some row. Rows that end inside a node that other rows continue (no tree sampler makes one)
+    count as one more child, with log p = 0 and their mean reward."""
+    lp = (logp.double() * (mask > 0)).cumsum(-1)
+    children: dict[int, dict[int, float]] = {}
+    ended: dict[int, list[float]] = {}
+    for r in range(node.shape[0]):
+        starts = (first[r] & valid[r]).nonzero().flatten().tolist()
+        if not starts:
+            continue
+        ends = starts[1:] + [int(valid[r].nonzero().max()) + 1]
+        keys = [int(node[r, s]) for s in starts]
+        for j in range(1, len(keys)):
+            seg = float(lp[r, ends[j] - 1] - lp[r, starts[j] - 1])
+            children.setdefault(keys[j - 1], {})[keys[j]] = seg
+        ended.setdefault(keys[-1], []).append(float(rewards[r]))
+    fused: dict[int, float] = {}
+
+    def value(key: int) -> float:
+        if key not in fused:
+            terms = [(alpha * seg, value(c)) for c, seg in children.get(key, {}).items()]
+            if key in ended:
+                terms.append((0.0, sum(ended[key]) / len(ended[key])))
+            w = torch.softmax(torch.tensor([t for t, _ in terms], dtype=torch.float64), 0).tolist()
+            fused[key] = sum(wi * v for wi, (_, v) in zip(w, terms)) if children.get(key) else terms[-1][1]
+        return fused[key]
+
+    out = torch.zeros(node.shape, dtype=torch.float64)
+    keys = torch.unique(node[valid])
+    table = torch.tensor([value(int(k)) for k in keys], dtype=torch.float64)
+    out[valid] = table[torch.searchsorted(keys, node[valid])]
+    return out
+
+
 @register_advantage("branch_depth")
-def branch_depth(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Tensor, eps: float = 1e-8
+def branch_depth(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Tensor, eps: float = 1e-8,
+                 fusion: str = "mean", alpha: float = 1.0, sampling_logp: Tensor | None = None
                  ) -> tuple[Tensor, dict]:
+    if fusion not in ("mean", "probability"):
+        raise ValueError(f"branch_depth: fusion must be 'mean' or 'probability', got {fusion!r}")
+    if fusion == "probability" and sampling_logp is None:
+        raise ValueError("branch_depth: fusion 'probability' needs the sampled log-probs (sampling_logp)")
     T = mask.shape[1]
     origin = origin[:, :T]
     value, holders = _share(origin, rewards)
@@ -64,6 +110,8 @@ def branch_depth(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Te
     pos = torch.arange(T).expand_as(origin)
     start = torch.where(split | (pos == 0), pos, torch.zeros_like(pos)).cummax(-1).values
     node = origin.gather(1, start)
+    if fusion == "probability":
+        value = _fused_values(node, split | (pos == 0), valid, mask, rewards, sampling_logp[:, :T], alpha)
     adv = torch.zeros_like(value)
     n_nodes = 0
     for g in torch.unique(group_ids).tolist():

@@ -342,6 +342,7 @@ class Learner:
         a = self.cfg.algo
         adv, metrics = call(self.advantage_fn, batch.rewards, batch.group_ids, batch.loss_mask,
                             available={"entropy": batch.sampling_entropy, "origin": batch.token_origin,
+                                       "sampling_logp": batch.sampling_logp,
                                        "values": batch.old_values, "returns": batch.returns,
                                        "steps": batch.episode_steps, "value_mask": batch.value_mask},
                             params=a.advantage_params)
