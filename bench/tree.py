@@ -1,15 +1,15 @@
 """Tree samplers vs independent sampling at equal final trajectories per prompt, by training steps
 on the embedded model: what sampling and learning spend per trajectory.
 
-    python bench/tree.py [--task short|long] [--steps 2] [--only latr|arpo|branchgrpo] [--threads 2]
+    python bench/tree.py [--task short|long] [--steps 2] [--only latr|arpo|branchgrpo|branchgrpo_turns] [--threads 2]
 
 Each comparison trains the recipe for `--steps` steps twice from the same weights, prompts and seed:
 once with `rollout.sampler: independent`, once with the recipe's tree sampler.
   short: configs/latr.yaml and configs/branchgrpo.yaml (one-digit sums, 24 new tokens); configs/arpo.yaml
          (three-digit sums with a Python tool, up to 2 calls)
   long:  configs/latr_long.yaml and configs/branchgrpo_long.yaml (ten-term sums worked step by step,
-         ~150 tokens); configs/arpo_long.yaml (the same, checked with the Python tool every third
-         step, up to 3 calls)
+         ~150 tokens); configs/arpo_long.yaml and configs/branchgrpo_tools_long.yaml (`branchgrpo_turns`:
+         the same, checked with the Python tool every third step, up to 3 calls)
 Per method: trajectories, branch points, decoded / prefilled / cache-served tokens, tool-result
 tokens and calls, the learner's forward tokens and the shared-prefix tokens it did not run again,
 the mean rows per decode step, LATR's discarded chain tokens (pruned chains, tokens past the end of a
@@ -29,7 +29,7 @@ import torch
 
 RECIPES = {"short": {"latr": "configs/latr.yaml", "arpo": "configs/arpo.yaml", "branchgrpo": "configs/branchgrpo.yaml"},
            "long": {"latr": "configs/latr_long.yaml", "arpo": "configs/arpo_long.yaml",
-                    "branchgrpo": "configs/branchgrpo_long.yaml"}}
+                    "branchgrpo": "configs/branchgrpo_long.yaml", "branchgrpo_turns": "configs/branchgrpo_tools_long.yaml"}}
 SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens", "sampler/prefilled_tokens",
         "sampler/cached_tokens", "sampler/env_tokens", "sampler/tool_calls", "sampler/attended_keys",
         "sampler/shared_keys", "learner/forward_tokens",
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--task", choices=sorted(RECIPES), default="short")
     ap.add_argument("--steps", type=int, default=2, help="training steps per method")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", choices=["latr", "arpo", "branchgrpo"], default=None)
+    ap.add_argument("--only", choices=["latr", "arpo", "branchgrpo", "branchgrpo_turns"], default=None)
     ap.add_argument("--set", action="append", default=[], help="config override for every run, key=value")
     ap.add_argument("--model", default=None, help="another policy (a run's final/ folder) instead of the recipe's")
     args = ap.parse_args()

@@ -20,7 +20,7 @@ METHOD_METRIC = {
     "arpo_long": "sampler/arpo/branches", "latr_long": "sampler/latr/eta",
     "april": "sampler/april/returned_groups", "dars": "dars/extra_rollouts", "brorl": "sampler/broad/prefill_shared_tokens",
     "etmr": "sampler/etmr/leaves", "branchgrpo": "sampler/branchgrpo/tree_members",
-    "branchgrpo_long": "sampler/branchgrpo/tree_members", "aepo": "sampler/aepo/global_per_prompt",
+    "branchgrpo_long": "sampler/branchgrpo/tree_members", "branchgrpo_tools_long": "sampler/branchgrpo/tree_members", "aepo": "sampler/aepo/global_per_prompt",
     "agent_single_call": "sampler/episodes", "agent_two_step": "sampler/episodes", "ppo": "critic/vf_explained_var",
     "router_r1": "reward/router_cost", "mle_milestones": "reward/milestones_reached", "uis1": "uis1/matched_frac",
     "marft": "marft/team_reward", "router_r1_cost": "reward/router_cost",

@@ -482,6 +482,30 @@ def test_branchgrpo_fills_the_group_when_paths_end_before_a_split():
         build_sampler("branchgrpo", {"branches": 1})
 
 
+def test_branchgrpo_splits_episodes_at_turn_boundaries():
+    """split_at turns: after the tool results of turns 1 and 2 every episode splits in two (copies of
+    it); the third turn answers, so a third split level never comes and its 4 leaves are fresh."""
+    for engine in (EntropyScript(TURNS, entropies=[1.0]), StreamingSlotEngine(EntropyScript(TURNS, entropies=[1.0]), slots=3)):
+        ctx = SamplerContext(env=_env(max_turns=4), tokenizer=VocabTokenizer())
+        sampler = build_sampler("branchgrpo", {"split_at": "turns", "splits": [1, 2]})
+        (group,), budget = run_sampler(sampler, engine, [[ord(c) for c in "Q?"]], SamplingParams(max_tokens=100, n=4), 0, ctx)
+        ends = [group[0].tool_calls[j].span[1] for j in range(2)]   # the ends of the two tool results
+        assert len(group) == 4 and budget.branch_points == 3 and budget.extra["branchgrpo/filled"] == 0
+        assert sorted((t.branch_at, group[t.parent].branch_at or 0) for t in group[1:]) == \
+            [(ends[0], 0), (ends[1], 0), (ends[1], ends[0])]
+        for t in group[1:]:
+            assert t.tokens[:t.branch_at] == group[t.parent].tokens[:t.branch_at] and t.finish == "answer"
+        # three levels: the last is never reached, every tree member's third-level leaf is fresh
+        sampler = build_sampler("branchgrpo", {"split_at": "turns"})   # default: turns 1, 2, 3 for 8
+        (group,), budget = run_sampler(sampler, engine, [[ord(c) for c in "Q?"]], SamplingParams(max_tokens=100, n=8), 0, ctx)
+        assert len(group) == 8 and budget.extra["branchgrpo/filled"] == 4 and budget.branch_points == 3
+    with pytest.raises(ValueError, match="needs env"):
+        run_sampler(build_sampler("branchgrpo", {"split_at": "turns"}), SaltedEngine(), [[65, 66]],
+                    SamplingParams(max_tokens=8, n=4), 0, SamplerContext())
+    with pytest.raises(ValueError, match="turns >= 1"):
+        build_sampler("branchgrpo", {"split_at": "turns", "splits": [0, 1]})
+
+
 def test_branchgrpo_keeps_the_continuous_batch_full_and_forks_share_the_cache(tiny):
     """Four prompts' trees through a 4-slot scripted batch: full until the work runs out. On the
     real engine a fork of a running path copies its states: only the prompts are prefilled, plus at

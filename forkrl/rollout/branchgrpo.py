@@ -17,6 +17,10 @@ path's forks are made when it returns, from its tokens: the same tree, in more r
 record `parent` and `branch_at`, so the learner runs each shared prefix once, and
 `advantage: branch_depth` gives BranchGRPO's depth-wise advantages (§23 b step 3).
 
+With `split_at: turns` (tool-using episodes) a split point is a turn boundary instead, §23 f's other
+example: after its j-th turn's tool results, for j in `splits`, an episode goes on and k − 1 exact
+copies continue on their own, through the episodes' one continuous batch (`agent.run_episodes`).
+
 Split depths. BranchGRPO splits diffusion steps {0, 3, 6, 9} of 20 (k = 2, 16 leaves). The default
 here is that schedule scaled to the response budget: depth j·0.15·max_tokens for as many splits as
 k^|S| ≥ n needs. The depths set how much of a path its group shares: a late split shares more
@@ -32,11 +36,15 @@ from forkrl.rollout.samplers import register_sampler
 from forkrl.types import GenerationRequest, Trajectory
 
 
+def levels(n: int, branches: int) -> int:
+    """How many split levels a tree needs for n leaves: the least |S| with branches^|S| ≥ n."""
+    return max(math.ceil(math.log(n) / math.log(branches) - 1e-9), 1) if n > 1 else 0
+
+
 def default_splits(n: int, branches: int, max_tokens: int) -> list[int]:
     """BranchGRPO's schedule, every 3 of 20 steps from the first, scaled to `max_tokens`: as many
-    split depths as `branches`^|S| ≥ n needs."""
-    count = max(math.ceil(math.log(n) / math.log(branches) - 1e-9), 1) if n > 1 else 0
-    return sorted({round(j * 0.15 * max_tokens) for j in range(count)})
+    split depths as `branches`^|S| ≥ n needs (fewer where a short budget rounds two to one)."""
+    return sorted({round(j * 0.15 * max_tokens) for j in range(levels(n, branches))})
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,17 +61,23 @@ class _Path:
 
 @register_sampler("branchgrpo")
 class BranchGRPOSampler:
-    def __init__(self, branches: int = 2, splits: list[int] | None = None):
+    def __init__(self, branches: int = 2, splits: list[int] | None = None, split_at: str = "tokens"):
         if branches < 2:
             raise ValueError(f"branchgrpo: branches must be at least 2 (paths per split), got {branches}")
-        if splits is not None and (any(s < 0 for s in splits) or list(splits) != sorted(set(splits))):
-            raise ValueError(f"branchgrpo: splits must be increasing token depths >= 0, got {list(splits)}")
-        self.branches = branches
+        if split_at not in ("tokens", "turns"):
+            raise ValueError(f"branchgrpo: split_at must be 'tokens' or 'turns', got {split_at!r}")
+        least = 1 if split_at == "turns" else 0
+        if splits is not None and (any(s < least for s in splits) or list(splits) != sorted(set(splits))):
+            raise ValueError(f"branchgrpo: splits must be increasing {split_at} >= {least}, got {list(splits)}")
+        self.branches, self.split_at = branches, split_at
         self.splits = None if splits is None else list(splits)
 
     def sample(self, engine, prompts, params, seed, ctx):
-        if ctx.env is not None:
-            raise ValueError("the branchgrpo sampler is single-turn; use arpo for tool-using rollouts")
+        if (ctx.env is not None) != (self.split_at == "turns"):
+            raise ValueError("branchgrpo: split_at 'turns' splits episodes after tool results and needs env "
+                             "(tools); without tools split_at is 'tokens'")
+        if self.split_at == "turns":
+            return self._sample_turns(engine, prompts, params, seed, ctx)
         from forkrl.rollout.engine.stream import open_stream
         n, k = params.n, self.branches
         splits = [s for s in (self.splits if self.splits is not None else default_splits(n, k, params.max_tokens))
@@ -136,3 +150,43 @@ class BranchGRPOSampler:
             out.append(members)
         return out, {"branchgrpo/tree_members": float(sum(len(g) for g in groups)),
                      "branchgrpo/filled": float(sum(map(len, fresh)))}
+
+    def _sample_turns(self, engine, prompts, params, seed, ctx):
+        """Split at turn boundaries (§23 f): after its j-th turn's tool results, for j in `splits`
+        (default 1, 2, ... as many as k^|S| ≥ n needs), an episode goes on and k − 1 exact copies
+        continue on their own. Ranks, the level-order cut and the fresh episodes for lost leaves are
+        as with token depths."""
+        from forkrl.rollout.agent import new_episode, run_episodes
+        from forkrl.rollout.arpo import assemble
+        n, k = params.n, self.branches
+        splits = self.splits if self.splits is not None else list(range(1, levels(n, k) + 1))
+        leaves = min(n, k ** len(splits))
+        groups = [[new_episode(p)] + [new_episode(p) for _ in range(n - leaves)] for p in prompts]
+        where = {id(g[0]): (0, 0) for g in groups}   # tree members: (rank, index of the next split)
+        parents: dict[int, object] = {}
+        count = {"filled": float(sum(len(g) - 1 for g in groups))}
+
+        def after_turn(i: int, e) -> list:
+            if id(e) not in where:
+                return []   # a fresh episode
+            rank, level = where[id(e)]
+            new = []
+            if not e.done and level < len(splits) and e.turns == splits[level]:
+                for c in range(1, k):
+                    if rank + c * k ** level < leaves:
+                        child = e.fork()
+                        parents[id(child)] = e
+                        where[id(child)] = (rank + c * k ** level, level + 1)
+                        new.append(child)
+                level += 1
+            if e.done and level < len(splits):
+                # it ended before these turns: the members its copies would have led to are fresh
+                new += [new_episode(e.traj.prompt_ids) for _ in range(rank + k ** level, leaves, k ** level)]
+                count["filled"] += len(range(rank + k ** level, leaves, k ** level))
+                level = len(splits)
+            where[id(e)] = (rank, level)
+            return new
+
+        run_episodes(engine, ctx.env, ctx.tokenizer, groups, params, seed, ctx.version, after_turn)
+        return assemble(groups, parents, n), {"branchgrpo/tree_members": float(len(where)),
+                                              "branchgrpo/filled": count["filled"]}
