@@ -34,6 +34,7 @@ LEARNER_ARGUMENTS = frozenset({
     "progress",   # training progress in [0, 1] (schedules)
     "turn",       # [B, T] 1-based index of the assistant turn a generated token belongs to, 0 elsewhere
     "origin",     # [B, T] key of the sampled token at each position, shared by branches of one prefix; -1 padding
+    "sampling_logp",  # [B, T] the sampler's log-prob of each generated token (advantages)
     "values",     # [B, T] the critic's values of the states before each generated token (algo.critic)
     "returns",    # [B, T] the critic's targets: lambda-returns by GAE (algo.critic.gamma, lam)
     "steps",      # [B, 3] step-level samples of episodes: episode id, step index, matched (UI-S1)

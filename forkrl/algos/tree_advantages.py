@@ -75,12 +75,13 @@ def _fused_values(node: Tensor, first: Tensor, valid: Tensor, mask: Tensor, rewa
     fused: dict[int, float] = {}
 
     def value(key: int) -> float:
+        """Softmax-weighted over the node's children (a leaf: its rows, one child of weight 1)."""
         if key not in fused:
             terms = [(alpha * seg, value(c)) for c, seg in children.get(key, {}).items()]
             if key in ended:
                 terms.append((0.0, sum(ended[key]) / len(ended[key])))
             w = torch.softmax(torch.tensor([t for t, _ in terms], dtype=torch.float64), 0).tolist()
-            fused[key] = sum(wi * v for wi, (_, v) in zip(w, terms)) if children.get(key) else terms[-1][1]
+            fused[key] = sum(wi * v for wi, (_, v) in zip(w, terms))
         return fused[key]
 
     out = torch.zeros(node.shape, dtype=torch.float64)

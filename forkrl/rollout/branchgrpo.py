@@ -55,7 +55,6 @@ class _Path:
     parent: int | None       # index of the parent in the group
     next_split: int          # index into the split depths of the next one it may split at
     rank: int                # its leaf's place in the level order of the full tree
-    request: int | None = None
     completion: object = None
 
 
@@ -89,10 +88,10 @@ class BranchGRPOSampler:
         fills: dict[int, int] = {}                 # fresh-sample requests: prompt
 
         def start(i: int, path: _Path) -> None:
-            path.request = stream.add(GenerationRequest(prompts[i] + path.head, dataclasses.replace(
+            rid = stream.add(GenerationRequest(prompts[i] + path.head, dataclasses.replace(
                 params, n=1, max_tokens=params.max_tokens - len(path.head)), keep_kv=True))
             groups[i].append(path)
-            live[path.request] = (i, path)
+            live[rid] = (i, path)
             split(i, path, [], [], [], running=True)   # a split at the depth it starts from
 
         def split(i: int, path: _Path, ids, logprobs, entropies, running: bool) -> None:
