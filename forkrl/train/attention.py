@@ -29,7 +29,7 @@ before its own, so key column j < len(header) is header token j and the row's co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class Span:
     start: int
     end: int
     borrowed: Tensor | None = None
+    # built once per forward and read by every layer: (header, key columns, seen) and the additive masks
+    _keys: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def keys(self, header: int) -> tuple[slice | Tensor, Tensor | None]:
         """The key columns past the header this span sees (borrowed, then its own) and which of them
@@ -54,12 +57,21 @@ class Span:
         own = slice(header + self.start, header + self.end)
         if self.borrowed is None or not len(self.borrowed):
             return own, None
-        if getattr(self, "_built", None) is None or self._built[0] != header:
+        if self._keys is None or self._keys[0] != header:
             m, b = self.end - self.start, len(self.borrowed)
             seen = torch.ones((m, b + m), dtype=torch.bool)
             seen[:, b:] = torch.ones((m, m), dtype=torch.bool).tril()
-            self._built = (header, torch.cat([self.borrowed, torch.arange(own.start, own.stop)]), seen)
-        return self._built[1], self._built[2]
+            self._keys = (header, torch.cat([self.borrowed, torch.arange(own.start, own.stop)]), seen)
+        return self._keys[1], self._keys[2]
+
+    def additive(self, header: int, dtype: torch.dtype) -> Tensor | None:
+        """The mask of `keys` as the kernel takes it (0 / -inf); None when it needs none."""
+        _, seen = self.keys(header)
+        if seen is None:
+            return None
+        if (header, dtype) not in self._masks:
+            self._masks[(header, dtype)] = torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, float("-inf"))
+        return self._masks[(header, dtype)]
 
 
 def _covered(spans: list[Span], C: int) -> None:
@@ -78,17 +90,6 @@ def _take(x: Tensor, cols) -> Tensor:
     return x[:, :, cols] if isinstance(cols, slice) else x.index_select(2, cols)
 
 
-def _additive(span: Span, header: int, dtype: torch.dtype) -> Tensor | None:
-    """The span's mask as the kernel takes it (0 / -inf), built once per forward like its keys."""
-    _, seen = span.keys(header)
-    if seen is None:
-        return None
-    built = span.__dict__.setdefault("_additive", {})
-    if (header, dtype) not in built:
-        built[(header, dtype)] = torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, float("-inf"))
-    return built[(header, dtype)]
-
-
 _KERNEL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _KERNEL_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -104,7 +105,7 @@ class _HeaderAndSpans(torch.autograd.Function):
         calls, outs, lses = [], [], []
         for s in spans:
             cols, _ = s.keys(header)
-            mask = _additive(s, header, query.dtype)
+            mask = s.additive(header, query.dtype)
             o, lse = _KERNEL(query[:, :, s.start:s.end], _take(key, cols), _take(value, cols), 0.0, mask is None,
                              attn_mask=mask, scale=scale)[:2]
             calls.append((s.start, s.end, cols, mask))
