@@ -1,7 +1,8 @@
 """Tree samplers vs independent sampling at equal final trajectories per prompt, by training steps
 on the embedded model: what sampling and learning spend per trajectory.
 
-    python bench/tree.py [--task short|long] [--steps 2] [--only latr|arpo|branchgrpo|branchgrpo_turns] [--threads 2]
+    python bench/tree.py [--task short|long] [--steps 2] [--only latr|arpo|branchgrpo|branchgrpo_turns|branchgrpo_pruned]
+                         [--threads 2]
 
 Each comparison trains the recipe for `--steps` steps twice from the same weights, prompts and seed:
 once with `rollout.sampler: independent`, once with the recipe's tree sampler.
@@ -9,7 +10,9 @@ once with `rollout.sampler: independent`, once with the recipe's tree sampler.
          (three-digit sums with a Python tool, up to 2 calls)
   long:  configs/latr_long.yaml and configs/branchgrpo_long.yaml (ten-term sums worked step by step,
          ~150 tokens); configs/arpo_long.yaml and configs/branchgrpo_tools_long.yaml (`branchgrpo_turns`:
-         the same, checked with the Python tool every third step, up to 3 calls)
+         the same, checked with the Python tool every third step, up to 3 calls); `branchgrpo_pruned`:
+         configs/branchgrpo_long.yaml with BranchGRPO's width pruning (mode 2: the batch's best and
+         worst half of the leaves train; the learner does not run the others)
 Per method: trajectories, branch points, decoded / prefilled / cache-served tokens, tool-result
 tokens and calls, the learner's forward tokens and the shared-prefix tokens it did not run again,
 the mean rows per decode step, LATR's discarded chain tokens (pruned chains, tokens past the end of a
@@ -29,7 +32,10 @@ import torch
 
 RECIPES = {"short": {"latr": "configs/latr.yaml", "arpo": "configs/arpo.yaml", "branchgrpo": "configs/branchgrpo.yaml"},
            "long": {"latr": "configs/latr_long.yaml", "arpo": "configs/arpo_long.yaml",
-                    "branchgrpo": "configs/branchgrpo_long.yaml", "branchgrpo_turns": "configs/branchgrpo_tools_long.yaml"}}
+                    "branchgrpo": "configs/branchgrpo_long.yaml", "branchgrpo_turns": "configs/branchgrpo_tools_long.yaml",
+                    # BranchGRPO's width pruning, mode 2 (§23 b step 5): half the leaves train, the rest are not run
+                    "branchgrpo_pruned": ("configs/branchgrpo_long.yaml", [
+                        "algo.token_selector=branch_pruning", "algo.token_selector_params={width_pruning_mode: 2}"])}}
 SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens", "sampler/prefilled_tokens",
         "sampler/cached_tokens", "sampler/env_tokens", "sampler/tool_calls", "sampler/attended_keys",
         "sampler/shared_keys", "learner/forward_tokens",
@@ -37,12 +43,13 @@ SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens
         "sampler/latr/discarded_tokens", "sampler/branchgrpo/filled")
 
 
-def train(config: str, sampler: str | None, args) -> dict:
-    """`args.steps` training steps of a recipe, with its own sampler or with independent sampling."""
+def train(config: str, sampler: str | None, args, extra: list[str] = ()) -> dict:
+    """`args.steps` training steps of a recipe, with its own sampler (and the entry's `extra`
+    overrides) or with independent sampling."""
     from forkrl.config import load_config
     from forkrl.train import Trainer
 
-    swap = ["rollout.sampler=independent", "rollout.sampler_params={}"] if sampler is None else []
+    swap = ["rollout.sampler=independent", "rollout.sampler_params={}"] if sampler is None else list(extra)
     cfg = load_config(config, ["log.progress=false", "log.tensorboard=false", "eval.every=0",
                                f"output_dir=/tmp/forkrl-bench-tree-{sampler or 'independent'}",
                                f"train.steps={args.steps}", *swap,
@@ -71,11 +78,13 @@ def train(config: str, sampler: str | None, args) -> dict:
     return out
 
 
-def compare(config: str, sampler: str, args) -> dict:
-    base, tree = train(config, None, args), train(config, sampler, args)
+def compare(entry: str | tuple[str, list[str]], sampler: str, args) -> dict:
+    config, extra = (entry, []) if isinstance(entry, str) else entry
+    base, tree = train(config, None, args), train(config, sampler, args, extra)
     ratio = {k: round(tree[k] / base[k], 3) for k in ("tokens_per_trajectory", "learner_tokens_per_trajectory",
                                                       "seconds_per_trajectory", "sampling_seconds_per_trajectory")}
-    return {"config": config, "independent": base, sampler: tree, "ratio": ratio}
+    return {"config": config, **({"overrides": extra} if extra else {}), "independent": base, sampler: tree,
+            "ratio": ratio}
 
 
 def main() -> None:
@@ -83,7 +92,7 @@ def main() -> None:
     ap.add_argument("--task", choices=sorted(RECIPES), default="short")
     ap.add_argument("--steps", type=int, default=2, help="training steps per method")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", choices=["latr", "arpo", "branchgrpo", "branchgrpo_turns"], default=None)
+    ap.add_argument("--only", choices=sorted({k for recipes in RECIPES.values() for k in recipes}), default=None)
     ap.add_argument("--set", action="append", default=[], help="config override for every run, key=value")
     ap.add_argument("--model", default=None, help="another policy (a run's final/ folder) instead of the recipe's")
     args = ap.parse_args()

@@ -338,9 +338,12 @@ class AlgoConfig(Section):
                 raise ValueError(f"algo.{kind}_params is set but algo.{kind} is not")
         for kind, registry, name, params in checks:
             allowed = registry.hyperparameters(name)
-            for key in params:
+            choices = registry.choices(name)
+            for key, value in params.items():
                 if key not in allowed:
                     raise ValueError(f"algo.{kind}.{key} is not a parameter of {name!r}; allowed: {allowed}")
+                if key in choices and value not in choices[key]:
+                    raise ValueError(f"algo.{kind}.{key} must be one of {list(choices[key])}, got {value!r}")
         return self
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -95,6 +96,16 @@ class Registry:
     def hyperparameters(self, name: str) -> list[str]:
         """What a recipe may set for method `name`: its keyword-only parameters, less the reserved ones."""
         return hyperparameters(self.get(name), self.reserved)
+
+    def choices(self, name: str) -> dict[str, tuple]:
+        """The allowed values of method `name`'s hyperparameters that are annotated `Literal[...]`."""
+        fn = self.get(name)
+        try:
+            hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+        except (NameError, TypeError):  # an annotation that does not resolve: nothing to check by
+            return {}
+        return {k: typing.get_args(hints[k]) for k in self.hyperparameters(name)
+                if k in hints and typing.get_origin(hints[k]) is typing.Literal}
 
     def names(self) -> list[str]:
         self._load()

@@ -43,6 +43,16 @@ def test_unknown_registered_method_lists_registry():
         build_config({}, ["algo.loss_params={eps: 0.2}"])
 
 
+def test_a_method_hyperparameter_outside_its_choices_fails_at_load():
+    """Choices a method annotates as Literal are checked with the config, before any weights load."""
+    with pytest.raises(ConfigError, match=r"algo.advantage_params.fusion must be one of \['mean', 'probability'\], got 'max'"):
+        build_config({}, ["algo.advantage=branch_depth", "algo.advantage_params={fusion: max}"])
+    with pytest.raises(ConfigError, match=r"algo.token_selector_params.width_pruning_mode must be one of \[0, 1, 2\]"):
+        build_config({}, ["algo.token_selector=branch_pruning", "algo.token_selector_params={width_pruning_mode: 3}"])
+    cfg = build_config({}, ["algo.advantage=uis1", "algo.advantage_params={normalization: mean_norm}"])
+    assert cfg.algo.advantage_params == {"normalization": "mean_norm"}
+
+
 def test_overrides_parse_yaml_values_and_keep_text():
     cfg = build_config({}, ["train.lr=3e-6", "rollout.stop=['</answer>']", "task.system_prompt=Reply: the number.",
                             "algo.loss_params={clip_high: 0.28}"])

@@ -91,7 +91,10 @@ def test_zero_advantages_give_no_policy_gradient(name, seed, rows, cols):
 def test_token_selectors_stay_inside_the_mask(name, progress, seed, rows, cols):
     _, _, adv, mask, entropy = _inputs(seed, rows, cols)
     from forkrl.algos import call
-    keep = call(TOKEN_SELECTORS[name], entropy, mask, available={"adv": adv, "progress": progress}, params={})
+    origin = torch.arange(rows * cols).view(rows, cols)
+    origin[1:, :cols // 2] = origin[0, :cols // 2]   # a tree: the rows share their first half (branch_pruning)
+    keep = call(TOKEN_SELECTORS[name], entropy, mask,
+                available={"adv": adv, "progress": progress, "origin": origin, "step": 1}, params={})
     assert keep.dtype == torch.bool and keep.shape == mask.shape
     assert not (keep & (mask == 0)).any()
     if mask.any():

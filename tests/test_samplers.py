@@ -227,6 +227,57 @@ def test_branch_depth_probability_weighted_fusion_by_hand():
         ADVANTAGES["branch_depth"](*args, origin=b.token_origin, fusion="probability")
 
 
+def _pruning_tree():
+    """root [1, 2] splits into A [3, 4] (rows 0, 1) and B [5, 6] (rows 2, 3); each splits into two
+    leaves; row 4 is a fresh sample. Rewards 1, 0, 1, 1, 0."""
+    def traj(tokens, parent=None, at=None, reward=0.0):
+        return Trajectory([9, 9], tokens, [0.0] * len(tokens), [0.0] * len(tokens), [1] * len(tokens), "g",
+                          parent=parent, branch_at=at, reward=reward)
+    group = [traj([1, 2, 3, 4, 7, 8], reward=1.0), traj([1, 2, 3, 4, 9, 10], 0, 4), traj([1, 2, 5, 6, 11, 12], 0, 2, 1.0),
+             traj([1, 2, 5, 6, 13, 14], 2, 4, 1.0), traj([20, 21])]
+    b = pack(group, 0)
+    adv, _ = ADVANTAGES["branch_depth"](b.rewards, b.group_ids, b.loss_mask, origin=b.token_origin)
+    return b, adv
+
+
+def test_branch_pruning_by_depth_and_width_by_hand():
+    from forkrl.algos import TOKEN_SELECTORS
+    b, adv = _pruning_tree()
+    # depth 0: the root and row 4 (values 0.75, 0); depth 1: A 0.5, B 1 -> -+0.7071; depth 2: leaves
+    # 1, 0, 1, 1 (mean 0.75, std 0.5) -> 0.5, -1.5, 0.5, 0.5
+    assert adv[:4, 4].tolist() == pytest.approx([0.5, -1.5, 0.5, 0.5], abs=1e-6)
+
+    def prune(step=1, progress=0.0, **params):
+        keep = TOKEN_SELECTORS["branch_pruning"](b.sampling_entropy, b.loss_mask, origin=b.token_origin, adv=adv,
+                                                 step=step, progress=progress, **params)
+        return [[int(k) for k in row[:n]] for row, n in zip(keep, (6, 6, 6, 6, 2))]
+
+    whole = [[1] * 6] * 4 + [[1, 1]]
+    assert prune() == whole                                   # nothing asked: nothing pruned
+    # depth pruning: A and B's tokens (depth 1) in every row that holds them
+    assert prune(depth_pruning=[1]) == [[1, 1, 0, 0, 1, 1]] * 4 + [[1, 1]]
+    # mode 1: per parent the best max(1, 0.5 * 2) = 1 leaf: under A leaf 0 (0.5 > -1.5); under B a
+    # tie, the earlier row (2) stays
+    assert prune(width_pruning_mode=1) == [[1] * 6, [1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 1, 0, 0], [1, 1]]
+    # mode 2: K = max(2, 0.5 * 4) = 2 over the batch's last layer: the best (leaf 0, first of the 0.5s)
+    # and the worst (leaf 1); row 4 is no split's leaf and is kept
+    assert prune(width_pruning_mode=2) == [[1] * 6, [1] * 6, [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1]]
+    assert prune(width_pruning_mode=2, width_pruning_ratio=1.0) == whole   # K = 4 keeps every leaf
+    # the sliding window: depth [2] moves 1 towards the root every 2 steps, stopping at depth 1 (the
+    # last split's parents)
+    leaves_off = [[1, 1, 1, 1, 0, 0]] * 4 + [[1, 1]]
+    assert prune(step=1, depth_pruning=[2], depth_pruning_slide_interval=2) == leaves_off
+    assert prune(step=2, depth_pruning=[2], depth_pruning_slide_interval=2) == prune(depth_pruning=[1])
+    assert prune(step=9, depth_pruning=[2], depth_pruning_slide_interval=2) == prune(depth_pruning=[1])
+    assert prune(step=9, depth_pruning=[2], depth_pruning_slide_interval=2, depth_pruning_stop_depth=0) == \
+        [[0, 0, 1, 1, 1, 1]] * 4 + [[0, 0]]
+    # only during the first pruning_step_ratio of training
+    assert prune(progress=0.45, depth_pruning=[2], pruning_step_ratio=0.5) == leaves_off
+    assert prune(progress=0.5, depth_pruning=[2], pruning_step_ratio=0.5) == whole
+    with pytest.raises(ValueError, match="width_pruning_ratio"):
+        prune(width_pruning_mode=1, width_pruning_ratio=0.0)
+
+
 def test_a_stale_parent_index_does_not_merge_different_tokens():
     a = Trajectory([9], [1, 2, 3], [0.0] * 3, [0.0] * 3, [1] * 3, "g")
     b = Trajectory([9], [1, 5, 3], [0.0] * 3, [0.0] * 3, [1] * 3, "g", parent=0, branch_at=2)  # prefix differs
@@ -253,6 +304,27 @@ def test_samplers_train_through_the_trainer(tmp_path, sampler, params):
         assert all(r["tree/deduplicated_tokens"] > 0 and r["tree/shared_token_frac"] > 0 for r in rows)
     if sampler in ("latr", "branchgrpo"):
         assert all(r["sampler/branch_points"] > 0 for r in rows)
+
+
+def test_pruned_leaves_are_not_trained_or_run(tmp_path):
+    """BranchGRPO with width pruning through the trainer: the same first step's samples, fewer tokens
+    trained and fewer run by the learner than without pruning."""
+    from forkrl.train import Trainer
+    from tests.test_trainer import _cfg, _rows
+    runs = {}
+    for pruned in (False, True):
+        algo = {"advantage": "branch_depth", "train_shared_prefix_once": True}
+        if pruned:
+            algo.update(token_selector="branch_pruning", token_selector_params={"width_pruning_mode": 2})
+        (tmp_path / str(pruned)).mkdir()
+        cfg = _cfg(tmp_path / str(pruned), train={"steps": 1},
+                   rollout={"sampler": "branchgrpo", "sampler_params": {"splits": [2, 4, 6]}}, algo=algo)
+        Trainer(cfg).train()
+        runs[pruned] = _rows(cfg)[0]
+    full, pruned = runs[False], runs[True]
+    assert full["sampler/decoded_tokens"] == pruned["sampler/decoded_tokens"]
+    assert pruned["train/tokens"] < full["train/tokens"]   # (shared tokens count once in both)
+    assert pruned["learner/forward_tokens"] < full["learner/forward_tokens"]
 
 
 def test_engine_stop_when_returns_partial_completions_that_resume_exactly(tiny):

@@ -193,3 +193,38 @@ def test_micro_batches_count_what_the_flat_layout_runs(tiny):
     # the dense layout's count: a prompt once per micro-batch, every response in full
     assert [m.tolist() for m in micro_batches(batch, every, 16, 34)] == [[0, 1], [2]]   # 22+4+4, then 23+3
     assert pack_rows(batch, flat=True).run == 34
+
+
+def test_a_rows_untrained_tail_is_not_run_and_changes_nothing(tiny):
+    """`select` cuts each row after its last trained token (a pruned leaf, a token selector's tail):
+    the forward runs fewer tokens, with the same loss and gradients as running every row whole."""
+    _, tok = tiny
+    model = _model(len(tok))
+    batch = pack(_tree(len(tok)), tok.pad_token_id)
+    train = batch.loss_mask.clone()
+    train[2, 10:] = 0                  # c's own tail
+    train[3, 4:] = 0                   # most of d
+    train[1, :] = 0                    # b trains nothing
+    batch.train_mask = train
+    adv = torch.randn(batch.loss_mask.shape, generator=torch.Generator().manual_seed(1))
+    every = torch.arange(len(batch))
+    cut = batch.select(every)
+    assert cut.resp_ids.shape[1] == batch.resp_ids.shape[1]   # a's last token trains
+    assert cut.loss_mask[3, 4:].sum() == 0 and cut.loss_mask[1].sum() == 0 and cut.loss_mask[0].sum() == batch.loss_mask[0].sum()
+
+    def run(b, flat):
+        model.zero_grad()
+        fwd = PolicyForward(model, attention="spans" if flat else "dense")
+        logp, _ = fwd(b)
+        L = logp.shape[1]
+        m = train[:, :L]
+        loss = -(logp * adv[:, :L] * m).sum() / m.sum()
+        loss.backward()
+        return fwd.tokens_run, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for flat in (False, True):
+        whole, short = run(batch, flat), run(cut, flat)
+        assert short[0] < whole[0]                 # fewer tokens run
+        assert abs(float(short[1] - whole[1])) < 1e-6
+        for name, grad in short[2].items():
+            assert (grad - whole[2][name]).abs().max() < 1e-6, name

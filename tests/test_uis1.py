@@ -51,7 +51,7 @@ def test_combined_advantage_by_hand():
     assert adv[:, 0].tolist() == pytest.approx([0.57735 + 0.70711, 0.57735 + 1.0, -1.15470 - 0.70711], abs=1e-4)
     assert m["uis1/matched_frac"] == pytest.approx(2 / 3)
     only_step, _ = uis1(rewards, torch.zeros(3, dtype=torch.long), torch.ones(3, 1), steps=steps, gamma=0.5,
-                        w_episode=0.0, norm="mean_norm")
+                        w_episode=0.0, normalization="mean_norm")
     assert only_step[:, 0].tolist() == pytest.approx([0.7, 1.0, -0.7], abs=1e-6)   # means only: 1.5-0.8, 1-0, 0.1-0.8
 
 

@@ -7,6 +7,8 @@ token-level estimators can share the signature.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -115,7 +117,7 @@ def _base_advantage(name: str, rewards: Tensor, group_ids: Tensor, mask: Tensor)
 
 
 @register_advantage("empg")
-def empg(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, base: str = "grpo",
+def empg(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, base: Literal["grpo", "drgrpo", "rloo", "hapo"] = "grpo",
          k: float = 1.0, k_future: float = 1.0, zeta: float = 0.1, normalize: bool = True
          ) -> tuple[Tensor, dict]:
     """EMPG, Entropy-Modulated Policy Gradients (arXiv 2509.09265; algorithms.md §13.2, §25). A step is
@@ -156,7 +158,7 @@ def empg(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, b
 
 
 @register_advantage("aepo")
-def aepo(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, base: str = "grpo",
+def aepo(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, entropy: Tensor, base: Literal["grpo", "drgrpo", "rloo", "hapo"] = "grpo",
          alpha: float = 0.1) -> tuple[Tensor, dict]:
     """AEPO entropy-aware advantage (arXiv 2510.14545; algorithms.md §3 b step 4, UNVERIFIED):
         A^_{i,t} = A_i (1 + alpha z_{i,t}),  z = sampling-time token entropy standardised over the batch's
@@ -194,7 +196,7 @@ def step_discounted_returns(rewards: Tensor, steps: Tensor, gamma: float) -> Ten
 
 @register_advantage("uis1")
 def uis1(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, steps: Tensor | None, gamma: float = 0.5,
-         w_episode: float = 1.0, w_step: float = 1.0, norm: str = "mean_std_norm", eps: float = 1e-6
+         w_episode: float = 1.0, w_step: float = 1.0, normalization: Literal["mean_std_norm", "mean_norm"] = "mean_std_norm", eps: float = 1e-6
          ) -> tuple[Tensor, dict]:
     """UI-S1's semi-online advantage (Lu et al., 2025, arXiv 2509.11543; algorithms.md §18 step 4) for
     step-level samples (one row per step of an episode; a group is one task's episodes):
@@ -203,11 +205,11 @@ def uis1(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, steps: Tensor | No
              (task, step index t)
         A^E: the episode's reward, here the sum of its step rewards (UNVERIFIED which field UI-S1 uses),
              normalised within the task over all its step samples (mean and std across all data)
-    norm: mean_std_norm divides by the (Bessel) std + eps, mean_norm only subtracts the mean."""
+    normalization: mean_std_norm divides by the (Bessel) std + eps, mean_norm only subtracts the mean."""
     if steps is None:
         raise ValueError("advantage uis1 needs step-level samples of episodes (rollout.sampler: semi_online)")
-    if norm not in ("mean_std_norm", "mean_norm"):
-        raise ValueError(f"uis1 norm must be mean_std_norm or mean_norm, got {norm!r}")
+    if normalization not in ("mean_std_norm", "mean_norm"):
+        raise ValueError(f"uis1 normalization must be mean_std_norm or mean_norm, got {normalization!r}")
     G = step_discounted_returns(rewards, steps, gamma)
     episode = steps[:, 0]
     ep_reward = rewards.double().clone()
@@ -219,7 +221,7 @@ def uis1(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, steps: Tensor | No
 
     def normalise(x, groups):
         mean, std, _ = _group_stats(x, groups)
-        return (x - mean) / (std + eps) if norm == "mean_std_norm" else x - mean
+        return (x - mean) / (std + eps) if normalization == "mean_std_norm" else x - mean
     a_step = normalise(G, step_group)
     a_episode = normalise(ep_reward, group_ids)
     adv = w_episode * a_episode + w_step * a_step

@@ -16,6 +16,7 @@ hook, from the policy the update starts from (old log-probs, sampling-time entro
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -101,7 +102,7 @@ def _clip_cov_prepare(ctx: BatchContext, *, clip_ratio: float = 2e-4, cov_low: f
 def clip_cov(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: str = "token-mean",
              norm: AggNorm | None = None, weight: Tensor | None = None, stats: dict | None = None,
              clip_low: float = 1.0, clip_high: float = 1.0, clip_ratio: float = 2e-4, cov_low: float = 1.0,
-             cov_high: float = 5.0, scope: str = "batch") -> tuple[Tensor, dict]:
+             cov_high: float = 5.0, scope: Literal["batch", "micro"] = "batch") -> tuple[Tensor, dict]:
     """Clip-Cov (§4 b, defaults from the official `*_clip_cov.sh` scripts):
         Cov_j      = (log pi_j - mean log pi) (A_j - mean A)
         candidates = valid tokens not already clipped by the ratio clip, with cov_low < Cov_j < cov_high
@@ -140,7 +141,7 @@ def _kl_cov_prepare(ctx: BatchContext, *, kl_ratio: float = 2e-3, scope: str = "
 @register_loss("kl_cov", prepare=_kl_cov_prepare)
 def kl_cov(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: str = "token-mean",
            norm: AggNorm | None = None, weight: Tensor | None = None, stats: dict | None = None,
-           kl_ratio: float = 2e-3, kl_coef: float = 1.0, scope: str = "batch") -> tuple[Tensor, dict]:
+           kl_ratio: float = 2e-3, kl_coef: float = 1.0, scope: Literal["batch", "micro"] = "batch") -> tuple[Tensor, dict]:
     """KL-Cov (§4 b, defaults from the official 7B script: k = 0.2% = 2e-3, beta = 1):
         I   = the top max(1, floor(kl_ratio * N)) valid tokens by Cov_j
         l_j = -r_j A_j + kl_coef * |log r_j|   for j in I
@@ -213,7 +214,7 @@ def hapo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: 
          agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
          stats: dict | None = None, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float | None = 10.0,
          adv_beta: float = 1.0, clip_alpha: float = 1.0, entropy_pivot: float = 0.8,
-         scope: str = "batch") -> tuple[Tensor, dict]:
+         scope: Literal["batch", "micro"] = "batch") -> tuple[Tensor, dict]:
     """HAPO's loss (§7 b steps 3-4; defaults from `recipe/qwen2.5_math_7b.sh`). With h in [-1, 1] the
     normalised log-entropy of each token (`hapo_normalized_entropy`, pivot quantile 0.8):
       3. A' = A (1 + adv_beta h); neutral zone r in (1 - clip_low/2, 1 + clip_high/2).
@@ -296,7 +297,7 @@ def _steer_prepare(ctx: BatchContext, *, scope: str = "batch", **_) -> tuple[dic
 def steer(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
           agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
           stats: dict | None = None, clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float | None = 10.0,
-          mode: str = "exponential", w_min: float = 0.8, w_max: float = 1.0, scope: str = "batch"
+          mode: Literal["exponential", "linear"] = "exponential", w_min: float = 0.8, w_max: float = 1.0, scope: Literal["batch", "micro"] = "batch"
           ) -> tuple[Tensor, dict]:
     """STEER (§8 b, defaults from `run/run_exp.sh`): the dual-clip DAPO surrogate of each token times
     lambda_t = `steer_weights(Omega_t)`, computed without gradient from the current p and H_t, token-mean.
@@ -407,7 +408,7 @@ def _aepo_prepare(ctx: BatchContext, *, scope: str = "batch", **_) -> tuple[dict
 def aepo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: Tensor | None = None,
          agg: str = "token-mean", norm: AggNorm | None = None, weight: Tensor | None = None,
          stats: dict | None = None, clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float | None = None,
-         high_entropy_only: bool = True, scope: str = "batch") -> tuple[Tensor, dict]:
+         high_entropy_only: bool = True, scope: Literal["batch", "micro"] = "batch") -> tuple[Tensor, dict]:
     """AEPO's entropy clipping-balanced loss (§3 b step 3; UNVERIFIED, so every choice is a parameter).
     A token clipped by the ratio bound keeps a gradient scaled by the bound, with the clipped value:
         A > 0, r > 1 + clip_high:  l = -sg((1 + clip_high) / r) r A   (value -(1+eps_hi) A, grad -(1+eps_hi) A dlog pi)
@@ -490,7 +491,7 @@ def epo(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, entropy: T
         stats: dict | None = None, turn: Tensor | None = None, progress: float = 0.0,
         clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float | None = None, entropy_coef: float = 1e-3,
         smooth_coef: float = 1.0, penalty: float = 0.05, band_low: float = 0.0, band_high: float = 2.0,
-        mode: str = "token", phase_weighting: bool = True, smooth_from_turn: int | None = None
+        mode: Literal["token", "seq"] = "token", phase_weighting: bool = True, smooth_from_turn: int | None = None
         ) -> tuple[Tensor, dict]:
     """EPO (§13.1 b; defaults from the README / `general_running_server.sh`: c_H = 1e-3, c_S = 1,
     mode token, band (0, 2) x H_bar, p = 0.05):

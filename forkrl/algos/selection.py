@@ -8,6 +8,7 @@ kept tokens.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -90,7 +91,7 @@ def max_variance_subset(values: Tensor, k: int) -> Tensor:
 
 @register_selector("d3s_samples")
 def d3s_samples(values: Tensor, group_ids: Tensor, *, progress: float = 0.0, start: float = 0.5, end: float = 1.0,
-                schedule_kind: str = "linear", min_keep: int = 2) -> Tensor:
+                schedule_kind: Literal["linear", "cosine"] = "linear", min_keep: int = 2) -> Tensor:
     """D3S sample-level down-sampling, intra-group variant D3S-I (arXiv 2509.22115; algorithms.md §12.2):
     from each group keep the ceil(rho G) rollouts (at least min_keep) whose advantages have the
     largest variance (which bounds the policy-gradient norm), rho rising from `start` to `end` over
@@ -108,7 +109,7 @@ def d3s_samples(values: Tensor, group_ids: Tensor, *, progress: float = 0.0, sta
 
 @register_token_selector("d3s_tokens")
 def d3s_tokens(entropy: Tensor, mask: Tensor, *, adv: Tensor, progress: float = 0.0, start: float = 0.5,
-               end: float = 1.0, schedule_kind: str = "linear") -> Tensor:
+               end: float = 1.0, schedule_kind: Literal["linear", "cosine"] = "linear") -> Tensor:
     """D3S token-level down-sampling (algorithms.md §12.2 step 2): keep the top ceil(rho N) valid tokens
     by |A_{i,t}| H_{i,t}, rho rising from `start` to `end` over training (UNVERIFIED ratios, our choice)."""
     valid = mask.bool()

@@ -1,4 +1,5 @@
-"""Advantages for tree-shaped groups, where branches share the tokens before their branch point.
+"""Advantages and token selection for tree-shaped groups, where branches share the tokens before
+their branch point.
 
 Tokens are identified by `origin` ([B, T], PackedBatch.token_origin): positions with the same key
 are one sampled token that several rows share. Plain `grpo` over the leaves is ARPO's soft
@@ -17,14 +18,18 @@ attribution (algorithms.md §2 b): a shared token sits in d rows and collects th
   R(n) = Σ_c softmax_c(α·log p(c|n))·R(c) over its children c, applied from the leaves up, where
   log p(c|n) is the sum of the sampled log-probs of c's tokens (the segment's probability given its
   parent, §23 f); a leaf node's value is the mean reward of its rows.
+- `branch_pruning` (a token selector): BranchGRPO's depth and width pruning (§23 b step 5): which
+  segments' tokens train.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from forkrl.algos import advantages as _base  # noqa: F401  (registers the base estimators)
-from forkrl.registry import ADVANTAGES, register_advantage
+from forkrl.registry import ADVANTAGES, register_advantage, register_token_selector
 
 
 def _share(origin: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,7 +47,7 @@ def _share(origin: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @register_advantage("tree_hard")
-def tree_hard(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Tensor, base: str = "grpo"
+def tree_hard(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Tensor, base: Literal["grpo", "drgrpo", "rloo", "hapo"] = "grpo"
               ) -> tuple[Tensor, dict]:
     base_adv, metrics = ADVANTAGES.get(base)(rewards, group_ids, mask)
     row_adv = (base_adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)
@@ -51,6 +56,23 @@ def tree_hard(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Tenso
     adv = torch.where(holders > 1, shared_mean, base_adv.double()).float() * mask
     metrics["tree/shared_token_frac"] = float(((holders > 1) & (mask > 0)).sum() / mask.sum().clamp(min=1))
     return adv, metrics
+
+
+def tree_nodes(origin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per position of [B, T] `origin`: its node (a maximal run of tokens held by the same rows, named
+    by the key of its first token), the node's depth (branch points above it in the row) and whether
+    the node starts there."""
+    T = origin.shape[1]
+    _, holders = _share(origin, torch.zeros(origin.shape[0]))
+    valid = origin >= 0
+    # along a row the set of rows sharing a token only shrinks; each shrink is a branch point
+    prev = torch.cat([holders[:, :1], holders[:, :-1]], dim=1)
+    split = (holders < prev) & valid
+    depth = split.long().cumsum(-1)
+    pos = torch.arange(T).expand_as(origin)
+    first = split | (pos == 0)
+    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(-1).values
+    return origin.gather(1, start), depth, first
 
 
 def _fused_values(node: Tensor, first: Tensor, valid: Tensor, mask: Tensor, rewards: Tensor, logp: Tensor,
@@ -93,7 +115,7 @@ def _fused_values(node: Tensor, first: Tensor, valid: Tensor, mask: Tensor, rewa
 
 @register_advantage("branch_depth")
 def branch_depth(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Tensor, eps: float = 1e-8,
-                 fusion: str = "mean", alpha: float = 1.0, sampling_logp: Tensor | None = None
+                 fusion: Literal["mean", "probability"] = "mean", alpha: float = 1.0, sampling_logp: Tensor | None = None
                  ) -> tuple[Tensor, dict]:
     if fusion not in ("mean", "probability"):
         raise ValueError(f"branch_depth: fusion must be 'mean' or 'probability', got {fusion!r}")
@@ -101,18 +123,11 @@ def branch_depth(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Te
         raise ValueError("branch_depth: fusion 'probability' needs the sampled log-probs (sampling_logp)")
     T = mask.shape[1]
     origin = origin[:, :T]
-    value, holders = _share(origin, rewards)
+    value, _ = _share(origin, rewards)
     valid = origin >= 0
-    # along a row the set of rows sharing a token only shrinks; each shrink is a branch point
-    prev = torch.cat([holders[:, :1], holders[:, :-1]], dim=1)
-    split = (holders < prev) & valid
-    depth = split.long().cumsum(-1)
-    # a node is named by the key of its first token: the token at the last split (or position 0)
-    pos = torch.arange(T).expand_as(origin)
-    start = torch.where(split | (pos == 0), pos, torch.zeros_like(pos)).cummax(-1).values
-    node = origin.gather(1, start)
+    node, depth, first = tree_nodes(origin)
     if fusion == "probability":
-        value = _fused_values(node, split | (pos == 0), valid, mask, rewards, sampling_logp[:, :T], alpha)
+        value = _fused_values(node, first, valid, mask, rewards, sampling_logp[:, :T], alpha)
     adv = torch.zeros_like(value)
     n_nodes = 0
     for g in torch.unique(group_ids).tolist():
@@ -132,3 +147,82 @@ def branch_depth(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, origin: Te
             adv[at] = ((vals - vals.mean()) / (std + eps))[first]
     return adv.float() * mask, {"adv/mean": float((adv.float() * mask).sum() / mask.sum().clamp(min=1)),
                                 "tree/nodes": float(n_nodes), "tree/max_depth": float(depth.max()) if depth.numel() else 0.0}
+
+
+@register_token_selector("branch_pruning")
+def branch_pruning(entropy: Tensor, mask: Tensor, *, origin: Tensor, adv: Tensor, step: int, progress: float,
+                   depth_pruning: tuple[int, ...] = (), depth_pruning_slide_interval: int | None = None,
+                   depth_pruning_stop_depth: int | None = None, width_pruning_mode: Literal[0, 1, 2] = 0,
+                   width_pruning_ratio: float = 0.5, pruning_step_ratio: float = 1.0) -> Tensor:
+    """BranchGRPO's pruning (arXiv 2509.06040; algorithms.md §23 b step 5 and f): tree segments whose
+    loss is dropped, while the sampled tree stays whole. Segments are `tree_nodes`; a segment's
+    advantage is the mean of `adv` over its tokens (one value under `branch_depth`).
+
+    - Depth pruning: segments at a depth in `depth_pruning` (branch points above them) do not train.
+      With `depth_pruning_slide_interval` the window moves ⌊step / interval⌋ depths towards the root,
+      until its shallowest depth reaches `depth_pruning_stop_depth` (default: the depth of the last
+      split's parents, the deepest depth in the batch minus one).
+    - Width pruning acts on the last layer: leaf segments a split created.
+      Mode 1 keeps, among the children of each parent, the top max(1, ⌊ratio·k⌋) by advantage (the
+      reference's "keep best from each parent"). Mode 2 keeps over the whole batch the best ⌊K/2⌋ and
+      the worst ⌈K/2⌉, K = max(2, ⌊ratio·count⌋). Ties go to the earlier row.
+    - Both apply while training progress < `pruning_step_ratio` (the reference prunes while
+      step ≤ ⌊max_steps·ratio⌋: the same steps whenever max_steps·ratio is whole; 1.0: always).
+
+    A pruned leaf is the end of its row, so the learner does not run it at all (`PackedBatch.select`
+    cuts each row after its last trained token).
+    """
+    if width_pruning_mode not in (0, 1, 2):
+        raise ValueError(f"branch_pruning: width_pruning_mode must be 0 (off), 1 (best per parent) or 2 "
+                         f"(best and worst overall), got {width_pruning_mode!r}")
+    if not 0 < width_pruning_ratio <= 1:
+        raise ValueError(f"branch_pruning: width_pruning_ratio must be in (0, 1], got {width_pruning_ratio}")
+    if depth_pruning_slide_interval is not None and depth_pruning_slide_interval < 1:
+        raise ValueError(f"branch_pruning: depth_pruning_slide_interval must be at least 1, got {depth_pruning_slide_interval}")
+    keep = mask > 0
+    if progress >= pruning_step_ratio or not keep.any():
+        return keep
+    origin = origin[:, :mask.shape[1]]
+    valid = origin >= 0
+    node, depth, first = tree_nodes(origin)
+    pruned = torch.zeros_like(keep)
+    window = sorted(set(int(d) for d in depth_pruning))
+    if window:
+        if depth_pruning_slide_interval is not None:
+            stop = depth_pruning_stop_depth
+            if stop is None:
+                stop = max(int(depth[valid].max()) - 1, 0)
+            shift = min(step // depth_pruning_slide_interval, max(window[0] - stop, 0))
+            window = [d - shift for d in window]
+        pruned |= torch.isin(depth, torch.tensor(window)) & valid
+    if width_pruning_mode:
+        parent: dict[int, int] = {}
+        for r in range(origin.shape[0]):
+            keys = node[r][first[r] & valid[r]].tolist()
+            parent.update(zip(keys[1:], keys[:-1]))
+        trained = keep & valid
+        keys, inverse = torch.unique(node[trained], return_inverse=True)
+        total = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inverse, adv[trained].double())
+        count = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inverse, torch.ones(len(inverse), dtype=torch.float64))
+        value = dict(zip(keys.tolist(), (total / count).tolist()))
+        has_child = set(parent.values())
+        last = [k for k in value if k in parent and k not in has_child]   # in row order: keys grow with rows
+
+        def best_first(ks: list[int]) -> list[int]:
+            return sorted(ks, key=lambda k: -value[k])  # stable: ties keep row order
+
+        kept: list[int] = []
+        if width_pruning_mode == 1:
+            siblings: dict[int, list[int]] = {}
+            for k in last:
+                siblings.setdefault(parent[k], []).append(k)
+            for ks in siblings.values():
+                kept += best_first(ks)[:max(1, int(len(ks) * width_pruning_ratio))]
+        else:
+            ordered = best_first(last)
+            K = max(2, int(len(last) * width_pruning_ratio))
+            kept = ordered[:K // 2] + ordered[len(ordered) - (K - K // 2):]
+        dropped = sorted(set(last) - set(kept))
+        if dropped:
+            pruned |= torch.isin(node, torch.tensor(dropped)) & valid
+    return keep & ~pruned

@@ -76,15 +76,26 @@ class PackedBatch:
     def __len__(self) -> int:
         return self.resp_ids.shape[0]
 
+    def read_lengths(self) -> Tensor:
+        """[B] response tokens up to and including the last one that trains or the critic reads."""
+        read = self.train_mask > 0
+        if self.value_mask is not None:
+            read = read | (self.value_mask > 0)
+        return (read * torch.arange(1, read.shape[1] + 1)).max(-1).values
+
     def select(self, idx: Tensor) -> PackedBatch:
-        """Rows `idx` with only the prompts they use, trimmed to their longest response."""
+        """Rows `idx` with only the prompts they use, each cut after the last token that trains
+        (`train_mask`) or that the critic reads (`value_mask`): what comes after it is nothing any
+        forward needs (a pruned leaf, a token selector's tail), so the forward does not run it."""
         used, prompt_index = torch.unique(self.prompt_index[idx], return_inverse=True)
         pm = self.prompt_mask[used]
         tp = int(pm.sum(-1).max())
-        lm = self.loss_mask[idx]
-        L = max(int(((lm > 0) * torch.arange(1, lm.shape[1] + 1)).max()), 1)
+        ends = self.read_lengths()[idx]
+        L = max(int(ends.max()) if len(ends) else 0, 1)
+        cut = (torch.arange(L) < ends.unsqueeze(-1)).to(self.loss_mask.dtype)
+        lm = self.loss_mask[idx, :L] * cut
         return PackedBatch(self.prompt_ids[used, -tp:], pm[:, -tp:], prompt_index, self.resp_ids[idx, :L],
-                           self.resp_mask[idx, :L], lm[:, :L], self.sampling_logp[idx, :L],
+                           self.resp_mask[idx, :L] * cut.long(), lm, self.sampling_logp[idx, :L],
                            self.sampling_entropy[idx, :L], self.rewards[idx], self.group_ids[idx],
                            self.fixed_adv[idx], self.replay[idx], self.stats_only[idx], self.train_mask[idx, :L],
                            None if self.token_origin is None else self.token_origin[idx, :L],
@@ -233,8 +244,7 @@ def micro_batches(batch: PackedBatch, rows: Tensor, max_rows: int, max_tokens: i
                 for m in micro_batches(dataclasses.replace(batch, adapter=None), rows[batch.adapter[rows] == a],
                                        max_rows, max_tokens, shared_prefixes, header)]
     prompt_len = batch.prompt_mask.sum(-1).tolist()
-    pos = torch.arange(1, batch.loss_mask.shape[1] + 1)
-    resp_len = ((batch.loss_mask > 0) * pos).max(-1).values.tolist()
+    resp_len = batch.read_lengths().tolist()
     prompt_of = batch.prompt_index.tolist()
     width = batch.prompt_ids.shape[1]
 

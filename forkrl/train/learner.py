@@ -369,7 +369,8 @@ class Learner:
             # selection over the whole rollout batch, on the sampling-time entropies: the entropies of
             # the policy before this update (what the training forward of the first update computes)
             keep = call(self.token_selector, batch.sampling_entropy, batch.loss_mask,
-                        available={"adv": adv, "progress": progress}, params=a.token_selector_params)
+                        available={"adv": adv, "progress": progress, "step": step, "origin": batch.token_origin},
+                        params=a.token_selector_params)
             batch.train_mask = batch.loss_mask * keep.to(batch.loss_mask.dtype)
         if a.train_shared_prefix_once and batch.token_origin is not None:
             first = first_occurrence(batch.token_origin)
