@@ -134,7 +134,7 @@ def pack_rows(batch: PackedBatch, flat: bool = False) -> PackedRows:
         return pack_flat(batch)
     valid = batch.loss_mask > 0
     L = valid.shape[1]
-    # response tokens that matter: up to the last one the loss reads
+    # response tokens that matter: up to the last generated one (`select` cut what no loss reads)
     need = (valid * torch.arange(1, L + 1)).max(-1).values.tolist()
     plen = batch.prompt_mask.sum(-1).tolist()
     pidx = batch.prompt_index.tolist()
@@ -213,12 +213,13 @@ def pack_flat(batch: PackedBatch, header: list[int] | None = None) -> PackedRows
     """The flat layout (see PackedRows): each sequence runs only what no earlier sequence ran.
 
     Sequences are placed in batch order (a group's, a tree's members are together). Sequence b is
-    prompt + response up to its last loss token; it takes the placed sequence with which it shares
-    the longest prefix (k tokens), reads those k states from that sequence's columns and runs its
-    other tokens as one span: queries at its new columns, keys the k borrowed columns then its own,
-    causal on its own. Positions are indices into the sequence, so every state is the one the
-    sequence computes alone: a state depends only on the tokens before it. A sequence that is a
-    prefix of one placed before it runs nothing.
+    prompt + response up to its last generated token (`PackedBatch.select` cut the row after its last
+    trained one); it takes the placed sequence with which it shares the longest prefix (k tokens),
+    reads those k states from that sequence's columns and runs its other tokens as one span: queries
+    at its new columns, keys the k borrowed columns then its own, causal on its own. Positions are
+    indices into the sequence, so every state is the one the sequence computes alone: a state
+    depends only on the tokens before it. A sequence that is a prefix of one placed before it runs
+    nothing.
 
     `header`: tokens every sequence starts with whose keys sit before the row (`Header`): they count
     as placed at key columns 0..len-1 and the row's own columns follow them in key space; spans'
