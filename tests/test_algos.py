@@ -96,7 +96,7 @@ def test_gspo_sequence_ratio_by_hand():
     loss, m = LOSSES["gspo"](logp, old, adv, torch.ones(2, 2))
     s = math.sqrt(2)
     # seq 0: A>0, s clipped to 1+4e-4 -> -1.0004 per token; seq 1: A<0, max(s, 1-3e-4) = s
-    assert float(loss) == pytest.approx((-(1 + 4e-4) + s) / 2, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx((-(1 + 4e-4) + s) / 2, rel=1e-5)
     assert m["clip/high_frac"] == pytest.approx(0.5)
     loss.backward()
     # clipped sequence: no gradient; other: d(-A s_t)/dlogp_t = s, / (2 tokens * 2 seqs)
@@ -107,15 +107,15 @@ def test_gspo_sequence_ratio_by_hand():
 def test_kl_estimators_by_hand():
     logp = torch.tensor([-1.0], requires_grad=True)
     ref = torch.tensor([-2.0])
-    assert float(kl_penalty(logp, ref, "k1")) == pytest.approx(1.0)
-    assert float(kl_penalty(logp, ref, "abs")) == pytest.approx(1.0)
-    assert float(kl_penalty(logp, ref, "k2")) == pytest.approx(0.5)
+    assert float(kl_penalty(logp, ref, "k1").detach()) == pytest.approx(1.0)
+    assert float(kl_penalty(logp, ref, "abs").detach()) == pytest.approx(1.0)
+    assert float(kl_penalty(logp, ref, "k2").detach()) == pytest.approx(0.5)
     k3 = math.exp(-1) + 1 - 1
-    assert float(kl_penalty(logp, ref, "k3")) == pytest.approx(k3)
-    assert float(kl_penalty(logp, ref, "low_var_kl")) == pytest.approx(k3)
+    assert float(kl_penalty(logp, ref, "k3").detach()) == pytest.approx(k3)
+    assert float(kl_penalty(logp, ref, "low_var_kl").detach()) == pytest.approx(k3)
     assert float(kl_penalty(torch.tensor([0.0]), torch.tensor([-30.0]), "k3")) == 10.0  # clamped
     v = kl_penalty(logp, ref, "k3+")
-    assert float(v) == pytest.approx(k3)
+    assert float(v.detach()) == pytest.approx(k3)
     v.backward()
     assert float(logp.grad) == pytest.approx(1.0)  # k2's gradient: logp - ref
     with pytest.raises(ValueError, match="allowed"):

@@ -3,6 +3,7 @@ bounds, exactly-once prompts when a worker dies, SAPO swarm sharing."""
 import time
 
 import pytest
+import torch
 
 from tests.test_trainer import _cfg
 
@@ -190,3 +191,34 @@ def test_cli_trains_on_ray(tmp_path, cluster, capsys):
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 2 and (tmp_path / "cli" / "final").exists()
+
+
+def test_rollout_workers_sample_with_every_adapter_the_learner_trained(tmp_path, cluster):
+    """MARFT's agents are LoRA adapters of one model: what the learner publishes after step 1 (both
+    adapters) is what the worker samples step 2 with, equal to the step-1 checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    from forkrl.config import load_config
+    from forkrl.train.checkpoint import trainable_state
+    cfg = load_config("configs/marft.yaml", [
+        "model.name=tiny-random", f"output_dir={tmp_path / 'marft'}", "train.steps=2", "train.lr=1e-2",
+        "train.checkpoint_every=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+        "task.train_size=20", "task.eval_size=4", "eval.at_start=false", "eval.every=0",
+        "log.progress=false", "log.tensorboard=false", "log.entropy_probe_tokens=0",
+        "rollout.sampler_params.agents.0.max_tokens=6", "rollout.sampler_params.agents.1.max_tokens=4",
+        'task.rewards=[{name: low_ids, function: "tests.rewards:low_token_ids"}]',
+        "distributed.workers=1", "distributed.max_staleness=0"])
+    run = DecoupledRun(cfg)
+    try:
+        summary = run.train()
+        sampled_with = ray.get(run.workers[0].__ray_call__.remote(lambda worker: trainable_state(worker.model)))
+    finally:
+        run.shutdown()
+    assert [v["token_versions"] for v in summary["versions"]] == [[0], [1]]
+    after_step_1 = load_file(str(tmp_path / "marft" / "checkpoints" / "step_000001" / "weights.safetensors"))
+    assert sampled_with.keys() == after_step_1.keys()
+    for agent in ("reasoner", "actor"):
+        names = [n for n in after_step_1 if f".{agent}." in n and "lora_B" in n]
+        assert names and any(after_step_1[n].abs().sum() > 0 for n in names), f"{agent} did not train"
+    for n, w in after_step_1.items():
+        assert torch.equal(sampled_with[n], w), n

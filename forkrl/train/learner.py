@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -532,7 +533,12 @@ class Learner:
                     n_skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
         if not self._critic_only:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # the schedule follows the update count, so an update whose steps were all skipped
+                # (non-finite, or past max_approx_kl) still advances it; torch warns about exactly that
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                        category=UserWarning)
+                self.scheduler.step()
         # every rank's sums: weighted means over the whole batch
         for r, (part_sums, part_weights, part_loss, part_mm) in enumerate(
                 self.dp.gather((sums, weights, loss_total, mismatch))):

@@ -320,14 +320,11 @@ class TorchEngine:
         if not shared:
             return None
         width = max(len(r) for r in rows)
-        slot = torch.full((len(rows), width), -1, dtype=torch.long)
-        end = torch.zeros((len(rows), width), dtype=torch.long)
-        for u, segs in enumerate(rows):
-            for i, (j, e) in enumerate(segs):
-                slot[u, i], end[u, i] = j, e
+        padded = [segs + [(-1, 0)] * (width - len(segs)) for segs in rows]  # one tensor call, not one per entry
+        pairs = torch.tensor(padded, dtype=torch.long)
         # rows reading one prefix run back to back (the kernel splits the rows in contiguous runs per thread)
         order = sorted(range(len(rows)), key=lambda u: (rows[u][0][0] if rows[u] else u, u))
-        return SharedKeys(slot, end, torch.tensor(order, dtype=torch.long))
+        return SharedKeys(pairs[..., 0].contiguous(), pairs[..., 1].contiguous(), torch.tensor(order, dtype=torch.long))
 
     @staticmethod
     def _relink(slots: list[Sequence | None], where: dict[int, int]) -> None:
