@@ -145,9 +145,16 @@ def check_engine(model, tokenizer, device, batches, prompt_len: int, new_tokens:
         try:
             cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)
+            cb = {}
+            if device.type == "cpu":
+                # sized to this batch: left to itself it sizes the cache to most of the host's free memory
+                # and fills it (18 s of a 27-s tiny check on a 24-GB machine)
+                from transformers import ContinuousBatchingConfig
+                cb["continuous_batching_config"] = ContinuousBatchingConfig(
+                    page_size=64, num_blocks=B * -(-(prompt_len + new_tokens) // 64) + 8, max_batch_tokens=256)
             # not under inference_mode: its worker thread updates tensors created here in place
-            hf_model.generate_batch(inputs=prompts[:8], generation_config=cfg)
-            res, secs = timed(device, lambda: hf_model.generate_batch(inputs=prompts, generation_config=cfg))
+            hf_model.generate_batch(inputs=prompts[:8], generation_config=cfg, **cb)
+            res, secs = timed(device, lambda: hf_model.generate_batch(inputs=prompts, generation_config=cfg, **cb))
             n_cb = sum(len(r.generated_tokens) for r in res.values())
             if n_cb == 0:
                 raise RuntimeError("generate_batch returned no tokens (its requests failed; see its log)")

@@ -82,7 +82,7 @@ def test_ppo_clip_higher_and_dual_clip():
     adv = torch.tensor([[1.0, -1.0]])
     loss, m = LOSSES["ppo_clip"](logp, old, adv, torch.ones(1, 2), clip_high=0.28, clip_c=3.0)
     # token 0: -1.28 (DAPO clip-higher); token 1: min(max(4, 1.2), 3) = 3 (dual clip)
-    assert float(loss) == pytest.approx((-1.28 + 3.0) / 2)
+    assert float(loss.detach()) == pytest.approx((-1.28 + 3.0) / 2)
     assert m["clip/dual_frac"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="clip_c"):
         LOSSES["ppo_clip"](logp, old, adv, torch.ones(1, 2), clip_c=0.5)

@@ -67,7 +67,7 @@ def test_hapo_loss_redistributes_advantages_and_widens_bounds_by_hand():
     old = -torch.log(r)
     adv, mask = t([[1.0, 1.0, 1.0]]), t([[1.0, 1.0, 1.0]])
     loss, m = LOSSES["hapo"](logp, old, adv, mask, stats={"h": t([[1.0, -0.5, 0.0]])})
-    assert float(loss) == pytest.approx((-2 * 1.3 - 0.5 * 1.05 - 1.2) / 3, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx((-2 * 1.3 - 0.5 * 1.05 - 1.2) / 3, rel=1e-5)
     assert grad_of(loss, logp)[0].tolist() == pytest.approx([-2 * 1.3 / 3, -0.5 * 1.05 / 3, 0.0], abs=1e-6)
     assert m["hapo/eps_hi_mean"] == pytest.approx((0.4 + 0.2 + 0.2) / 3)
     assert m["hapo/eps_lo_mean"] == pytest.approx((0.2 + 0.3 + 0.2) / 3)
@@ -79,7 +79,7 @@ def test_hapo_low_entropy_token_gets_a_wider_lower_bound():
     loss, _ = LOSSES["hapo"](logp, -torch.log(torch.tensor([[0.7]])), t([[-1.0]]), t([[1.0]]),
                              stats={"h": t([[-1.0]])})
     # outside the neutral zone a confident token keeps A = -1
-    assert float(loss) == pytest.approx(0.7, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.7, rel=1e-5)
     assert float(grad_of(loss, logp)) == pytest.approx(0.7, rel=1e-5)
 
 
@@ -139,7 +139,7 @@ def test_steer_exponential_weights_and_loss_by_hand():
     logp = t([[math.log(0.5), math.log(0.9)]], grad=True)
     old = logp.detach().clone()
     loss, m = LOSSES["steer"](logp, old, t([[1.0, 1.0]]), t([[1.0, 1.0]]), entropy=t([[1.0, 0.5]]), scope="micro")
-    assert float(loss) == pytest.approx(-(lam[0] + lam[1]) / 2, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(-(lam[0] + lam[1]) / 2, rel=1e-5)
     assert m["steer/omega_max"] == pytest.approx(o0, rel=1e-5)
     # weights carry no gradient: d loss / d logp_t = -lambda_t r A / N with r = 1
     assert grad_of(loss, logp)[0].tolist() == pytest.approx([-lam[0] / 2, -lam[1] / 2], rel=1e-5)
@@ -163,7 +163,7 @@ def test_steer_batch_scope_takes_the_maximum_from_prepare():
     # a micro-batch holding only token 1 still scales by the batch maximum
     logp = t([[math.log(0.9)]], grad=True)
     loss, m = LOSSES["steer"](logp, logp.detach(), t([[1.0]]), t([[1.0]]), entropy=t([[0.5]]), stats=stats)
-    assert float(loss) == pytest.approx(-math.exp(math.log(0.8) / o0 * o1), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(-math.exp(math.log(0.8) / o0 * o1), rel=1e-5)
     assert m["steer/batch_scope"] == 1.0
 
 
@@ -182,7 +182,7 @@ def test_bapo_bound_search_by_hand():
     logp = t([[0.0, 0.0]], grad=True)
     loss, m = LOSSES["bapo"](logp, -torch.log(ratio), adv, mask)
     # token 0 clipped at 1.35 (no gradient); token 1 keeps -A r = 1.3 (below the dual-clip cap 3)
-    assert float(loss) == pytest.approx((-1.35 + 1.3) / 2, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx((-1.35 + 1.3) / 2, rel=1e-5)
     assert grad_of(loss, logp)[0].tolist() == pytest.approx([0.0, 1.3 / 2], abs=1e-6)
     assert m["bapo/c_hi"] == pytest.approx(1.35) and m["bapo/search_steps"] == 7
 
@@ -205,7 +205,7 @@ def test_aepo_keeps_a_bounded_gradient_for_clipped_high_entropy_tokens():
     logp = t([[0.0, 0.0, 0.0]], grad=True)
     loss, m = LOSSES["aepo"](logp, -torch.log(ratio), t([[1.0, 1.0, -1.0]]), t([[1.0, 1.0, 1.0]]),
                              stats={"entropy_z": t([[1.0, -1.0, 1.0]])})
-    assert float(loss) == pytest.approx((-1.28 - 1.28 + 0.8) / 3, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx((-1.28 - 1.28 + 0.8) / 3, rel=1e-5)
     assert grad_of(loss, logp)[0].tolist() == pytest.approx([-1.28 / 3, 0.0, 0.8 / 3], rel=1e-5)
     assert m["aepo/kept_clipped_frac"] == pytest.approx(2 / 3)
 
@@ -262,7 +262,7 @@ def test_epo_smoothing_penalty_has_a_gradient_that_pulls_entropy_into_the_band()
         loss, m = LOSSES["epo"](t([[0.0]]), t([[0.0]]), t([[0.0]]), t([[1.0]]), entropy=ent, turn=torch.tensor([[1]]),
                                 stats={"h_bar": t([[1.0]]), "max_turn": 1}, entropy_coef=1.0, penalty=0.05,
                                 progress=0.0)
-        return float(loss), float(grad_of(loss, ent)), m
+        return float(loss.detach()), float(grad_of(loss, ent)), m
 
     loss, g, m = run(3.0)
     assert loss == pytest.approx(-(3.0 - 0.05)) and g == pytest.approx(-0.95)

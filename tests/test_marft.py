@@ -103,7 +103,7 @@ def test_action_ppo_normalised_by_words():
     old = torch.tensor([[-1.1, -1.1]])
     loss, _ = action_ppo(logp, old, torch.ones(1, 2), torch.ones(1, 2), normalization="word",
                          words=torch.tensor([4.0]))
-    assert float(loss) == pytest.approx(-math.exp(0.05), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(-math.exp(0.05), abs=1e-6)
 
 
 def test_agent_by_agent_trains_one_agent_per_interval():
