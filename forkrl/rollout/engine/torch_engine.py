@@ -275,7 +275,9 @@ class TorchEngine:
         logits.update(self._prefill_slots({k: start[k] for k in donor}, seqs, slots))
         self.stats.cached_tokens += sum(start.values())
         for k in unique:
-            if self.prefix_cache is not None:
+            # a prompt the cache or a live slot served all but a block of (a fork, a continuation) adds
+            # too little to pay for copying its states out: every store copies the whole prompt
+            if self.prefix_cache is not None and len(seqs[k].prompt) - start[k] > block:
                 self._store_slot(slots[k], seqs[k].prompt)
         for k, q in enumerate(seqs):
             src = leader[tuple(q.prompt)]
