@@ -16,8 +16,9 @@ GPU has bf16 units), refreshed on the first `generate` after `weights_updated()`
 `build_local_engine` picks for them.
 
 Prefix reuse: identical prompts admitted together share one prefill, and a `PrefixCache` keeps the
-states of prompts (and, on request, of finished sequences) across calls, so a prompt that starts
-with a stored sequence prefills only its remaining tokens. `stats.prefill_tokens` counts tokens run
+states of prompts (those that ran more than a block of new tokens) and, on request, of finished
+sequences across calls, so a prompt that starts with a stored sequence prefills only its remaining
+tokens. `stats.prefill_tokens` counts tokens run
 through the model, `stats.cached_tokens` the prompt tokens served from the cache.
 
 Same seed and same batch composition give the same samples.
