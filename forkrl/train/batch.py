@@ -76,11 +76,12 @@ class PackedBatch:
     def __len__(self) -> int:
         return self.resp_ids.shape[0]
 
-    def read_lengths(self) -> Tensor:
-        """[B] response tokens up to and including the last one that trains or the critic reads."""
-        read = self.train_mask > 0
+    def read_lengths(self, rows: Tensor | None = None) -> Tensor:
+        """Per row (of `rows`, default all): response tokens up to and including the last one that
+        trains or the critic reads."""
+        read = self.train_mask > 0 if rows is None else self.train_mask[rows] > 0
         if self.value_mask is not None:
-            read = read | (self.value_mask > 0)
+            read = read | ((self.value_mask if rows is None else self.value_mask[rows]) > 0)
         return (read * torch.arange(1, read.shape[1] + 1)).max(-1).values
 
     def select(self, idx: Tensor) -> PackedBatch:
@@ -90,7 +91,7 @@ class PackedBatch:
         used, prompt_index = torch.unique(self.prompt_index[idx], return_inverse=True)
         pm = self.prompt_mask[used]
         tp = int(pm.sum(-1).max())
-        ends = self.read_lengths()[idx]
+        ends = self.read_lengths(idx)
         L = max(int(ends.max()) if len(ends) else 0, 1)
         cut = (torch.arange(L) < ends.unsqueeze(-1)).to(self.loss_mask.dtype)
         lm = self.loss_mask[idx, :L] * cut
