@@ -40,7 +40,8 @@ SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens
         "sampler/cached_tokens", "sampler/env_tokens", "sampler/tool_calls", "sampler/attended_keys",
         "sampler/shared_keys", "learner/forward_tokens",
         "learner/shared_prefix_tokens", "time/sampling_s", "time/learning_s", "time/weight_sync_s",
-        "sampler/latr/discarded_tokens", "sampler/branchgrpo/filled")
+        "sampler/latr/discarded_tokens", "sampler/branchgrpo/filled", "sampler/arpo/branches",
+        "sampler/arpo/fill_ins", "sampler/arpo/fill_ins_dropped")
 
 
 def train(config: str, sampler: str | None, args, extra: list[str] = ()) -> dict:

@@ -102,6 +102,53 @@ def test_arpo_fills_in_fresh_trajectories_when_every_path_ends():
     assert budget.extra["arpo/fill_ins"] == 3 and budget.extra["arpo/branches"] == 0
 
 
+class FirstTurnScript(EntropyScript):
+    """A fresh trajectory's first turn is the k-th of `first` for the k-th one its prompt starts;
+    later turns follow TURNS by the number of tool results so far. Counts the tools it sees run."""
+    def __init__(self, first):
+        super().__init__(TURNS, entropies=[1.0])
+        self.first, self.started = first, {}
+
+    def generate(self, requests, seed=None):
+        out = super().generate(requests, seed)
+        for r, (c,) in zip(requests, out):
+            if self._turn(r) == 0:
+                k = self.started[tuple(r.prompt_ids)] = self.started.get(tuple(r.prompt_ids), -1) + 1
+                text = self.first[min(k, len(self.first) - 1)]
+                c.token_ids, c.text, c.finish = [ord(ch) for ch in text], text, "stop" if "<echo>" in text else "eos"
+                c.logprobs, c.entropies = [-0.5] * len(text), [1.0] * len(text)
+        return out
+
+
+def test_arpo_fill_ins_ahead_change_no_group_and_shorten_the_chain():
+    """Fill-ins started early join in the order they started and only when the group drains, so the
+    groups, branches and tool calls equal sequential fill-in's; those a branch made unneeded are
+    dropped unseen by the tools. A prompt whose paths all answer at once samples its fill-ins side by
+    side instead of one after another."""
+    first = ["<answer>1</answer>", "a<echo>x</echo>", "<answer>2</answer>", "<answer>3</answer>"]
+    # tau = 1, w = 0: every turn that ends in a tool call branches while slots are free
+    for make in (lambda s: s, lambda s: StreamingSlotEngine(s, slots=8)):
+        runs = {}
+        for ahead in (0, 8):
+            engine = make(FirstTurnScript(first))
+            (group,), budget = _arpo({"initial": 1, "tau": 1.0, "entropy_weight": 0.0, "fill_ahead": ahead}, engine, M=4)
+            runs[ahead] = ([(t.tokens, t.parent, t.branch_at, len(t.tool_calls)) for t in group], budget.extra)
+        assert runs[0][0] == runs[8][0]
+        assert [t[1] for t in runs[0][0]] == [None, None, 1, 1]   # the first fill-in called a tool: two branches
+        assert runs[0][1]["arpo/fill_ins"] == runs[8][1]["arpo/fill_ins"] == 1
+        assert runs[8][1]["arpo/fill_ins_ahead"] == 3 and runs[8][1]["arpo/fill_ins_dropped"] == 2
+        assert runs[0][1]["arpo/fill_ins_ahead"] == 0
+    steps = {}
+    for ahead in (0, 8):
+        engine = StreamingSlotEngine(EntropyScript(["<answer>1</answer>"], entropies=[1.0]), slots=8)
+        (group,), budget = _arpo({"initial": 1, "fill_ahead": ahead}, engine, M=4)
+        assert len(group) == 4 and budget.extra["arpo/fill_ins"] == 3 and budget.extra["arpo/fill_ins_dropped"] == 0
+        steps[ahead] = engine.in_use
+    answer = len("<answer>1</answer>")
+    assert len(steps[0]) == 4 * answer and max(steps[0]) == 1
+    assert len(steps[8]) == answer and max(steps[8]) == 4
+
+
 def test_latr_branch_rule_and_similarity_measures_by_hand():
     top = [(1, math.log(0.5)), (2, math.log(0.3)), (3, math.log(0.1))]
     assert valid_candidates(top, tau_abs=0.15, tau_rel=0.25) == [2]       # 0.3 > 0.15 and 0.5 - 0.3 < 0.25

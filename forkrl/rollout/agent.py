@@ -110,49 +110,103 @@ def run_tools(env: ToolEnv, tokenizer, pending: list[tuple[Episode, list]], vers
 
 
 def run_episodes(engine, env: ToolEnv, tokenizer, groups: list[list[Episode]], params: SamplingParams,
-                 seed: int, version: int = 0, after_turn=None, when_drained=None) -> None:
+                 seed: int, version: int = 0, after_turn=None, when_drained=None, ahead=None) -> None:
     """Every episode of every group to its end, through one continuous batch: an episode's next turn
     enters the engine as soon as its tool results are in, while the others are still generating.
 
     Hooks (the tree samplers' branching) run in the order turns finish:
       after_turn(group_index, episode) -> new episodes, after each finished turn (tool results
         appended); they join the group and start at once;
-      when_drained(group_index) -> new episodes, when a group has nothing running.
+      when_drained(group_index) -> new episodes, when a group has nothing running;
+      ahead(group_index) -> the episodes group i keeps in reserve now, asked at the start and after
+        each of the group's turns and drains: new ones start, ones no longer listed are cancelled
+        (what they decoded stays counted in the engine's statistics). A reserve writes its first
+        turn and then waits outside the group until `when_drained` returns it; only then are its
+        tool calls run and `after_turn` called, so every decision sees the group as it stands when
+        the episode joins. Once the group has drained for good, the rest are cancelled.
     """
     from forkrl.rollout.engine.stream import open_stream
     stream = open_stream(engine, seed)
     running: dict[int, tuple[int, Episode]] = {}
     busy = [0] * len(groups)
+    spare: list[dict[int, int | None]] = [{} for _ in groups]  # ahead episodes: id -> request id (None: turn done)
+    waited: dict[int, object] = {}                             # an ahead episode's finished first turn
+    closed = [False] * len(groups)
 
     def start(i: int, e: Episode) -> None:
         running[stream.add(turn_request(e, env, params))] = (i, e)
         busy[i] += 1
 
+    def join(i: int, new: list[Episode], turned: list) -> None:
+        groups[i] += new
+        for x in new:
+            if id(x) not in spare[i]:
+                start(i, x)
+                continue
+            busy[i] += 1
+            if spare[i].pop(id(x)) is None:   # its first turn is written: it counts as finishing now
+                turned.append((i, x, waited.pop(id(x))))
+
+    def drop(i: int, key: int) -> None:
+        rid = spare[i].pop(key)
+        waited.pop(key, None)
+        if rid is not None:
+            stream.cancel(rid)
+            running[rid] = (-1, running[rid][1])   # its aborted remainder is dropped on return
+
+    def close(i: int) -> None:
+        closed[i] = True
+        for key in list(spare[i]):
+            drop(i, key)
+
+    def settle(turned: list) -> None:
+        while turned:
+            run_tools(env, tokenizer, [(e, record_turn(e, c, env, version)) for _, e, c in turned], version)
+            for i, e, _ in turned:
+                busy[i] -= 1
+                new = after_turn(i, e) if after_turn is not None else []
+                groups[i] += new
+                for x in [e, *new]:
+                    if not x.done:
+                        start(i, x)
+            touched, turned = sorted({i for i, _, _ in turned}), []
+            for i in touched:
+                while busy[i] == 0 and not closed[i]:
+                    new = when_drained(i) if when_drained is not None else []
+                    if not new:
+                        close(i)
+                        break
+                    join(i, new, turned)
+                prepare(i)
+
+    def prepare(i: int) -> None:
+        if ahead is None or closed[i]:
+            return
+        keep = {id(x): x for x in ahead(i)}
+        for key in [k for k in spare[i] if k not in keep]:
+            drop(i, key)
+        for key, x in keep.items():
+            if key not in spare[i]:
+                rid = stream.add(turn_request(x, env, params))
+                running[rid], spare[i][key] = (i, x), rid
+
     for i, g in enumerate(groups):
         for e in g:
             if not e.done:
                 start(i, e)
+        prepare(i)
     while not stream.done:
         finished = stream.step()
-        if not finished:
-            continue
-        turned = [(*running.pop(rid), c) for rid, (c,) in finished]
-        run_tools(env, tokenizer, [(e, record_turn(e, c, env, version)) for _, e, c in turned], version)
-        for i, e, _ in turned:
-            busy[i] -= 1
-            new = after_turn(i, e) if after_turn is not None else []
-            groups[i] += new
-            for x in [e, *new]:
-                if not x.done:
-                    start(i, x)
-        for i in sorted({i for i, _, _ in turned}):
-            while busy[i] == 0 and when_drained is not None:
-                new = when_drained(i)
-                if not new:
-                    break
-                groups[i] += new
-                for x in new:
-                    start(i, x)
+        turned = []
+        for rid, (c,) in finished:
+            i, e = running.pop(rid)
+            if i < 0:
+                continue
+            if spare[i].get(id(e)) == rid:   # ahead of need: wait for the group to take it
+                spare[i][id(e)], waited[id(e)] = None, c
+            else:
+                turned.append((i, e, c))
+        settle(turned)
 
 
 def finish(episodes: list[Episode]) -> list[Trajectory]:
