@@ -16,8 +16,9 @@ once with `rollout.sampler: independent`, once with the recipe's tree sampler.
 Per method: trajectories, branch points, decoded / prefilled / cache-served tokens, tool-result
 tokens and calls, the learner's forward tokens and the shared-prefix tokens it did not run again,
 the mean rows per decode step, LATR's discarded chain tokens (pruned chains, tokens past the end of a
-tree phase), BranchGRPO's fresh samples (for leaves of paths that ended before a split depth), and
-seconds of sampling and of learning. Prints JSON with each tree
+tree phase), BranchGRPO's fresh samples (for leaves of paths that ended before a split depth), ARPO's
+branches and fill-ins (those sampled in reserve, and the reserves dropped), and seconds of sampling
+and of learning. Prints JSON with each tree
 sampler's ratios to independent sampling: tokens per trajectory (decoded + prefilled) and seconds per
 trajectory (sampling + learning, and sampling alone).
 """
@@ -41,7 +42,7 @@ SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens
         "sampler/shared_keys", "learner/forward_tokens",
         "learner/shared_prefix_tokens", "time/sampling_s", "time/learning_s", "time/weight_sync_s",
         "sampler/latr/discarded_tokens", "sampler/branchgrpo/filled", "sampler/arpo/branches",
-        "sampler/arpo/fill_ins", "sampler/arpo/fill_ins_dropped")
+        "sampler/arpo/fill_ins", "sampler/arpo/fill_ins_ahead", "sampler/arpo/fill_ins_dropped")
 
 
 def train(config: str, sampler: str | None, args, extra: list[str] = ()) -> dict:
