@@ -102,6 +102,32 @@ def test_continuing_and_forking_a_kept_sequence_reuse_its_states(tiny):
         _same(a, b)
 
 
+def test_a_one_token_remainder_rides_the_decode_step(tiny, monkeypatch):
+    """A prompt with all but its last token cached runs no prefill forward: the token is fed with the
+    next decode step, beside running rows, and the continuation equals a fresh prompt's."""
+    cached, plain, tok = _engines(tiny)
+    ids = tok(PROMPT)["input_ids"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=10)
+    (first,), = cached.generate([GenerationRequest(ids, greedy, keep_kv=True)])
+    other = tok("An unrelated question that shares nothing at all with it?")["input_ids"]
+    fork = GenerationRequest(ids + first.token_ids[:4], greedy)
+    stream = cached.stream(seed=0)
+    running = stream.add(GenerationRequest(other, greedy))
+    stream.step()                                  # `other` is prefilled and decoding
+    prefills = []
+    forward = cached.runner.forward
+    monkeypatch.setattr(cached.runner, "forward", lambda *a: prefills.append(a[1].shape) or forward(*a))
+    before = cached.stats.prefill_tokens
+    forked = stream.add(fork)
+    out = {}
+    while not stream.done:
+        out.update(stream.step())
+    assert prefills == [] and cached.stats.prefill_tokens - before == 1
+    (ref_fork,), (ref_other,) = plain.generate([fork]), plain.generate([GenerationRequest(other, greedy)])
+    _same(out[forked][0], ref_fork[0])
+    _same(out[running][0], ref_other[0])
+
+
 def test_rows_with_different_cached_lengths_batch_together(tiny):
     cached, plain, tok = _engines(tiny)
     ids = tok(PROMPT)["input_ids"]

@@ -23,6 +23,9 @@ class Sequence:
     # from its slot (one stream of a shared prefix for all its rows; TorchEngine._shared_keys)
     shares: Sequence | None = None
     shares_len: int = 0
+    # admitted with all but its last prompt token in its slot: that token rides the next decode step
+    # instead of a prefill forward of its own, and its first token is sampled the step after
+    pending: bool = False
 
     def append(self, token: int, logprob: float, entropy: float, is_eos: bool, tokenizer) -> bool:
         """Record a sampled token; True when it ended the sequence (sets `finish`)."""

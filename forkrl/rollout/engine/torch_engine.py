@@ -185,15 +185,26 @@ class TorchEngine:
         ends here (all done, or `stop_when` said stop)."""
         rows = list(scheduler.slots)
         self.stats.steps += 1
+        pending = [j for j, q in enumerate(rows) if q.pending]
+        last = torch.tensor([rows[j].prompt[-1] for j in pending], device=self.device, dtype=torch.long)
+        for j in pending:
+            rows[j].pending = False
+        if len(pending) == len(rows):   # nothing to sample: no draws taken, so a cached prompt samples as a fresh one
+            return last
         temperature, top_p, hapo = sampling_tensors([q.params for q in rows], self.device)
         tok, logp, ent = sample_next(logits, temperature, top_p, generator, hapo)
-        self.stats.decode_tokens += len(rows)
+        if pending:   # these rows have no logits yet: they feed their last prompt token instead
+            tok[pending] = last.to(tok.dtype)
+        self.stats.decode_tokens += len(rows) - len(pending)
+        fed = set(pending)
         want_top = max(q.params.logprobs for q in rows)
         if want_top:
-            record_top(rows, logits, temperature, want_top)
+            keep = [j for j in range(len(rows)) if j not in fed]
+            record_top([rows[j] for j in keep], logits[keep] if fed else logits,
+                       temperature[keep] if fed else temperature, want_top)
         is_eos = torch.isin(tok, eos).tolist()
-        done = [q for q, t, lp, h, e in zip(rows, tok.tolist(), logp.tolist(), ent.tolist(), is_eos)
-                if q.append(t, lp, h, e, self.tokenizer)]
+        done = [q for j, (q, t, lp, h, e) in enumerate(zip(rows, tok.tolist(), logp.tolist(), ent.tolist(), is_eos))
+                if j not in fed and q.append(t, lp, h, e, self.tokenizer)]
         aborted = bool(done) and check is not None and check(done)
         if aborted:
             scheduler.abort()
@@ -232,7 +243,9 @@ class TorchEngine:
         together that share a prefix of at least one cache block (a system prompt, a few-shot header)
         run it once: in sorted order, each run of such prompts copies it from the run's first prompt,
         which is prefilled first. At least one token of every prompt runs: its state gives the
-        next-token logits."""
+        next-token logits. When that is the only token left (a fork, a member continuing a chain, a
+        cached prompt), it is fed with the next decode step (`Sequence.pending`; its logits row here
+        is a placeholder) instead of a prefill forward, which costs about as much as a decode step."""
         runner = self.runner
         leader: dict[tuple[int, ...], int] = {}
         for k, q in enumerate(seqs):
@@ -269,12 +282,17 @@ class TorchEngine:
                 donor[k] = (root, shared)
             else:
                 root, run = None, 0
-        logits = self._prefill_slots({k: start[k] for k in unique if k not in donor}, seqs, slots)
+        # a prompt with one token left (a fork, a member continuing a chain, a cached prompt's next
+        # sample) feeds it with the next decode step: a prefill forward costs about a decode step
+        sources = {src for src, _ in donor.values()}
+        fold = {k for k in unique if start[k] == len(seqs[k].prompt) - 1 and k not in donor and k not in sources}
+        logits = self._prefill_slots({k: start[k] for k in unique if k not in donor and k not in fold}, seqs, slots)
         for k, (src, shared) in donor.items():
             runner.copy(slots[src], slots[k], shared)
             start[k] = shared
         logits.update(self._prefill_slots({k: start[k] for k in donor}, seqs, slots))
         self.stats.cached_tokens += sum(start.values())
+        self.stats.prefill_tokens += len(fold)
         for k in unique:
             # a prompt the cache or a live slot served all but a block of (a fork, a continuation) adds
             # too little to pay for copying its states out: every store copies the whole prompt
@@ -282,11 +300,13 @@ class TorchEngine:
                 self._store_slot(slots[k], seqs[k].prompt)
         for k, q in enumerate(seqs):
             src = leader[tuple(q.prompt)]
+            q.pending = src in fold
+            q.length = len(q.prompt) - q.pending
             if src != k:
-                runner.copy(slots[src], slots[k], len(q.prompt))
-            q.length = len(q.prompt)
+                runner.copy(slots[src], slots[k], q.length)
         self._link_shared(seqs, [q for _, q in running])
-        return torch.stack([logits[leader[tuple(q.prompt)]] for q in seqs])
+        blank = torch.zeros(runner.embed.shape[0], device=self.device)   # a pending row's (unused) logits
+        return torch.stack([logits.get(leader[tuple(q.prompt)], blank) for q in seqs])
 
     # -- shared prefixes read once per decode step -------------------------------------------------------
     SHARE_AT_LEAST = 64   # shorter common prefixes are not worth a segment of their own
@@ -299,7 +319,7 @@ class TorchEngine:
         seen = list(running)
         for q in seqs:
             i, n = self._longest_prefix(q.prompt, seen, self.SHARE_AT_LEAST)
-            q.shares, q.shares_len = (seen[i], n) if i >= 0 else (None, 0)
+            q.shares, q.shares_len = (seen[i], min(n, q.length)) if i >= 0 else (None, 0)  # states it holds
             seen.append(q)
 
     def _shared_keys(self, slots: list[Sequence | None]) -> SharedKeys | None:
