@@ -129,8 +129,8 @@ def run_episodes(engine, env: ToolEnv, tokenizer, groups: list[list[Episode]], p
     stream = open_stream(engine, seed)
     running: dict[int, tuple[int, Episode]] = {}
     busy = [0] * len(groups)
-    spare: list[dict[int, int | None]] = [{} for _ in groups]  # ahead episodes: id -> request id (None: turn done)
-    waited: dict[int, object] = {}                             # an ahead episode's finished first turn
+    reserve: list[dict[int, int | None]] = [{} for _ in groups]  # id -> request id (None: its first turn is written)
+    written: dict[int, object] = {}                             # a reserve's first turn, waiting to be taken
     closed = [False] * len(groups)
 
     def start(i: int, e: Episode) -> None:
@@ -140,23 +140,23 @@ def run_episodes(engine, env: ToolEnv, tokenizer, groups: list[list[Episode]], p
     def join(i: int, new: list[Episode], turned: list) -> None:
         groups[i] += new
         for x in new:
-            if id(x) not in spare[i]:
+            if id(x) not in reserve[i]:
                 start(i, x)
                 continue
             busy[i] += 1
-            if spare[i].pop(id(x)) is None:   # its first turn is written: it counts as finishing now
-                turned.append((i, x, waited.pop(id(x))))
+            if reserve[i].pop(id(x)) is None:   # its first turn is written: it counts as finishing now
+                turned.append((i, x, written.pop(id(x))))
 
     def drop(i: int, key: int) -> None:
-        rid = spare[i].pop(key)
-        waited.pop(key, None)
+        rid = reserve[i].pop(key)
+        written.pop(key, None)
         if rid is not None:
             stream.cancel(rid)
             running[rid] = (-1, running[rid][1])   # its aborted remainder is dropped on return
 
     def close(i: int) -> None:
         closed[i] = True
-        for key in list(spare[i]):
+        for key in list(reserve[i]):
             drop(i, key)
 
     def settle(turned: list) -> None:
@@ -183,12 +183,12 @@ def run_episodes(engine, env: ToolEnv, tokenizer, groups: list[list[Episode]], p
         if ahead is None or closed[i]:
             return
         keep = {id(x): x for x in ahead(i)}
-        for key in [k for k in spare[i] if k not in keep]:
+        for key in [k for k in reserve[i] if k not in keep]:
             drop(i, key)
         for key, x in keep.items():
-            if key not in spare[i]:
+            if key not in reserve[i]:
                 rid = stream.add(turn_request(x, env, params))
-                running[rid], spare[i][key] = (i, x), rid
+                running[rid], reserve[i][key] = (i, x), rid
 
     for i, g in enumerate(groups):
         for e in g:
@@ -202,8 +202,8 @@ def run_episodes(engine, env: ToolEnv, tokenizer, groups: list[list[Episode]], p
             i, e = running.pop(rid)
             if i < 0:
                 continue
-            if spare[i].get(id(e)) == rid:   # ahead of need: wait for the group to take it
-                spare[i][id(e)], waited[id(e)] = None, c
+            if reserve[i].get(id(e)) == rid:   # a reserve: it waits for the group to take it
+                reserve[i][id(e)], written[id(e)] = None, c
             else:
                 turned.append((i, e, c))
         settle(turned)

@@ -59,34 +59,33 @@ class FillIns:
     first turn is the same draw whenever it runs (one policy for the whole collection), so the groups
     are distributed as with sequential fill-in. What it costs is the tokens of reserves that branches
     made unneeded (`fill_ins_dropped`, at most `ahead` per prompt; a reserve is cancelled as soon as
-    branches leave it no slot). On the short tool task (10 collections of `configs/arpo.yaml`): decode
-    steps 1,446 → 833 and 97 → 78 s with `ahead` 2, 35 reserves dropped; `ahead` 4 dropped 112 and
-    took 92 s.
+    branches leave it no slot). A deeper reserve wastes more than it saves: on the short tool task
+    `ahead` 4 dropped three times as many as 2 and took longer (README, Adaptive rollouts).
     """
 
     def __init__(self, groups: list[list[Episode]], M: int, ahead: int):
         self.groups, self.M, self.limit = groups, M, ahead
-        self.spare: list[list[Episode]] = [[] for _ in groups]
+        self.reserve: list[list[Episode]] = [[] for _ in groups]
         self.added = self.started = self.dropped = 0
 
     def ahead(self, i: int) -> list[Episode]:
-        """The reserve group i keeps now: the oldest spares that still have a free slot, topped up
+        """The reserve group i keeps now: the oldest reserves that still have a free slot, topped up
         to `ahead`."""
         free = max(self.M - len(self.groups[i]), 0)
-        self.dropped += max(len(self.spare[i]) - free, 0)
-        keep = self.spare[i][:free]
+        self.dropped += max(len(self.reserve[i]) - free, 0)
+        keep = self.reserve[i][:free]
         new = [new_episode(self.groups[i][0].traj.prompt_ids) for _ in range(min(self.limit, free) - len(keep))]
-        self.spare[i] = keep + new
+        self.reserve[i] = keep + new
         self.started += len(new)
-        return self.spare[i]
+        return self.reserve[i]
 
     def drained(self, i: int) -> list[Episode]:
         if len(self.groups[i]) >= self.M:
-            self.dropped += len(self.spare[i])
-            self.spare[i] = []
+            self.dropped += len(self.reserve[i])
+            self.reserve[i] = []
             return []
         self.added += 1
-        return [self.spare[i].pop(0) if self.spare[i] else new_episode(self.groups[i][0].traj.prompt_ids)]
+        return [self.reserve[i].pop(0) if self.reserve[i] else new_episode(self.groups[i][0].traj.prompt_ids)]
 
     def metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}/fill_ins": float(self.added), f"{prefix}/fill_ins_ahead": float(self.started),
