@@ -147,6 +147,8 @@ def test_arpo_fill_ins_ahead_change_no_group_and_shorten_the_chain():
     answer = len("<answer>1</answer>")
     assert len(steps[0]) == 4 * answer and max(steps[0]) == 1
     assert len(steps[8]) == answer and max(steps[8]) == 4
+    with pytest.raises(ValueError, match="fill_ahead must be 0"):
+        build_sampler("arpo", {"fill_ahead": -1})
 
 
 def test_latr_branch_rule_and_similarity_measures_by_hand():

@@ -74,7 +74,7 @@ class FillIns:
         free = max(self.M - len(self.groups[i]), 0)
         self.dropped += max(len(self.reserve[i]) - free, 0)
         keep = self.reserve[i][:free]
-        new = [new_episode(self.groups[i][0].traj.prompt_ids) for _ in range(min(self.limit, free) - len(keep))]
+        new = [self._fresh(i) for _ in range(min(self.limit, free) - len(keep))]
         self.reserve[i] = keep + new
         self.started += len(new)
         return self.reserve[i]
@@ -85,7 +85,10 @@ class FillIns:
             self.reserve[i] = []
             return []
         self.added += 1
-        return [self.reserve[i].pop(0) if self.reserve[i] else new_episode(self.groups[i][0].traj.prompt_ids)]
+        return [self.reserve[i].pop(0) if self.reserve[i] else self._fresh(i)]
+
+    def _fresh(self, i: int) -> Episode:
+        return new_episode(self.groups[i][0].traj.prompt_ids)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}/fill_ins": float(self.added), f"{prefix}/fill_ins_ahead": float(self.started),
@@ -116,6 +119,8 @@ class ARPOSampler:
                  top_logprobs: int = 10, fill_ahead: int = 2):
         if entropy not in ("exact", "topk"):
             raise ValueError(f"entropy must be 'exact' or 'topk', got {entropy!r}")
+        if fill_ahead < 0:
+            raise ValueError(f"fill_ahead must be 0 (fill-ins one at a time) or more, got {fill_ahead}")
         self.initial = initial                    # N; default M // 2 (the paper's 8 of 16)
         self.branches_per_step = branches_per_step  # Z = beam_size - 1
         self.tau, self.weight = tau, entropy_weight

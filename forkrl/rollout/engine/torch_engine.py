@@ -282,8 +282,7 @@ class TorchEngine:
                 donor[k] = (root, shared)
             else:
                 root, run = None, 0
-        # a prompt with one token left (a fork, a member continuing a chain, a cached prompt's next
-        # sample) feeds it with the next decode step: a prefill forward costs about a decode step
+        # one token left: it rides the next decode step (a donor's followers need its states now)
         sources = {src for src, _ in donor.values()}
         fold = {k for k in unique if start[k] == len(seqs[k].prompt) - 1 and k not in donor and k not in sources}
         logits = self._prefill_slots({k: start[k] for k in unique if k not in donor and k not in fold}, seqs, slots)
