@@ -40,9 +40,8 @@ def _learning(history):
     """How far the reward rose above the first 4 steps' mean: at best over 4 steps, and over the second
     half of the run. A decoupled run's sampling path depends on timing, so when the tiny model takes
     off varies: 8 local runs (staleness 0 and 1) rose by 0.36-0.49 at best and 0.25-0.45 over the
-    second half, one CI run only by 0.20 and 0.17 (it climbed from 0.52 to a plateau near 0.70). A run
-    that does not learn stays within noise of its start: a 4-step mean of 4 prompts x 8 samples moves
-    by about 0.05, a 14-step mean by about 0.03."""
+    second half, one CI run only by 0.20 and 0.17 (it climbed from 0.52 to a plateau near 0.70). Two
+    runs that could not learn (lr 1e-9, staleness 1) rose by 0.02 at best and 0.00 over the second half."""
     rewards = [m["reward/mean"] for m in history]
     windows = [sum(rewards[i:i + 4]) / 4 for i in range(len(rewards) - 3)]
     late = rewards[len(rewards) // 2:]
@@ -57,7 +56,7 @@ def test_decoupled_run_learns_within_the_staleness_bound(tmp_path, cluster, stal
     cfg = _dist_cfg(tmp_path, f"s{staleness}", steps, staleness)
     summary, ledger = _train(cfg)
     best, late, rewards = _learning(summary["history"])
-    assert best > 0.15 and late > 0.1, " ".join(f"{r:.2f}" for r in rewards)
+    assert best > 0.12 and late > 0.08, " ".join(f"{r:.2f}" for r in rewards)
     lags = [entry["update"] - 1 - v for entry in summary["versions"] for v in entry["token_versions"]]
     assert len(summary["versions"]) == steps
     if staleness == 0:  # every trained token was sampled by the policy this update starts from
