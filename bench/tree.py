@@ -5,7 +5,8 @@ on the embedded model: what sampling and learning spend per trajectory.
                          [--threads 2]
 
 Each comparison trains the recipe for `--steps` steps twice from the same weights, prompts and seed:
-once with `rollout.sampler: independent`, once with the recipe's tree sampler.
+once with `rollout.sampler: independent`, once with the recipe's tree sampler. Both trainers live in
+one process and take their steps in turn, so drift in the machine's speed moves both sides alike.
   short: configs/latr.yaml and configs/branchgrpo.yaml (one-digit sums, 24 new tokens); configs/arpo.yaml
          (three-digit sums with a Python tool, up to 2 calls)
   long:  configs/latr_long.yaml and configs/branchgrpo_long.yaml (ten-term sums worked step by step,
@@ -45,44 +46,55 @@ SUMS = ("sampler/trajectories", "sampler/branch_points", "sampler/decoded_tokens
         "sampler/arpo/fill_ins", "sampler/arpo/fill_ins_ahead", "sampler/arpo/fill_ins_dropped")
 
 
-def train(config: str, sampler: str | None, args, extra: list[str] = ()) -> dict:
-    """`args.steps` training steps of a recipe, with its own sampler (and the entry's `extra`
-    overrides) or with independent sampling."""
-    from forkrl.config import load_config
-    from forkrl.train import Trainer
+class Side:
+    """One side of a comparison: a recipe's trainer, with its own sampler (and the entry's `extra`
+    overrides) or with independent sampling, and what its steps spent."""
 
-    swap = ["rollout.sampler=independent", "rollout.sampler_params={}"] if sampler is None else list(extra)
-    cfg = load_config(config, ["log.progress=false", "log.tensorboard=false", "eval.every=0",
-                               f"output_dir=/tmp/forkrl-bench-tree-{sampler or 'independent'}",
-                               f"train.steps={args.steps}", *swap,
-                               *([f"model.name={args.model}"] if args.model else []), *args.set])
-    trainer = Trainer(cfg)
-    stats = trainer.engine.stats
-    rows0, steps0 = stats.decode_tokens, stats.steps
-    total = dict.fromkeys(SUMS, 0.0)
-    rewards = []
-    for _ in range(args.steps):
-        m = trainer.step()
+    def __init__(self, config: str, sampler: str | None, args, extra: list[str] = ()):
+        from forkrl.config import load_config
+        from forkrl.train import Trainer
+
+        swap = ["rollout.sampler=independent", "rollout.sampler_params={}"] if sampler is None else list(extra)
+        cfg = load_config(config, ["log.progress=false", "log.tensorboard=false", "eval.every=0",
+                                   f"output_dir=/tmp/forkrl-bench-tree-{sampler or 'independent'}",
+                                   f"train.steps={args.steps}", *swap,
+                                   *([f"model.name={args.model}"] if args.model else []), *args.set])
+        self.trainer = Trainer(cfg)
+        stats = self.trainer.engine.stats
+        self.rows0, self.steps0 = stats.decode_tokens, stats.steps
+        self.total = dict.fromkeys(SUMS, 0.0)
+        self.rewards: list[float] = []
+
+    def step(self) -> None:
+        m = self.trainer.step()
         for k in SUMS:
-            total[k] += m.get(k, 0.0)
-        rewards.append(m.get("reward/mean", float("nan")))
-    n = max(total["sampler/trajectories"], 1)
-    out = {k.split("/", 1)[1]: round(v, 2) for k, v in total.items()}
-    out.update({
-        "reward_mean_per_step": [round(r, 3) for r in rewards],
-        "mean_batch_rows": round((stats.decode_tokens - rows0) / max(stats.steps - steps0, 1), 1),
-        "tokens_per_trajectory": round((total["sampler/decoded_tokens"] + total["sampler/prefilled_tokens"]) / n, 2),
-        "learner_tokens_per_trajectory": round(total["learner/forward_tokens"] / n, 2),
-        "sampling_seconds_per_trajectory": round(total["time/sampling_s"] / n, 4),
-        "seconds_per_trajectory": round((total["time/sampling_s"] + total["time/learning_s"]) / n, 4),
-    })
-    del trainer
-    return out
+            self.total[k] += m.get(k, 0.0)
+        self.rewards.append(m.get("reward/mean", float("nan")))
+
+    def summary(self) -> dict:
+        total, stats = self.total, self.trainer.engine.stats
+        n = max(total["sampler/trajectories"], 1)
+        out = {k.split("/", 1)[1]: round(v, 2) for k, v in total.items()}
+        out.update({
+            "reward_mean_per_step": [round(r, 3) for r in self.rewards],
+            "mean_batch_rows": round((stats.decode_tokens - self.rows0) / max(stats.steps - self.steps0, 1), 1),
+            "tokens_per_trajectory": round((total["sampler/decoded_tokens"] + total["sampler/prefilled_tokens"]) / n, 2),
+            "learner_tokens_per_trajectory": round(total["learner/forward_tokens"] / n, 2),
+            "sampling_seconds_per_trajectory": round(total["time/sampling_s"] / n, 4),
+            "seconds_per_trajectory": round((total["time/sampling_s"] + total["time/learning_s"]) / n, 4),
+        })
+        return out
 
 
 def compare(entry: str | tuple[str, list[str]], sampler: str, args) -> dict:
+    """Both sides in one process, their steps alternating (independent first at even steps, the tree
+    sampler first at odd ones), so a machine that slows or speeds up during the run moves both alike."""
     config, extra = (entry, []) if isinstance(entry, str) else entry
-    base, tree = train(config, None, args), train(config, sampler, args, extra)
+    base, tree = Side(config, None, args), Side(config, sampler, args, extra)
+    for step in range(args.steps):
+        for side in (base, tree) if step % 2 == 0 else (tree, base):
+            side.step()
+    base, tree = base.summary(), tree.summary()
     ratio = {k: round(tree[k] / base[k], 3) for k in ("tokens_per_trajectory", "learner_tokens_per_trajectory",
                                                       "seconds_per_trajectory", "sampling_seconds_per_trajectory")}
     return {"config": config, **({"overrides": extra} if extra else {}), "independent": base, sampler: tree,
