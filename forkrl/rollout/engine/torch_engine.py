@@ -186,11 +186,12 @@ class TorchEngine:
         rows = list(scheduler.slots)
         self.stats.steps += 1
         pending = [j for j, q in enumerate(rows) if q.pending]
-        last = torch.tensor([rows[j].prompt[-1] for j in pending], device=self.device, dtype=torch.long)
-        for j in pending:
-            rows[j].pending = False
-        if len(pending) == len(rows):   # nothing to sample: no draws taken, so a cached prompt samples as a fresh one
-            return last
+        if pending:
+            last = torch.tensor([rows[j].prompt[-1] for j in pending], device=self.device, dtype=torch.long)
+            for j in pending:
+                rows[j].pending = False
+            if len(pending) == len(rows):   # nothing to sample: no draws taken, so a cached prompt samples as a fresh one
+                return last
         temperature, top_p, hapo = sampling_tensors([q.params for q in rows], self.device)
         tok, logp, ent = sample_next(logits, temperature, top_p, generator, hapo)
         if pending:   # these rows have no logits yet: they feed their last prompt token instead
@@ -304,8 +305,10 @@ class TorchEngine:
             if src != k:
                 runner.copy(slots[src], slots[k], q.length)
         self._link_shared(seqs, [q for _, q in running])
-        blank = torch.zeros(runner.embed.shape[0], device=self.device)   # a pending row's (unused) logits
-        return torch.stack([logits.get(leader[tuple(q.prompt)], blank) for q in seqs])
+        if fold:   # a pending row's logits are never read
+            blank = torch.zeros(runner.embed.shape[0], device=self.device)
+            logits.update({k: blank for k in fold})
+        return torch.stack([logits[leader[tuple(q.prompt)]] for q in seqs])
 
     # -- shared prefixes read once per decode step -------------------------------------------------------
     SHARE_AT_LEAST = 64   # shorter common prefixes are not worth a segment of their own
