@@ -195,3 +195,27 @@ def test_forking_token_selection_trains_on_a_fifth_of_the_tokens(tmp_path):
         generated = round(r["response_length/mean"] * 32)
         assert r["train/tokens"] == math.ceil(0.2 * generated)
         assert r["train/selected_token_frac"] == pytest.approx(math.ceil(0.2 * generated) / generated)
+
+
+def test_adamw_is_fused_where_the_kernel_exists_and_updates_as_the_loop_does():
+    """The learner's AdamW runs PyTorch's fused kernel on CPU parameters (a quarter of the for-loop
+    update's time at SmolLM2-135M's size); its steps equal the per-operation implementation's."""
+    from forkrl.train.parallel import adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    runs = []
+    for make in (lambda ps: adamw(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)):
+        params = [torch.nn.Parameter(x.clone()) for x in start]
+        opt = make(params)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 1))
+            opt.step()
+        runs.append((opt, params))
+    (fused, a), (loop, b) = runs
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    for x, y, s in zip(a, b, start):
+        assert (x - s).abs().max() > 1e-3                       # the steps moved the weights
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)

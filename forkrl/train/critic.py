@@ -24,7 +24,7 @@ from forkrl.algos.values import (
 )
 from forkrl.train.batch import PackedBatch, micro_batches
 from forkrl.train.forward import ValueForward
-from forkrl.train.parallel import grad_norm_value
+from forkrl.train.parallel import adamw, grad_norm_value
 
 
 class Critic:
@@ -32,7 +32,7 @@ class Critic:
         self.cfg = cfg  # CriticConfig
         self.forward = ValueForward(model, autocast=autocast, attention=attention)
         self.params = [p for p in self.forward.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.optimizer = adamw(self.params, lr=cfg.lr, weight_decay=0.0)
 
     def warming_up(self, step: int) -> bool:
         """The first `warmup_steps` steps train the critic only (the policy is not updated)."""

@@ -29,7 +29,7 @@ from forkrl.train.critic import Critic
 from forkrl.train.forward import PolicyForward, resolve_autocast, response_log_softmax
 from forkrl.train.learner import Learner
 from forkrl.train.loop import Loop
-from forkrl.train.parallel import DataParallel
+from forkrl.train.parallel import DataParallel, adamw
 from forkrl.types import GenerationRequest, SamplingParams, Trajectory
 
 log = logging.getLogger("forkrl")
@@ -189,7 +189,7 @@ class Trainer:
         critic = (Critic(copy.deepcopy(model), cfg.algo.critic, autocast=autocast, attention=t.attention)
                   if cfg.algo.critic.enabled else None)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.optimizer = adamw(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
         self.learner = Learner(model, self.optimizer, self.scheduler, cfg, ref_model=self.ref_model,
                                pad_id=self.engine.pad_id, temperature=temperature,
