@@ -71,6 +71,21 @@ def test_header_and_spans_merged_by_logsumexp_equal_one_softmax_over_their_union
         assert (b - c).abs().max() <= tolerance * scale, name   # the masked fallback (other devices)
 
 
+@pytest.mark.parametrize("block", [1, 4 * 9])
+def test_backward_in_blocks_of_queries_equals_one_softmax(monkeypatch, block):
+    """The backward recomputes each call's probabilities in blocks of queries (BACKWARD_BLOCK score
+    elements: here one query row at a time, and rows of 9 keys, which split the header's call and the
+    spans' unevenly); the gradients stay those of one softmax over the union."""
+    from forkrl.train import attention
+    monkeypatch.setattr(attention, "BACKWARD_BLOCK", block)
+    q, k, v = _inputs(torch.float32)
+    weight = torch.randn(1, C, H, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = _grads(_reference, q, k, v, weight)
+    got = _grads(lambda q, k, v: span_attention(_Layer, q, k, v, None, spans=SPANS)[0], q, k, v, weight)
+    for name, a, c in zip(("output", "query grad", "key grad", "value grad"), got, want):
+        assert (a - c).abs().max() <= 1e-6 * c.abs().max(), name
+
+
 def test_spans_must_cover_the_row_in_order():
     q, k, v = _inputs(torch.float32)
     with pytest.raises(ValueError, match="columns 9..10 uncovered"):

@@ -13,9 +13,10 @@ continues (`borrowed`: another sequence's key columns) and its own tokens, causa
 On the CPU the header is one fused-kernel call for all the row's queries (one large product instead
 of one per span), each span one call over its borrowed and own keys (unmasked and causal when it
 borrows nothing), and the two are merged by their log-sum-exp: the softmax over the union, as flash
-attention merges the key tiles it visits. Backward runs each call's kernel backward with the merged
-output and log-sum-exp, which is exactly that call's share of the gradient. Elsewhere (or with
-attention dropout) each span runs one masked SDPA call over all the keys it sees.
+attention merges the key tiles it visits. Backward recomputes each call's probabilities from the
+merged log-sum-exp and takes its softmax correction from the merged output (`_call_backward`, in
+float32), which is exactly that call's share of the gradient. Elsewhere (or with attention dropout)
+each span runs one masked SDPA call over all the keys it sees.
 
 The result equals the dense masked attention at every position (the flat row has no padding). It is
 a transformers attention function (`AttentionInterface`), used when the forward passes `spans` (the
@@ -91,7 +92,51 @@ def _take(x: Tensor, cols) -> Tensor:
 
 
 _KERNEL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_KERNEL_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# score elements (heads x queries x keys) one block of `_call_backward` holds in float32 at a time
+BACKWARD_BLOCK = 1 << 22
+
+
+_ABOVE: list[Tensor] = [torch.ones((0, 0), dtype=torch.bool)]
+
+
+def _above_diagonal(n: int) -> Tensor:
+    """[n, n], True above the diagonal: the keys a causal query does not see. One matrix, grown to
+    the longest span so far and sliced, instead of one per call and layer."""
+    if _ABOVE[0].shape[0] < n:
+        _ABOVE[0] = torch.ones((n, n), dtype=torch.bool).triu(1)
+    return _ABOVE[0][:n, :n]
+
+
+def _call_backward(grad: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                   mask: Tensor | None, causal: bool, scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One kernel call's dq, dk, dv from its probabilities, recomputed as P = exp(S - L) with
+    S = scale·q·kᵀ + mask and the merged log-sum-exp L, and dS = P ⊙ (grad·vᵀ - rowsum(grad ⊙ out)):
+    flash attention's backward (Dao et al., 2022, Alg. 4) as a few matrix products over blocks of
+    queries, on float32 inputs. The CPU flash kernel's own backward takes 2-3.5x longer at the
+    learner's lengths (spans of 35-300 keys, SmolLM2's 9 heads of 64, 2 threads) and is less exact:
+    it multiplies the bf16 inputs as they come."""
+    H, Lq, D = query.shape[1:]
+    Lk = key.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    dq = torch.empty(query.shape, dtype=query.dtype)
+    dk = dv = None
+    rows = max(BACKWARD_BLOCK // max(H * Lk, 1), 1)
+    for a in range(0, Lq, rows):
+        b = min(a + rows, Lq)
+        q, g = query[:, :, a:b], grad[:, :, a:b]
+        s = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)
+        if mask is not None:
+            s += mask[a:b]
+        elif causal:   # top-left aligned, as the kernel's is_causal: query i sees keys 0..i
+            s.masked_fill_(_above_diagonal(Lk)[a:b], float("-inf"))
+        p = s.sub_(lse[:, :, a:b].unsqueeze(-1)).exp_()
+        part_v = torch.matmul(p.transpose(-1, -2), g)
+        delta = (g * out[:, :, a:b]).sum(-1, keepdim=True)
+        ds = p.mul_(torch.matmul(g, value.transpose(-1, -2)).sub_(delta)).mul_(scale)
+        dq[:, :, a:b] = torch.matmul(ds, key)
+        part_k = torch.matmul(ds.transpose(-1, -2), q)
+        dk, dv = (part_k, part_v) if dk is None else (dk.add_(part_k), dv.add_(part_v))
+    return dq, dk, dv
 
 
 class _HeaderAndSpans(torch.autograd.Function):
@@ -124,28 +169,28 @@ class _HeaderAndSpans(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        query, key, value, out, lse = ctx.saved_tensors
-        grad = grad.contiguous()
+        # float32 once per layer, not per call: the products below run in it
+        query, key, value, out, lse = (x.float() for x in ctx.saved_tensors)
+        grad = grad.float()
         dk = torch.zeros(key.shape, dtype=torch.float32)
         dv = torch.zeros(value.shape, dtype=torch.float32)
         dq = []
-        # the kernel recomputes a call's probabilities as exp(q·kᵀ - L) with the merged L, and its
-        # softmax correction from rowsum(grad · out) with the merged out: the call's exact share
+        # a call's probabilities recomputed as exp(q·kᵀ - L) with the merged L, and its softmax
+        # correction from rowsum(grad · out) with the merged out: the call's exact share
         for q0, q1, cols, mask in ctx.calls:
-            gq, gk, gv = _KERNEL_BACKWARD(grad[:, :, q0:q1], query[:, :, q0:q1], _take(key, cols), _take(value, cols),
-                                          out[:, :, q0:q1], lse[:, :, q0:q1].contiguous(), 0.0, mask is None,
-                                          attn_mask=mask, scale=ctx.scale)
+            gq, gk, gv = _call_backward(grad[:, :, q0:q1], query[:, :, q0:q1], _take(key, cols), _take(value, cols),
+                                        out[:, :, q0:q1], lse[:, :, q0:q1], mask, mask is None, ctx.scale)
             dq.append(gq)
             if isinstance(cols, slice):
                 dk[:, :, cols] += gk
                 dv[:, :, cols] += gv
             else:
-                dk.index_add_(2, cols, gk.float())
-                dv.index_add_(2, cols, gv.float())
-        dq = torch.cat(dq, dim=2).float()
+                dk.index_add_(2, cols, gk)
+                dv.index_add_(2, cols, gv)
+        dq = torch.cat(dq, dim=2)
         if ctx.header:
-            gq, gk, gv = _KERNEL_BACKWARD(grad, query, key[:, :, :ctx.header], value[:, :, :ctx.header], out, lse,
-                                          0.0, False, scale=ctx.scale)
+            gq, gk, gv = _call_backward(grad, query, key[:, :, :ctx.header], value[:, :, :ctx.header], out, lse,
+                                        None, False, ctx.scale)
             dq += gq
             dk[:, :, :ctx.header] += gk
             dv[:, :, :ctx.header] += gv
