@@ -93,7 +93,7 @@ def _take(x: Tensor, cols) -> Tensor:
 
 _KERNEL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # score elements (heads x queries x keys) one block of `_call_backward` holds in float32 at a time
-BACKWARD_BLOCK = 1 << 22
+BACKWARD_BLOCK = 1 << 21
 
 
 _ABOVE: list[Tensor] = [torch.ones((0, 0), dtype=torch.bool)]
@@ -119,23 +119,23 @@ def _call_backward(grad: Tensor, query: Tensor, key: Tensor, value: Tensor, out:
     Lk = key.shape[2]
     scale = D ** -0.5 if scale is None else scale
     dq = torch.empty(query.shape, dtype=query.dtype)
-    dk = dv = None
+    dk, dv = torch.zeros(key.shape, dtype=key.dtype), torch.zeros(value.shape, dtype=value.dtype)
     rows = max(BACKWARD_BLOCK // max(H * Lk, 1), 1)
     for a in range(0, Lq, rows):
         b = min(a + rows, Lq)
-        q, g = query[:, :, a:b], grad[:, :, a:b]
-        s = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)
+        n = min(b, Lk) if causal and mask is None else Lk   # causal: rows a..b see keys 0..b only
+        q, g, k, v = query[:, :, a:b], grad[:, :, a:b], key[:, :, :n], value[:, :, :n]
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         if mask is not None:
             s += mask[a:b]
         elif causal:   # top-left aligned, as the kernel's is_causal: query i sees keys 0..i
-            s.masked_fill_(_above_diagonal(Lk)[a:b], float("-inf"))
+            s.masked_fill_(_above_diagonal(n)[a:b], float("-inf"))
         p = s.sub_(lse[:, :, a:b].unsqueeze(-1)).exp_()
-        part_v = torch.matmul(p.transpose(-1, -2), g)
+        dv[:, :, :n] += torch.matmul(p.transpose(-1, -2), g)
         delta = (g * out[:, :, a:b]).sum(-1, keepdim=True)
-        ds = p.mul_(torch.matmul(g, value.transpose(-1, -2)).sub_(delta)).mul_(scale)
-        dq[:, :, a:b] = torch.matmul(ds, key)
-        part_k = torch.matmul(ds.transpose(-1, -2), q)
-        dk, dv = (part_k, part_v) if dk is None else (dk.add_(part_k), dv.add_(part_v))
+        ds = p.mul_(torch.matmul(g, v.transpose(-1, -2)).sub_(delta)).mul_(scale)
+        dq[:, :, a:b] = torch.matmul(ds, k)
+        dk[:, :, :n] += torch.matmul(ds.transpose(-1, -2), q)
     return dq, dk, dv
 
 
