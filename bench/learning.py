@@ -4,8 +4,11 @@ for precision settings, on the quickstart and on TRL's GRPO setup. Prints JSON.
     python bench/learning.py [--setup quickstart trl] [--seeds 3] [--out runs/bench_learning]
 
 Settings (each a recipe variant, trained with seeds 0..S-1):
-  bf16 (default)  rollout.engine_dtype=auto and train.bf16_autocast=auto: bf16 sampling weights and
-                  KV cache, bf16 autocast in the learner, on CPUs with native bf16 (AVX-512 BF16 / AMX)
+  bf16-default    rollout.engine_dtype=auto and train.bf16_autocast=auto: bf16 sampling weights and
+                  KV cache on CPUs with native bf16 (AVX-512 BF16 / AMX), bf16 autocast in the learner
+                  where bf16 products also measured faster than float32 ones (forkrl.cpu)
+  bf16-autocast   bf16 sampling and bf16 autocast whatever the measurement says (what `auto` chose on
+                  every CPU with native bf16 before it measured)
   float32         rollout.engine_dtype=float32, train.bf16_autocast=false
   bf16-token_tis  the default plus truncated importance weights for the sampler/learner mismatch
                   (algo.rollout_correction.mode=token_tis, cap 2)
@@ -50,6 +53,8 @@ SETTINGS = {
     "bf16-token_tis": ["algo.rollout_correction.mode=token_tis"],
     # which half costs the per-step gap: bf16 sampling with a float32 learner
     "bf16-sampling": ["train.bf16_autocast=false"],
+    # the learner in bf16 where the measurement would keep it in float32
+    "bf16-autocast": ["rollout.engine_dtype=bfloat16", "train.bf16_autocast=true"],
 }
 SETUPS = {
     "quickstart": ["eval.samples=8", "eval.temperature=1.0", "log.progress=false"],

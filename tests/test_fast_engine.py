@@ -3,6 +3,7 @@ should not: the same tokens, log-probs and entropies as the Hugging Face referen
 the slot count; weight updates reach the sampling weights; bf16 stays within bf16 tolerance."""
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -118,6 +119,48 @@ def test_auto_dtype_is_bf16_only_where_it_pays(tiny):
     assert resolve_dtype("bfloat16", model) == torch.bfloat16
     with pytest.raises(ValueError, match="engine dtype must be one of"):
         resolve_dtype("int8", model)
+
+
+def test_autocast_auto_follows_the_measured_bf16_speed_on_a_cpu(monkeypatch):
+    """On a CPU with native bf16, "auto" autocast is on only where bf16 products of the model's own
+    shapes measured at least BF16_MIN_SPEEDUP times float32's speed (some AVX-512 BF16 Xeons
+    multiply faster in float32); without native bf16 nothing is measured."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import forkrl.cpu
+    import forkrl.rollout.engine.runner as runner
+    from forkrl.train.forward import BF16_MIN_SPEEDUP, resolve_autocast
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20_000, hidden_size=256, intermediate_size=768,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+    assert sum(p.numel() for p in model.parameters()) >= 10_000_000   # big enough for bf16 to be considered
+    asked = []
+
+    def measured(speedup):
+        def fake(k, n):
+            asked.append((k, n))
+            return speedup
+        return fake
+
+    monkeypatch.setattr(runner, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(forkrl.cpu, "bf16_matmul_speedup", measured(0.6))     # an AVX-512 BF16 Xeon
+    assert resolve_autocast("auto", model) is False
+    assert resolve_dtype("auto", model) == torch.bfloat16                        # decoding keeps bf16
+    monkeypatch.setattr(forkrl.cpu, "bf16_matmul_speedup", measured(BF16_MIN_SPEEDUP - 0.01))
+    assert resolve_autocast("auto", model) is False
+    monkeypatch.setattr(forkrl.cpu, "bf16_matmul_speedup", measured(4.2))     # an AVX-512 BF16 EPYC
+    assert resolve_autocast("auto", model) is True
+    assert asked == [(256, 768)] * 3                                             # the model's hidden x MLP
+    assert resolve_autocast(False, model) is False and resolve_autocast(True, model) is True
+    monkeypatch.setattr(runner, "_cpu_has_bf16", lambda: False)                 # AVX2: emulated bf16
+    assert resolve_autocast("auto", model) is False and len(asked) == 3
+
+
+def test_bf16_speed_is_measured_once_per_shape():
+    from forkrl.cpu import bf16_matmul_speedup
+    first = bf16_matmul_speedup(64, 96, rows=32, repeats=1)
+    assert math.isfinite(first) and first > 0
+    assert bf16_matmul_speedup(64, 96, rows=32, repeats=1) == first   # cached: no second timing
 
 
 def test_runner_prefill_and_decode_match_a_full_forward(tiny):

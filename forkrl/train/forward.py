@@ -425,12 +425,28 @@ def entropy_change(before: Tensor, after: Tensor) -> dict[str, float]:
     return entropy_change_metrics(*entropy_change_states(before, after))
 
 
+BF16_MIN_SPEEDUP = 1.2  # bf16 products also round; on a CPU they must be this much faster to be used
+
+
 def resolve_autocast(setting, model) -> bool:
-    """train.bf16_autocast resolved: "auto" is on exactly where rollout.engine_dtype=auto picks bf16."""
+    """train.bf16_autocast resolved. "auto" is on for float32 weights where rollout.engine_dtype=auto
+    picks bf16 (native bf16 arithmetic, at least 10M parameters), and on a CPU only where bf16
+    products of the model's shapes measured at least BF16_MIN_SPEEDUP times as fast as float32 ones:
+    some CPUs with AVX-512 BF16 multiply faster in float32 (`forkrl.cpu`). Decoding keeps bf16 there,
+    since a decode step is bound by reading the weights, not by multiplying them."""
     if setting != "auto":
         return bool(setting)
     from forkrl.rollout.engine.runner import resolve_dtype
-    return next(model.parameters()).dtype == torch.float32 and resolve_dtype("auto", model) == torch.bfloat16
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or resolve_dtype("auto", model) != torch.bfloat16:
+        return False
+    if param.device.type != "cpu":
+        return True
+    from forkrl.cpu import bf16_matmul_speedup
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.config.hidden_size
+    speedup = bf16_matmul_speedup(hidden, getattr(base.config, "intermediate_size", None) or 4 * hidden)
+    return speedup >= BF16_MIN_SPEEDUP
 
 
 def activation_bytes_per_token(model, checkpointing: bool = False, autocast: bool = False) -> int:
