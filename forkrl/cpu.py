@@ -51,7 +51,7 @@ def _seconds(fn, repeats: int) -> float:
 @functools.cache
 def bf16_matmul_speedup(k: int = 576, n: int = 1536, rows: int = 1024, repeats: int = 5) -> float:
     """How many times faster a [rows, k] x [k, n] product runs in bf16 than in float32 on this CPU with
-    the current thread count (best of `repeats` each; about 0.1 s in all for SmolLM2-135M's 576 x
+    the current thread count (best of `repeats` each; about 0.15 s in all for SmolLM2-135M's 576 x
     1536). Logged once. Under torch.distributed every rank gets the smallest of the ranks' figures,
     so all decide alike."""
     import torch
