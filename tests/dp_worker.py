@@ -7,6 +7,7 @@ import sys
 import torch
 
 from forkrl.config import build_config
+from forkrl.cpu import bf16_matmul_speedup
 from forkrl.models import load_policy
 from forkrl.train.forward import PolicyForward
 from forkrl.train.learner import Learner
@@ -87,7 +88,8 @@ def main(out_path: str) -> None:
     dp = DataParallel.from_env("cpu")
     placements = {"groups 0 | 1-4": [[0], [1, 2, 3, 4]], "groups 1-4 | 0": [[1, 2, 3, 4], [0]],
                   "groups 0,2 | 1,3,4": [[0, 2], [1, 3, 4]]}
-    results = {}
+    # the learner's bf16 autocast decision: every rank must read the same timing (the smallest)
+    results = {"bf16_speedup_per_rank": dp.gather(bf16_matmul_speedup(32, 48, rows=16, repeats=1))}
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(METHODS)
     for name, sections in METHODS.items():
         if name not in only:

@@ -44,6 +44,13 @@ def test_two_ranks_update_as_one_process(equivalence, method):
         assert len(set(r["tokens_per_rank"])) == 2  # uneven token counts per rank
 
 
+def test_ranks_decide_bf16_autocast_on_one_timing(equivalence):
+    """`train.bf16_autocast: auto` times bf16 against float32 on each rank; the ranks take the smallest
+    figure, so none autocasts while another does not (separate timings never agree to the bit)."""
+    speedups = equivalence["bf16_speedup_per_rank"]
+    assert len(speedups) == 2 and speedups[0] == speedups[1] > 0
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_placement_changes_no_statistic(equivalence, method):
     """The step's metrics (losses, clip fractions, covariances, selected-token shares, entropy probe)
