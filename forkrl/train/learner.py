@@ -121,10 +121,13 @@ class Learner:
         self.loss_fn = LOSSES.get(a.loss)
         self.token_selector = TOKEN_SELECTORS.get(a.token_selector) if a.token_selector else None
         self.sample_selector = SELECTORS.get(a.sample_selector) if a.sample_selector else None
-        self.autocast = resolve_autocast(cfg.train.bf16_autocast, model)
         self.dp = dp or DataParallel()
+        # a given forward carries the run's autocast decision (the Trainer's, timed once); one is only
+        # decided here for a Learner built on its own
         self.forward = forward or PolicyForward(model, temperature=temperature, chunk=cfg.train.logprob_chunk,
-                                                autocast=self.autocast, attention=cfg.train.attention)
+                                                autocast=resolve_autocast(cfg.train.bf16_autocast, model),
+                                                attention=cfg.train.attention)
+        self.autocast = self.forward.autocast
         self.ref_forward = (PolicyForward(ref_model, temperature=temperature, chunk=cfg.train.logprob_chunk,
                                           autocast=self.autocast, attention=cfg.train.attention)
                             if ref_model is not None else None)
