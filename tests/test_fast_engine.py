@@ -158,6 +158,7 @@ def test_autocast_auto_follows_the_measured_bf16_speed_on_a_cpu(monkeypatch):
 
 def test_bf16_speed_is_measured_once_per_shape_and_leaves_the_random_state_alone():
     from forkrl.cpu import bf16_matmul_speedup
+    bf16_matmul_speedup.cache_clear()   # a cached figure from earlier in the process would time nothing here
     state = torch.get_rng_state()
     first = bf16_matmul_speedup(64, 96, rows=32, repeats=1)
     assert torch.equal(torch.get_rng_state(), state)   # a run's draws do not depend on the timing
