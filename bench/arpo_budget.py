@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 
 
@@ -59,12 +60,13 @@ def main() -> None:
                     help="the tool calls' depths in (0, 1), instead of --calls spaced evenly")
     ap.add_argument("--tau", type=float, default=0.5)
     args = ap.parse_args()
-    if not all(1 <= n <= args.M for n in args.N):
-        ap.error(f"--N: each N must be between 1 and M = {args.M}, got {args.N}")
-    if args.depths and not all(0 <= d <= 1 for d in args.depths):
-        ap.error(f"--depths: a call's depth is a fraction of the answer, in [0, 1], got {args.depths}")
-    if not 0 <= args.tau <= 1:
-        ap.error(f"--tau: a branch probability, in [0, 1], got {args.tau}")
+    checks = [(all(1 <= n <= args.M for n in args.N), f"--N: each N must be between 1 and M = {args.M}, got {args.N}"),
+              (all(0 <= d <= 1 for d in args.depths or []),
+               f"--depths: a call's depth is a fraction of the answer, in [0, 1], got {args.depths}"),
+              (0 <= args.tau <= 1, f"--tau: a branch probability, in [0, 1], got {args.tau}")]
+    for ok, problem in checks:
+        if not ok:
+            sys.exit(f"arpo_budget.py: {problem}")   # one line, as forkrl's own errors
     cases = {"depths " + " ".join(map(str, args.depths)): args.depths} if args.depths else {
         f"{c} calls": [k / (c + 1) for k in range(1, c + 1)] for c in args.calls}
     print(json.dumps({"M": args.M, "tau": args.tau, "token_ratio": {
